@@ -1,0 +1,205 @@
+"""The ``amqp-agents`` command: run a worker, call an agent.
+
+The only module that reads the environment, parses arguments and installs signal
+handlers; everything below it takes explicit arguments. Exit codes: 0 success,
+1 an error reply or a failed run, 2 bad usage or configuration.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib
+import json
+import logging
+import signal
+import sys
+from typing import TYPE_CHECKING, Any
+
+from pydantic import SecretStr, ValidationError
+
+from amqp_agents.config import Settings, redact_url
+from amqp_agents.errors import AmqpAgentsError, ConfigurationError
+from amqp_agents.models.messages import Priority
+from amqp_agents.rpc.client import RpcClient
+from amqp_agents.runtime.agent import Agent
+from amqp_agents.runtime.health import HealthServer, ProbeResult
+from amqp_agents.runtime.worker import Worker
+from amqp_agents.transport.factory import create_transport
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+__all__ = ["load_agents", "main"]
+
+log = logging.getLogger("amqp_agents.cli")
+
+
+def load_agents(target: str) -> list[Agent]:
+    """Import ``MODULE:ATTR``; ATTR is an agent, an agent class, a list of them, or a
+    callable returning one of those."""
+    module_name, sep, attr = target.partition(":")
+    if not sep or not module_name or not attr:
+        raise ConfigurationError(f"expected MODULE:ATTR, got {target!r}")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ConfigurationError(f"cannot import {module_name!r}: {exc}") from None
+    try:
+        value: Any = getattr(module, attr)
+    except AttributeError:
+        raise ConfigurationError(f"module {module_name!r} has no attribute {attr!r}") from None
+    if callable(value) and not isinstance(value, type | Agent):
+        value = value()
+    items = value if isinstance(value, list | tuple) else [value]
+    agents: list[Agent] = []
+    for item in items:
+        if isinstance(item, type) and issubclass(item, Agent):
+            item = item()
+        if not isinstance(item, Agent):
+            raise ConfigurationError(f"{target} gave {item!r}, which is not an Agent")
+        agents.append(item)
+    if not agents:
+        raise ConfigurationError(f"{target} names no agents")
+    return agents
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="amqp-agents", description="Agents that answer requests over RabbitMQ."
+    )
+    parser.add_argument(
+        "--url", help="broker URL (default: $AMQP_URL or amqp://guest:guest@localhost:5672/)"
+    )
+    parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    run = commands.add_parser("run", help="run a worker for the agents MODULE:ATTR names")
+    run.add_argument("target", metavar="MODULE:ATTR")
+    run.add_argument("--metrics-port", type=int, help="serve /healthz and /readyz on this port")
+    run.add_argument("--concurrency", type=int, help="handlers running at once")
+    run.add_argument("--grace-period", type=float, help="seconds in-flight work may finish on stop")
+
+    call = commands.add_parser("call", help="call an agent and print its reply")
+    call.add_argument("agent")
+    call.add_argument("action")
+    call.add_argument("payload", nargs="?", default="{}", metavar="JSON")
+    call.add_argument("--priority", type=int, default=int(Priority.NORMAL), help="0-9")
+    call.add_argument("--timeout", type=float, help="seconds to wait for the reply")
+    return parser
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    settings = Settings()
+    if args.url:
+        settings = settings.model_copy(update={"url": SecretStr(args.url)})
+    worker = settings.worker
+    updates: dict[str, Any] = {}
+    if getattr(args, "concurrency", None) is not None:
+        updates["concurrency"] = args.concurrency
+    if getattr(args, "grace_period", None) is not None:
+        updates["grace_period_s"] = args.grace_period
+    if updates:
+        worker = type(worker).model_validate({**worker.model_dump(), **updates})
+        settings = settings.model_copy(update={"worker": worker})
+    # Re-validate as a whole so CLI overrides get the same checks as the environment.
+    connection = type(settings.connection).model_validate(
+        {**settings.connection.model_dump(), "url": settings.url}
+    )
+    return settings.model_copy(update={"connection": connection})
+
+
+async def _run(args: argparse.Namespace, settings: Settings) -> int:
+    agents = load_agents(args.target)
+    transport = create_transport(settings.connection)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    await transport.connect()
+    worker = Worker(
+        transport,
+        agents,
+        topology=settings.topology,
+        settings=settings.worker,
+        publish_timeout_s=settings.connection.publish_timeout_s,
+    )
+    probes: HealthServer | None = None
+    if args.metrics_port is not None:
+        probes = HealthServer(
+            {
+                "/healthz": lambda: ProbeResult(200, b"ok\n"),
+                "/readyz": lambda: (
+                    ProbeResult(200, b"ready\n")
+                    if worker.is_ready
+                    else ProbeResult(503, b"not ready\n")
+                ),
+            },
+            port=args.metrics_port,
+        )
+        await probes.start()
+    log.info(
+        "worker for %s on %s",
+        ", ".join(agent.name for agent in agents),
+        redact_url(settings.url.get_secret_value()),
+    )
+    try:
+        await worker.serve(shutdown_trigger=stop.wait)
+    finally:
+        if probes is not None:
+            await probes.aclose()
+        await transport.aclose()
+    log.info("worker stopped: %s", worker.stats)
+    return 0
+
+
+async def _call(args: argparse.Namespace, settings: Settings) -> int:
+    try:
+        payload = json.loads(args.payload)
+    except json.JSONDecodeError as exc:
+        raise ConfigurationError(f"the payload is not valid JSON: {exc}") from None
+    if not isinstance(payload, dict):
+        raise ConfigurationError("the payload must be a JSON object")
+    transport = create_transport(settings.connection)
+    await transport.connect()
+    try:
+        async with RpcClient(
+            transport,
+            topology=settings.topology,
+            settings=settings.rpc,
+            publish_timeout_s=settings.connection.publish_timeout_s,
+            max_message_bytes=settings.connection.max_message_bytes,
+        ) as client:
+            response = await client.send(
+                args.agent,
+                args.action,
+                payload,
+                priority=args.priority,
+                timeout_s=args.timeout if args.timeout is not None else settings.rpc.timeout_s,
+            )
+    finally:
+        await transport.aclose()
+    print(response.model_dump_json(exclude_none=True))
+    return 0 if response.ok else 1
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``amqp-agents`` and ``python -m amqp_agents``."""
+    args = _parser().parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        settings = _settings(args)
+        command = _run if args.command == "run" else _call
+        return asyncio.run(command(args, settings))
+    except (ConfigurationError, ValidationError) as exc:
+        print(f"amqp-agents: configuration error: {exc}", file=sys.stderr)
+        return 2
+    except AmqpAgentsError as exc:
+        print(f"amqp-agents: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130

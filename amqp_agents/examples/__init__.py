@@ -1,0 +1,1 @@
+"""Example agents (the demo app)."""

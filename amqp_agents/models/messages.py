@@ -1,0 +1,151 @@
+"""The messages agents exchange: requests, replies and the standard error codes.
+
+These are the in-process shapes. How they map onto AMQP properties and JSON bodies is
+the job of :mod:`amqp_agents.models.wire` and is documented in ``docs/protocol.md``.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+from enum import IntEnum, StrEnum
+from typing import Any, Self
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+__all__ = [
+    "AgentMessage",
+    "AgentResponse",
+    "ErrorCode",
+    "ErrorInfo",
+    "Priority",
+    "new_id",
+]
+
+
+def new_id() -> str:
+    """A fresh random id for ``message_id`` / ``correlation_id`` (hex, 32 chars)."""
+    return uuid.uuid4().hex
+
+
+class Priority(IntEnum):
+    """Request priority, the AMQP ``priority`` property (0-9; higher is served first).
+
+    RabbitMQ only reorders messages that are *waiting* in the queue, so priorities take
+    effect when there is a backlog and the worker's prefetch is small.
+    """
+
+    LOWEST = 0
+    """What a message without a priority property counts as."""
+    LOW = 2
+    """Background work that may wait."""
+    NORMAL = 4
+    """The default for requests sent by this library."""
+    HIGH = 7
+    """Interactive work that should overtake a backlog."""
+    CRITICAL = 9
+    """The highest level the default queues distinguish."""
+
+
+class ErrorCode(StrEnum):
+    """Stable error codes carried in ``error.code`` of a reply. Never renamed.
+
+    Services may send codes of their own; receivers must treat an unknown code as an
+    application error, which is why :class:`ErrorInfo` keeps ``code`` a plain string.
+    """
+
+    UNKNOWN_ACTION = "UNKNOWN_ACTION"
+    """The agent has no handler for the request's ``type`` (action)."""
+    INVALID_PAYLOAD = "INVALID_PAYLOAD"
+    """The body is not JSON, not an object, or fails the action's schema."""
+    NOT_FOUND = "NOT_FOUND"
+    """The handler looked for something that does not exist."""
+    TIMEOUT = "TIMEOUT"
+    """The handler ran out of time, or the caller's wait for a reply did."""
+    INTERNAL_ERROR = "INTERNAL_ERROR"
+    """The handler failed unexpectedly; details are in the worker's log, not on the wire."""
+    SHUTTING_DOWN = "SHUTTING_DOWN"
+    """The caller or agent is shutting down and the call cannot complete."""
+    NO_ROUTE = "NO_ROUTE"
+    """No queue is bound for the agent: nobody serves it (returned by the broker)."""
+    CONNECTION_LOST = "CONNECTION_LOST"
+    """The connection to the broker died while the call was pending."""
+    MESSAGE_TOO_LARGE = "MESSAGE_TOO_LARGE"
+    """The encoded request or reply is larger than the configured maximum."""
+
+
+class ErrorInfo(BaseModel):
+    """The ``error`` object of a failed reply: ``{"code", "message", "details"?}``."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+    code: str
+    message: str
+    details: Any = None
+
+
+class AgentMessage(BaseModel):
+    """A request to an agent: the action to run and its JSON payload.
+
+    ``deadline`` is when the caller stops waiting; a worker may drop the request
+    unanswered once it has passed, since nobody would read the reply.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    id: str = Field(default_factory=new_id)
+    action: str = Field(min_length=1, max_length=255)
+    payload: dict[str, Any] = Field(default_factory=dict)
+    correlation_id: str | None = None
+    reply_to: str | None = None
+    priority: Priority = Priority.NORMAL
+    created_at: datetime = Field(default_factory=lambda: datetime.now(UTC))
+    deadline: datetime | None = None
+
+
+class AgentResponse(BaseModel):
+    """A reply: ``{"ok": true, "data": ...}`` or ``{"ok": false, "error": {...}}``.
+
+    ``correlation_id`` travels in the AMQP property, not in the JSON body. The factories
+    are :meth:`success` and :meth:`failure` rather than ``ok()``/``error()``: those names
+    are the wire fields, and a method shadowing ``ok`` would make ``if reply.ok`` always
+    true.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+    ok: bool
+    data: Any = None
+    error: ErrorInfo | None = None
+    correlation_id: str | None = Field(default=None, exclude=True)
+
+    @model_validator(mode="after")
+    def _error_iff_not_ok(self) -> Self:
+        if self.ok and self.error is not None:
+            raise ValueError("a successful reply carries no error")
+        if not self.ok and self.error is None:
+            raise ValueError("a failed reply must carry an error object")
+        return self
+
+    @classmethod
+    def success(cls, data: Any = None, *, correlation_id: str | None = None) -> AgentResponse:
+        """A successful reply carrying ``data`` (any JSON-able value or pydantic model)."""
+        return cls.model_construct(ok=True, data=data, error=None, correlation_id=correlation_id)
+
+    @classmethod
+    def failure(
+        cls,
+        code: str,
+        message: str,
+        *,
+        details: Any = None,
+        correlation_id: str | None = None,
+    ) -> AgentResponse:
+        """A failed reply with a stable ``code`` and a human-readable ``message``."""
+        info = ErrorInfo(code=str(code), message=message, details=details)
+        return cls.model_construct(ok=False, data=None, error=info, correlation_id=correlation_id)
+
+    @property
+    def code(self) -> str | None:
+        """The error code of a failed reply, ``None`` for a successful one."""
+        return None if self.error is None else self.error.code

@@ -1,0 +1,203 @@
+"""The wire contract in one place: names, header keys and the JSON codec.
+
+Everything a service in another language must know to call an agent is spelled here
+(and explained in ``docs/protocol.md``). Encoding and decoding happen once per message:
+payloads are turned into JSON bytes by pydantic-core directly, never via ``json``.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from datetime import UTC, datetime
+from typing import Any, Final
+
+import pydantic_core
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from amqp_agents.errors import InvalidPayloadError, MessageTooLargeError
+from amqp_agents.models.envelope import Envelope
+from amqp_agents.models.messages import AgentMessage, AgentResponse, ErrorCode, Priority
+
+__all__ = [
+    "CONTENT_TYPE_JSON",
+    "HEADER_DEADLINE",
+    "MAX_PRIORITY",
+    "Topology",
+    "check_name",
+    "deadline_from",
+    "decode_reply",
+    "decode_request",
+    "dump_json",
+    "encode_reply",
+    "encode_request",
+]
+
+CONTENT_TYPE_JSON: Final = "application/json"
+HEADER_DEADLINE: Final = "x-deadline"
+"""Header: the caller's deadline, integer milliseconds since the Unix epoch."""
+MAX_PRIORITY: Final = 9
+"""Highest priority in the contract; the default ``x-max-priority`` of agent queues."""
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,199}$")
+
+
+def check_name(kind: str, name: str) -> str:
+    """Validate an agent/action name: it becomes a routing key and part of a queue name."""
+    if not _NAME.match(name):
+        raise ValueError(
+            f"invalid {kind} name {name!r}: use 1-200 characters from letters, digits,"
+            " '_', '.', '-', starting with a letter or digit"
+        )
+    return name
+
+
+class Topology(BaseModel):
+    """The names of exchanges and queues, configurable as a whole.
+
+    Changing a name changes the wire contract: every service must agree on it.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    requests_exchange: str = Field(default="agents", min_length=1)
+    queue_prefix: str = "agents."
+    max_priority: int = Field(default=MAX_PRIORITY, ge=1, le=255)
+
+    @field_validator("requests_exchange")
+    @classmethod
+    def _not_reserved(cls, value: str) -> str:
+        if value.startswith("amq."):
+            raise ValueError("exchange names starting with 'amq.' are reserved by RabbitMQ")
+        return value
+
+    def agent_queue(self, agent: str) -> str:
+        """The durable priority queue an agent consumes: ``agents.<agent>``."""
+        return f"{self.queue_prefix}{agent}"
+
+
+def dump_json(value: Any) -> bytes:
+    """Encode a payload (pydantic model or JSON-able value) to compact JSON bytes."""
+    try:
+        return pydantic_core.to_json(value)
+    except pydantic_core.PydanticSerializationError as exc:
+        raise InvalidPayloadError(f"payload is not JSON-serialisable: {exc}") from exc
+
+
+def deadline_from(envelope: Envelope) -> float | None:
+    """The caller's deadline as epoch seconds, from the header; ``None`` if absent or bad."""
+    headers = envelope.headers
+    if not headers:
+        return None
+    raw = headers.get(HEADER_DEADLINE)
+    if isinstance(raw, int) and not isinstance(raw, bool) and raw > 0:
+        return raw / 1000.0
+    return None
+
+
+def encode_request(
+    topology: Topology,
+    agent: str,
+    action: str,
+    body: bytes,
+    *,
+    message_id: str,
+    correlation_id: str | None,
+    reply_to: str | None,
+    priority: int,
+    timeout_s: float | None,
+    max_bytes: int,
+) -> Envelope:
+    """The AMQP message for a request; ``timeout_s`` sets both deadline header and TTL."""
+    if len(body) > max_bytes:
+        raise MessageTooLargeError(
+            f"request body is {len(body)} bytes, over the {max_bytes}-byte limit"
+        )
+    now = time.time()
+    headers: dict[str, Any] | None = None
+    expiration_ms: int | None = None
+    if timeout_s is not None:
+        expiration_ms = max(1, int(timeout_s * 1000))
+        headers = {HEADER_DEADLINE: int((now + timeout_s) * 1000)}
+    return Envelope(
+        body=body,
+        exchange=topology.requests_exchange,
+        routing_key=agent,
+        content_type=CONTENT_TYPE_JSON,
+        type=action,
+        message_id=message_id,
+        correlation_id=correlation_id,
+        reply_to=reply_to,
+        priority=priority,
+        expiration_ms=expiration_ms,
+        timestamp=int(now),
+        headers=headers,
+        persistent=True,
+    )
+
+
+def decode_request(envelope: Envelope) -> AgentMessage:
+    """The request in a delivery.
+
+    Raises:
+        InvalidPayloadError: no ``type`` (action), a content type other than JSON,
+            malformed JSON, or a body that is not a JSON object.
+    """
+    action = envelope.type
+    if not action:
+        raise InvalidPayloadError("the request has no 'type' property naming the action")
+    content_type = envelope.content_type
+    if content_type and content_type.split(";", 1)[0].strip() != CONTENT_TYPE_JSON:
+        raise InvalidPayloadError(
+            f"content type {content_type!r} is not supported; send {CONTENT_TYPE_JSON}"
+        )
+    try:
+        payload = pydantic_core.from_json(envelope.body) if envelope.body else {}
+    except ValueError as exc:
+        raise InvalidPayloadError(f"body is not valid JSON: {exc}") from exc
+    if not isinstance(payload, dict):
+        raise InvalidPayloadError(f"body must be a JSON object, got {type(payload).__name__}")
+    priority = envelope.priority or 0
+    deadline = deadline_from(envelope)
+    return AgentMessage.model_construct(
+        id=envelope.message_id or "",
+        action=action,
+        payload=payload,
+        correlation_id=envelope.correlation_id,
+        reply_to=envelope.reply_to,
+        priority=Priority(min(max(priority, 0), MAX_PRIORITY)),
+        created_at=datetime.fromtimestamp(envelope.timestamp or time.time(), UTC),
+        deadline=None if deadline is None else datetime.fromtimestamp(deadline, UTC),
+    )
+
+
+def encode_reply(response: AgentResponse, reply_to: str, correlation_id: str | None) -> Envelope:
+    """The AMQP message for a reply: default exchange, routing key = ``reply_to``."""
+    if response.ok:
+        body = dump_json({"ok": True, "data": response.data})
+    else:
+        assert response.error is not None  # noqa: S101  # guaranteed by AgentResponse
+        body = pydantic_core.to_json(
+            {"ok": False, "error": response.error.model_dump(exclude_none=True)}
+        )
+    return Envelope(
+        body=body,
+        exchange="",
+        routing_key=reply_to,
+        content_type=CONTENT_TYPE_JSON,
+        correlation_id=correlation_id,
+        persistent=False,
+    )
+
+
+def decode_reply(envelope: Envelope) -> AgentResponse:
+    """The reply in a delivery; a malformed one becomes an ``INTERNAL_ERROR`` reply."""
+    try:
+        response = AgentResponse.model_validate_json(envelope.body)
+    except ValidationError as exc:
+        return AgentResponse.failure(
+            ErrorCode.INTERNAL_ERROR,
+            f"malformed reply from the agent: {exc.error_count()} problem(s)",
+            correlation_id=envelope.correlation_id,
+        )
+    return response.model_copy(update={"correlation_id": envelope.correlation_id})

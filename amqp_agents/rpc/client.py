@@ -1,0 +1,363 @@
+"""The RPC client: one ``await`` sends a request to a named agent and returns its reply.
+
+How a call travels::
+
+    send() --publish(mandatory, confirm)--> [agents exchange] --agent--> agents.<agent>
+      |                                                                      |
+      | future in _pending[correlation_id]                          worker handles it
+      v                                                                      |
+    reply consumer <--- exclusive reply queue <--- default exchange, key=reply_to
+
+Guarantees:
+
+* Many calls run concurrently on one client without a lock; each reply is matched to
+  its call by correlation id, and a reply nobody waits for is dropped at once.
+* Every call ends within its timeout (default 30 s) with a reply or an error reply:
+  ``TIMEOUT``, ``NO_ROUTE`` (nobody serves the agent; known as soon as the broker
+  returns the message), ``CONNECTION_LOST`` (every pending call, at once, when the
+  connection dies) or ``SHUTTING_DOWN`` (pending calls when the client closes).
+* A request carries its deadline (header and AMQP ``expiration``), so the broker
+  drops requests whose caller has stopped waiting.
+
+Caller bugs raise instead: a bad agent/action name or priority, a payload that is not
+JSON-serialisable or too large, a client that is not started.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from enum import Enum
+from typing import TYPE_CHECKING, Any, Final, Self
+
+from pydantic import BaseModel
+
+from amqp_agents.config import RpcSettings
+from amqp_agents.errors import (
+    AgentError,
+    BrokerUnavailableError,
+    ConfigurationError,
+    LifecycleError,
+    NoRouteError,
+    PublishRejectedError,
+    PublishTimeoutError,
+    QueueNotFoundError,
+    UnroutableError,
+)
+from amqp_agents.models.messages import AgentResponse, ErrorCode, Priority, new_id
+from amqp_agents.models.wire import (
+    MAX_PRIORITY,
+    Topology,
+    check_name,
+    decode_reply,
+    dump_json,
+    encode_request,
+)
+from amqp_agents.transport.base import (
+    ConsumerHandle,
+    Delivery,
+    ExchangeKind,
+    QueueSpec,
+    Transport,
+)
+
+if TYPE_CHECKING:
+    from types import TracebackType
+
+    from amqp_agents.models.envelope import Envelope
+
+__all__ = ["DEFAULT", "Request", "RpcClient"]
+
+log = logging.getLogger(__name__)
+
+
+class _Default(Enum):
+    DEFAULT = "default"
+
+
+DEFAULT: Final = _Default.DEFAULT
+"""Sentinel: use the configured default (a timeout is never unbounded)."""
+
+Payload = BaseModel | Mapping[str, Any] | None
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    """One request of a batch for :meth:`RpcClient.send_many`."""
+
+    agent: str
+    action: str
+    payload: Payload = None
+    priority: int = Priority.NORMAL
+    timeout_s: float | None = None
+
+
+class _State(Enum):
+    NEW = "new"
+    STARTED = "started"
+    CLOSED = "closed"
+
+
+class RpcClient:
+    """Calls agents over a :class:`~amqp_agents.transport.base.Transport`.
+
+    The client does not own the transport: connect it first, close it after.
+    Use as ``async with RpcClient(transport) as client: ...``.
+    """
+
+    def __init__(
+        self,
+        transport: Transport,
+        *,
+        topology: Topology | None = None,
+        settings: RpcSettings | None = None,
+        publish_timeout_s: float = 10.0,
+        max_message_bytes: int = 1024 * 1024,
+    ) -> None:
+        self._transport = transport
+        self._topology = topology or Topology()
+        self._settings = settings or RpcSettings()
+        self._publish_timeout_s = publish_timeout_s
+        self._max_bytes = max_message_bytes
+        self._pending: dict[str, asyncio.Future[AgentResponse]] = {}
+        self._reply_queue = ""
+        self._consumer: ConsumerHandle | None = None
+        self._state = _State.NEW
+        self._lost: BaseException | None = None
+        self.late_replies = 0
+        """Replies that arrived for no pending call (timed out, or unknown ids)."""
+
+    @property
+    def pending_calls(self) -> int:
+        """Calls waiting for their reply right now."""
+        return len(self._pending)
+
+    @property
+    def reply_queue(self) -> str:
+        """The exclusive queue replies arrive on (the ``reply_to`` of requests)."""
+        return self._reply_queue
+
+    async def start(self) -> None:
+        """Declare the requests exchange and the reply queue, and start consuming replies."""
+        if self._state is not _State.NEW:
+            raise LifecycleError(f"RPC client is {self._state.value}; start() runs once")
+        self._state = _State.STARTED
+        transport = self._transport
+        transport.on_connection_lost(self._on_connection_lost)
+        await transport.declare_exchange(self._topology.requests_exchange, ExchangeKind.DIRECT)
+        self._reply_queue = await transport.declare_queue(
+            QueueSpec(name="", durable=False, exclusive=True, auto_delete=True)
+        )
+        self._consumer = await transport.consume(
+            self._reply_queue, self._on_reply, prefetch=0, no_ack=True
+        )
+
+    async def aclose(self) -> None:
+        """Stop: pending calls end with ``SHUTTING_DOWN``. Idempotent."""
+        if self._state is _State.CLOSED:
+            return
+        self._state = _State.CLOSED
+        self._fail_pending(ErrorCode.SHUTTING_DOWN, "the RPC client is closing")
+        if self._consumer is not None:
+            await self._consumer.cancel()
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    # -- calls -----------------------------------------------------------------------
+
+    async def send(
+        self,
+        agent: str,
+        action: str,
+        payload: Payload = None,
+        *,
+        priority: int = Priority.NORMAL,
+        timeout_s: float | _Default = DEFAULT,
+    ) -> AgentResponse:
+        """Call ``agent.action(payload)`` and return its reply, or an error reply.
+
+        Raises:
+            LifecycleError: the client is not started, or closed.
+            ConfigurationError: bad agent/action name, priority or timeout.
+            InvalidPayloadError: the payload is not JSON-serialisable.
+            MessageTooLargeError: the encoded payload is over the size limit.
+        """
+        timeout = self._timeout(timeout_s)
+        correlation_id = new_id()
+        envelope = self._request(
+            agent, action, payload, priority, timeout, correlation_id, self._reply_queue
+        )
+        if self._lost is not None:
+            return _failure(
+                ErrorCode.CONNECTION_LOST, "the broker connection is lost", correlation_id
+            )
+        future: asyncio.Future[AgentResponse] = asyncio.get_running_loop().create_future()
+        self._pending[correlation_id] = future
+        try:
+            async with asyncio.timeout(timeout):
+                try:
+                    await self._transport.publish(
+                        envelope, mandatory=True, timeout_s=self._publish_timeout_s
+                    )
+                except (UnroutableError, QueueNotFoundError):
+                    return _failure(
+                        ErrorCode.NO_ROUTE, f"no agent {agent!r} is being served", correlation_id
+                    )
+                except (PublishTimeoutError, PublishRejectedError) as exc:
+                    return _failure(ErrorCode.TIMEOUT, str(exc), correlation_id)
+                except BrokerUnavailableError as exc:
+                    return _failure(ErrorCode.CONNECTION_LOST, str(exc), correlation_id)
+                return await future
+        except TimeoutError:
+            return _failure(
+                ErrorCode.TIMEOUT,
+                f"no reply from {agent!r} to {action!r} within {timeout:g}s",
+                correlation_id,
+            )
+        finally:
+            # Also on cancellation: a late reply then finds nothing and is dropped.
+            self._pending.pop(correlation_id, None)
+
+    async def call(
+        self,
+        agent: str,
+        action: str,
+        payload: Payload = None,
+        *,
+        priority: int = Priority.NORMAL,
+        timeout_s: float | _Default = DEFAULT,
+    ) -> Any:
+        """Like :meth:`send`, but return the reply's data or raise its error.
+
+        Raises:
+            AgentError: the matching subclass for the reply's error code
+                (``NotFoundError``, ``ActionTimeoutError``, ``NoRouteError``...).
+        """
+        response = await self.send(agent, action, payload, priority=priority, timeout_s=timeout_s)
+        if response.error is not None:
+            raise AgentError.from_info(response.error)
+        return response.data
+
+    async def notify(
+        self,
+        agent: str,
+        action: str,
+        payload: Payload = None,
+        *,
+        priority: int = Priority.NORMAL,
+        timeout_s: float | _Default = DEFAULT,
+    ) -> None:
+        """Fire-and-forget: enqueue a request with no ``reply_to``.
+
+        Returns once the broker has confirmed it. ``timeout_s`` becomes the request's
+        TTL: the broker drops it if no worker took it by then.
+
+        Raises:
+            NoRouteError: nobody serves the agent.
+            TransportError: the publish was not confirmed (timeout, refusal, link loss).
+        """
+        timeout = self._timeout(timeout_s)
+        envelope = self._request(agent, action, payload, priority, timeout, None, None)
+        try:
+            await self._transport.publish(
+                envelope, mandatory=True, timeout_s=self._publish_timeout_s
+            )
+        except (UnroutableError, QueueNotFoundError):
+            raise NoRouteError(f"no agent {agent!r} is being served") from None
+
+    async def send_many(
+        self, requests: Sequence[Request], *, concurrency: int | None = None
+    ) -> list[AgentResponse]:
+        """Send a batch concurrently, at most ``concurrency`` at a time; replies in order."""
+        if concurrency is not None and concurrency < 1:
+            raise ConfigurationError("concurrency must be at least 1")
+        limit = asyncio.Semaphore(concurrency or max(1, len(requests)))
+
+        async def one(request: Request) -> AgentResponse:
+            async with limit:
+                return await self.send(
+                    request.agent,
+                    request.action,
+                    request.payload,
+                    priority=request.priority,
+                    timeout_s=DEFAULT if request.timeout_s is None else request.timeout_s,
+                )
+
+        async with asyncio.TaskGroup() as group:
+            tasks = [group.create_task(one(request)) for request in requests]
+        return [task.result() for task in tasks]
+
+    # -- internals -------------------------------------------------------------------
+
+    def _timeout(self, timeout_s: float | _Default) -> float:
+        timeout = self._settings.timeout_s if timeout_s is DEFAULT else timeout_s
+        if not isinstance(timeout, int | float) or not timeout > 0:
+            raise ConfigurationError(f"timeout_s must be a positive number, not {timeout_s!r}")
+        return float(timeout)
+
+    def _request(
+        self,
+        agent: str,
+        action: str,
+        payload: Payload,
+        priority: int,
+        timeout: float,
+        correlation_id: str | None,
+        reply_to: str | None,
+    ) -> Envelope:
+        if self._state is not _State.STARTED:
+            raise LifecycleError(f"RPC client is {self._state.value}; call start() first")
+        try:
+            check_name("agent", agent)
+            check_name("action", action)
+        except ValueError as exc:
+            raise ConfigurationError(str(exc)) from None
+        if not 0 <= priority <= MAX_PRIORITY:
+            raise ConfigurationError(f"priority must be 0-{MAX_PRIORITY}, not {priority}")
+        body = b"{}" if payload is None else dump_json(payload)
+        return encode_request(
+            self._topology,
+            agent,
+            action,
+            body,
+            message_id=new_id(),
+            correlation_id=correlation_id,
+            reply_to=reply_to,
+            priority=int(priority),
+            timeout_s=timeout,
+            max_bytes=self._max_bytes,
+        )
+
+    async def _on_reply(self, delivery: Delivery) -> None:
+        envelope = delivery.envelope
+        future = self._pending.pop(envelope.correlation_id or "", None)
+        if future is None or future.done():
+            self.late_replies += 1
+            return
+        future.set_result(decode_reply(envelope))
+
+    def _on_connection_lost(self, reason: BaseException | None) -> None:
+        self._lost = reason or BrokerUnavailableError("connection closed")
+        self._fail_pending(ErrorCode.CONNECTION_LOST, "the broker connection was lost")
+
+    def _fail_pending(self, code: ErrorCode, message: str) -> None:
+        pending, self._pending = self._pending, {}
+        for correlation_id, future in pending.items():
+            if not future.done():
+                future.set_result(_failure(code, message, correlation_id))
+
+
+def _failure(code: ErrorCode, message: str, correlation_id: str) -> AgentResponse:
+    return AgentResponse.failure(code, message, correlation_id=correlation_id)

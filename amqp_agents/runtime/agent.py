@@ -1,0 +1,230 @@
+"""Agents: named services whose actions answer requests.
+
+An action is a plain ``async`` method marked with :func:`action`; the decorator only
+attaches metadata, so a unit test calls the method directly with a payload model::
+
+    class Tasks(Agent):
+        name = "task_manager"
+
+        @action("task_add")
+        async def add(self, payload: TaskAdd) -> Task: ...
+
+    await Tasks().add(TaskAdd(title="x"))          # a plain call in a unit test
+    await Tasks().handle(message)                   # the full request path
+
+:meth:`Agent.handle` turns a request into a reply and owns the error mapping: schema
+failures become ``INVALID_PAYLOAD`` with the field errors, an unknown action
+``UNKNOWN_ACTION``, an :class:`~amqp_agents.errors.AgentError` its own code, and any
+other exception ``INTERNAL_ERROR`` (traceback to the log, never to the wire).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, ClassVar, TypeVar, get_type_hints
+
+from pydantic import TypeAdapter, ValidationError
+
+from amqp_agents.errors import (
+    ActionTimeoutError,
+    AgentError,
+    ConfigurationError,
+    InvalidPayloadError,
+    LifecycleError,
+    UnknownActionError,
+)
+from amqp_agents.models.messages import AgentMessage, AgentResponse, ErrorCode
+from amqp_agents.models.wire import check_name
+
+__all__ = ["ActionSpec", "Agent", "action"]
+
+log = logging.getLogger(__name__)
+
+_ACTION_ATTR = "__amqp_agents_action__"
+F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
+
+
+@dataclass(frozen=True, slots=True)
+class ActionSpec:
+    """What :func:`action` records on a handler."""
+
+    name: str
+    timeout_s: float | None
+    method: str
+    payload: TypeAdapter[Any] | None
+    """Validates the request's JSON object into the handler's argument; None: no argument."""
+
+
+def action(name: str, *, timeout_s: float | None = None) -> Callable[[F], F]:
+    """Mark an ``async`` method as the handler of action ``name``.
+
+    The handler takes at most one argument besides ``self``: the payload, annotated
+    with a pydantic model (or ``dict[str, Any]`` for raw JSON). ``timeout_s`` overrides
+    the worker's default per-action timeout.
+    """
+    check_name("action", name)
+    if timeout_s is not None and not timeout_s > 0:
+        raise ConfigurationError(f"action {name!r}: timeout_s must be positive")
+
+    def mark(func: F) -> F:
+        check: Callable[..., Any] = func  # keep ``func`` un-narrowed for the return type
+        if not inspect.iscoroutinefunction(check):
+            raise ConfigurationError(f"action {name!r}: {func.__qualname__} must be async def")
+        setattr(func, _ACTION_ATTR, (name, timeout_s))
+        return func
+
+    return mark
+
+
+def _payload_adapter(func: Callable[..., Any], action_name: str) -> TypeAdapter[Any] | None:
+    params = list(inspect.signature(func).parameters.values())[1:]  # drop self
+    if not params:
+        return None
+    if len(params) > 1:
+        raise ConfigurationError(
+            f"action {action_name!r}: {func.__qualname__} takes one payload argument at most"
+        )
+    hints = get_type_hints(func)
+    annotation = hints.get(params[0].name, dict[str, Any])
+    return TypeAdapter(annotation)
+
+
+class Agent:
+    """Base class of agents. Subclasses set ``name`` and declare actions.
+
+    ``start()``/``shutdown()`` are hooks for resources (open a database, close it);
+    the worker calls them around consuming. ``handle`` works whether or not the agent
+    is running, so unit tests need no lifecycle.
+    """
+
+    name: ClassVar[str] = ""
+    _actions: ClassVar[dict[str, ActionSpec]] = {}
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        actions: dict[str, ActionSpec] = {}
+        for klass in reversed(cls.__mro__):
+            for attr, value in vars(klass).items():
+                marked = getattr(value, _ACTION_ATTR, None)
+                if marked is None:
+                    continue
+                action_name, timeout_s = marked
+                existing = actions.get(action_name)
+                if existing is not None and existing.method != attr and klass is cls:
+                    raise ConfigurationError(
+                        f"{cls.__qualname__}: action {action_name!r} is declared by both"
+                        f" {existing.method} and {attr}"
+                    )
+                actions[action_name] = ActionSpec(
+                    name=action_name,
+                    timeout_s=timeout_s,
+                    method=attr,
+                    payload=_payload_adapter(value, action_name),
+                )
+        cls._actions = actions
+
+    def __init__(self) -> None:
+        if not self.name:
+            raise ConfigurationError(f"{type(self).__qualname__} must set a class attribute 'name'")
+        check_name("agent", self.name)
+        self._running = False
+
+    @property
+    def is_running(self) -> bool:
+        """True between :meth:`start` and :meth:`shutdown`."""
+        return self._running
+
+    @classmethod
+    def actions(cls) -> dict[str, ActionSpec]:
+        """The actions this agent serves, by name."""
+        return dict(cls._actions)
+
+    async def start(self) -> None:
+        """Acquire resources. Override and call ``super().start()`` last."""
+        if self._running:
+            raise LifecycleError(f"agent {self.name!r} is already running")
+        self._running = True
+
+    async def shutdown(self) -> None:
+        """Release resources. Override and call ``super().shutdown()``. Idempotent."""
+        self._running = False
+
+    async def handle(
+        self, message: AgentMessage, *, timeout_s: float | None = None
+    ) -> AgentResponse:
+        """Run the request's action and return the reply; never raises but cancellation.
+
+        ``timeout_s`` bounds the handler (the action's own ``timeout_s`` wins when
+        smaller); a handler that overruns is cancelled and answered ``TIMEOUT``.
+        """
+        cid = message.correlation_id
+        spec = self._actions.get(message.action)
+        if spec is None:
+            known = ", ".join(sorted(self._actions)) or "none"
+            return UnknownActionError(
+                f"agent {self.name!r} has no action {message.action!r} (known: {known})"
+            ).to_response(correlation_id=cid)
+        limit = _smallest(spec.timeout_s, timeout_s)
+        started = time.monotonic()
+        try:
+            method = getattr(self, spec.method)
+            if spec.payload is None:
+                call = method()
+            else:
+                call = method(_validate(spec.payload, message.payload))
+            if limit is None:
+                result = await call
+            else:
+                async with asyncio.timeout(limit):
+                    result = await call
+        except AgentError as exc:
+            return exc.to_response(correlation_id=cid)
+        except TimeoutError:
+            if limit is not None and time.monotonic() - started >= limit:
+                return ActionTimeoutError(
+                    f"action {message.action!r} took longer than {limit:g}s"
+                ).to_response(correlation_id=cid)
+            return self._internal_error(message)
+        except Exception:
+            return self._internal_error(message)
+        return AgentResponse.success(result, correlation_id=cid)
+
+    def _internal_error(self, message: AgentMessage) -> AgentResponse:
+        log.exception(
+            "action %s.%s failed (correlation id %s)",
+            self.name,
+            message.action,
+            message.correlation_id,
+        )
+        return AgentResponse.failure(
+            ErrorCode.INTERNAL_ERROR,
+            f"action {message.action!r} failed; the agent's log has the details"
+            f" (correlation id {message.correlation_id})",
+            correlation_id=message.correlation_id,
+        )
+
+
+def _validate(adapter: TypeAdapter[Any], payload: dict[str, Any]) -> Any:
+    try:
+        return adapter.validate_python(payload)
+    except ValidationError as exc:
+        details = [
+            {"loc": list(error["loc"]), "msg": error["msg"], "type": error["type"]}
+            for error in exc.errors(include_url=False, include_input=False)
+        ]
+        raise InvalidPayloadError(
+            f"payload does not match the schema: {exc.error_count()} error(s)", details=details
+        ) from None
+
+
+def _smallest(a: float | None, b: float | None) -> float | None:
+    if a is None:
+        return b
+    if b is None:
+        return a
+    return min(a, b)

@@ -1,0 +1,101 @@
+"""A tiny HTTP server for probes (``/healthz``, ``/readyz``) and, later, ``/metrics``.
+
+Built on ``asyncio.start_server`` so a worker needs no web framework. It answers
+``GET`` only, one request per connection, and every read is bounded in size and time
+so a slow or hostile client cannot pin it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+__all__ = ["HealthServer", "Probe", "ProbeResult"]
+
+log = logging.getLogger(__name__)
+
+_READ_TIMEOUT_S = 5.0
+_MAX_REQUEST_LINE = 8192
+
+
+@dataclass(frozen=True, slots=True)
+class ProbeResult:
+    """What a route answers."""
+
+    status: int
+    body: bytes
+    content_type: str = "text/plain; charset=utf-8"
+
+
+Probe = Callable[[], ProbeResult]
+
+_REASONS = {200: "OK", 404: "Not Found", 405: "Method Not Allowed", 503: "Service Unavailable"}
+
+
+class HealthServer:
+    """Serves ``routes`` (path -> probe) on ``host:port``; ``port=0`` picks a free one."""
+
+    def __init__(self, routes: Mapping[str, Probe], *, host: str = "0.0.0.0", port: int) -> None:  # noqa: S104  # probes must be reachable from the kubelet
+        self._routes = dict(routes)
+        self._host = host
+        self._port = port
+        self._server: asyncio.Server | None = None
+
+    @property
+    def port(self) -> int:
+        """The bound port (useful with ``port=0``)."""
+        if self._server is None or not self._server.sockets:
+            return self._port
+        return int(self._server.sockets[0].getsockname()[1])
+
+    async def start(self) -> None:
+        """Listen."""
+        self._server = await asyncio.start_server(
+            self._serve, self._host, self._port, limit=_MAX_REQUEST_LINE
+        )
+
+    async def aclose(self) -> None:
+        """Stop listening. Idempotent."""
+        if self._server is not None:
+            self._server.close()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._server.wait_closed(), timeout=2)
+            self._server = None
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            async with asyncio.timeout(_READ_TIMEOUT_S):
+                request_line = await reader.readline()
+                while (await reader.readline()) not in (b"\r\n", b"\n", b""):
+                    pass
+            parts = request_line.decode("latin-1").split()
+            if len(parts) < 2:
+                return
+            method, path = parts[0], parts[1].split("?", 1)[0]
+            probe = self._routes.get(path)
+            if method != "GET":
+                result = ProbeResult(405, b"method not allowed\n")
+            elif probe is None:
+                result = ProbeResult(404, b"not found\n")
+            else:
+                result = probe()
+            reason = _REASONS.get(result.status, "")
+            head = (
+                f"HTTP/1.1 {result.status} {reason}\r\n"
+                f"Content-Type: {result.content_type}\r\n"
+                f"Content-Length: {len(result.body)}\r\n"
+                "Connection: close\r\n\r\n"
+            )
+            writer.write(head.encode("latin-1") + result.body)
+            await writer.drain()
+        except (TimeoutError, ConnectionError, ValueError, asyncio.LimitOverrunError):
+            pass
+        except Exception:
+            log.exception("probe server failed on a request")
+        finally:
+            writer.close()
+            with contextlib.suppress(ConnectionError, TimeoutError):
+                await asyncio.wait_for(writer.wait_closed(), timeout=1)

@@ -1,0 +1,307 @@
+"""The worker: hosts agents, consumes their queues, answers requests.
+
+Per request (at-least-once)::
+
+    delivery -> wait for a slot (bounded concurrency) -> decode -> agent.handle()
+             -> publish the reply (confirmed) -> ack
+
+The ack comes only after the reply is confirmed, so a crash in between redelivers
+the request rather than losing its answer. A malformed request is answered
+``INVALID_PAYLOAD`` (when it has ``reply_to``) and acked: it never loops. A request
+whose caller's deadline has passed is acked unanswered and counted, not worked on.
+
+Shutdown order, enforced by :meth:`Worker.stop`:
+
+1. stop taking work: cancel every consumer (new messages stay queued);
+2. requeue deliveries that have not started (waiting for a slot);
+3. wait up to ``grace_period_s`` for in-flight handlers, which reply and ack;
+4. cancel the ones still running: their deliveries are requeued, not answered;
+5. shut the agents down. The transport belongs to the caller, who closes it last.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from enum import Enum
+from typing import TYPE_CHECKING
+
+from amqp_agents.config import WorkerSettings
+from amqp_agents.errors import (
+    BrokerUnavailableError,
+    ConfigurationError,
+    InvalidPayloadError,
+    LifecycleError,
+    TransportError,
+)
+from amqp_agents.models.wire import (
+    Topology,
+    deadline_from,
+    decode_request,
+    encode_reply,
+)
+from amqp_agents.transport.base import (
+    ConsumerHandle,
+    Delivery,
+    ExchangeKind,
+    QueueSpec,
+    Transport,
+)
+
+if TYPE_CHECKING:
+    from amqp_agents.runtime.agent import Agent
+
+__all__ = ["Worker", "WorkerStats"]
+
+log = logging.getLogger(__name__)
+
+ShutdownTrigger = Callable[[], Awaitable[object]]
+
+
+class _State(Enum):
+    NEW = "new"
+    RUNNING = "running"
+    STOPPING = "stopping"
+    STOPPED = "stopped"
+
+
+@dataclass(slots=True)
+class WorkerStats:
+    """Counters since start (the Prometheus metrics mirror them)."""
+
+    received: int = 0
+    replied: int = 0
+    acked_without_reply: int = 0
+    invalid: int = 0
+    expired: int = 0
+    requeued: int = 0
+    in_flight: int = 0
+
+
+class Worker:
+    """Runs agents on a transport until stopped.
+
+    Use :meth:`serve` in a process (it returns after a graceful stop), or
+    :meth:`start` / :meth:`stop` when embedding. The transport must be connected and
+    is not closed by the worker.
+    """
+
+    def __init__(
+        self,
+        transport: Transport,
+        agents: Sequence[Agent],
+        *,
+        topology: Topology | None = None,
+        settings: WorkerSettings | None = None,
+        publish_timeout_s: float = 10.0,
+    ) -> None:
+        if not agents:
+            raise ConfigurationError("a worker needs at least one agent")
+        names = [agent.name for agent in agents]
+        duplicates = sorted({name for name in names if names.count(name) > 1})
+        if duplicates:
+            raise ConfigurationError(f"agent names must be unique: {', '.join(duplicates)}")
+        self._transport = transport
+        self._agents = list(agents)
+        self._topology = topology or Topology()
+        self._settings = settings or WorkerSettings()
+        self._publish_timeout_s = publish_timeout_s
+        self._slots = asyncio.Semaphore(self._settings.concurrency)
+        self._consumers: list[ConsumerHandle] = []
+        self._waiting: set[asyncio.Task[object]] = set()
+        self._running: set[asyncio.Task[object]] = set()
+        self._state = _State.NEW
+        self._lost = asyncio.Event()
+        self.stats = WorkerStats()
+
+    @property
+    def agents(self) -> list[Agent]:
+        """The hosted agents."""
+        return list(self._agents)
+
+    @property
+    def is_ready(self) -> bool:
+        """Connected and consuming every agent queue (the readiness probe)."""
+        return (
+            self._state is _State.RUNNING
+            and self._transport.is_connected
+            and len(self._consumers) == len(self._agents)
+        )
+
+    @property
+    def in_flight(self) -> int:
+        """Requests being handled right now."""
+        return len(self._running)
+
+    # -- lifecycle -------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Start the agents, declare their queues and start consuming."""
+        if self._state is not _State.NEW:
+            raise LifecycleError(f"worker is {self._state.value}; start() runs once")
+        self._state = _State.RUNNING
+        self._transport.on_connection_lost(lambda _exc: self._lost.set())
+        try:
+            await self._transport.declare_exchange(
+                self._topology.requests_exchange, ExchangeKind.DIRECT
+            )
+            for agent in self._agents:
+                await agent.start()
+                queue = await self._declare_agent_queue(agent)
+                consumer = await self._transport.consume(
+                    queue,
+                    self._handler_for(agent),
+                    prefetch=self._settings.concurrency,
+                )
+                self._consumers.append(consumer)
+                log.info("agent %s consuming %s", agent.name, queue)
+        except BaseException:
+            await self.stop()
+            raise
+
+    async def _declare_agent_queue(self, agent: Agent) -> str:
+        queue = self._topology.agent_queue(agent.name)
+        await self._transport.declare_queue(
+            QueueSpec(
+                name=queue,
+                durable=True,
+                arguments={"x-max-priority": self._topology.max_priority},
+            )
+        )
+        await self._transport.bind_queue(queue, self._topology.requests_exchange, agent.name)
+        return queue
+
+    async def serve(self, shutdown_trigger: ShutdownTrigger | None = None) -> None:
+        """Start, run until ``shutdown_trigger()`` returns, then stop gracefully.
+
+        Raises:
+            BrokerUnavailableError: the connection died; the worker has stopped (its
+                unacked deliveries are requeued by the broker).
+        """
+        await self.start()
+        trigger = asyncio.ensure_future(shutdown_trigger() if shutdown_trigger else _forever())
+        lost = asyncio.ensure_future(self._lost.wait())
+        try:
+            await asyncio.wait({trigger, lost}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for future in (trigger, lost):
+                future.cancel()
+            await self.stop()
+        if self._lost.is_set():
+            raise BrokerUnavailableError("the broker connection was lost; worker stopped")
+
+    async def stop(self) -> None:
+        """Stop gracefully (see the module docstring for the order). Idempotent."""
+        if self._state in (_State.STOPPING, _State.STOPPED):
+            return
+        self._state = _State.STOPPING
+        for consumer in self._consumers:
+            with contextlib.suppress(TransportError):
+                await consumer.cancel()
+        for task in list(self._waiting):
+            task.cancel()
+        if self._running:
+            _done, pending = await asyncio.wait(
+                set(self._running), timeout=self._settings.grace_period_s
+            )
+            for task in pending:
+                task.cancel()
+            if pending:
+                log.warning("cancelled %d handler(s) after the grace period", len(pending))
+                await asyncio.wait(pending, timeout=5)
+        await asyncio.gather(*(agent.shutdown() for agent in self._agents), return_exceptions=True)
+        self._consumers.clear()
+        self._state = _State.STOPPED
+
+    # -- per delivery ----------------------------------------------------------------
+
+    def _handler_for(self, agent: Agent) -> Callable[[Delivery], Awaitable[None]]:
+        async def on_delivery(delivery: Delivery) -> None:
+            await self._on_delivery(agent, delivery)
+
+        return on_delivery
+
+    async def _on_delivery(self, agent: Agent, delivery: Delivery) -> None:
+        # Runs in its own task (the transport spawns one per delivery).
+        self.stats.received += 1
+        if self._state is not _State.RUNNING:
+            await self._requeue(delivery)
+            return
+        task = asyncio.current_task()
+        assert task is not None  # noqa: S101  # always inside a task
+        self._waiting.add(task)
+        try:
+            await self._slots.acquire()
+        except asyncio.CancelledError:
+            await self._requeue(delivery)
+            raise
+        finally:
+            self._waiting.discard(task)
+        self._running.add(task)
+        self.stats.in_flight += 1
+        try:
+            await self._process(agent, delivery)
+        except asyncio.CancelledError:
+            await self._requeue(delivery)
+            raise
+        finally:
+            self.stats.in_flight -= 1
+            self._running.discard(task)
+            self._slots.release()
+
+    async def _requeue(self, delivery: Delivery) -> None:
+        self.stats.requeued += 1
+        await delivery.nack(requeue=True)
+
+    async def _process(self, agent: Agent, delivery: Delivery) -> None:
+        envelope = delivery.envelope
+        deadline = deadline_from(envelope)
+        timeout_s = self._settings.action_timeout_s
+        if deadline is not None:
+            remaining = deadline - time.time()
+            if remaining <= 0:
+                self.stats.expired += 1
+                log.info(
+                    "dropping %s.%s: its caller's deadline passed (correlation id %s)",
+                    agent.name,
+                    envelope.type,
+                    envelope.correlation_id,
+                )
+                await delivery.ack()
+                return
+            timeout_s = min(timeout_s, remaining)
+        try:
+            message = decode_request(envelope)
+        except InvalidPayloadError as exc:
+            self.stats.invalid += 1
+            log.warning(
+                "invalid request for %s (correlation id %s): %s",
+                agent.name,
+                envelope.correlation_id,
+                exc.message,
+            )
+            response = exc.to_response(correlation_id=envelope.correlation_id)
+        else:
+            response = await agent.handle(message, timeout_s=timeout_s)
+        reply_to = envelope.reply_to
+        if reply_to:
+            reply = encode_reply(response, reply_to, envelope.correlation_id)
+            try:
+                await self._transport.publish(reply, timeout_s=self._publish_timeout_s)
+            except TransportError as exc:
+                # Not acked: the broker redelivers the request (at-least-once).
+                log.warning("reply to %s not confirmed (%s); request requeued", reply_to, exc)
+                await self._requeue(delivery)
+                return
+            self.stats.replied += 1
+        else:
+            self.stats.acked_without_reply += 1
+        await delivery.ack()
+
+
+async def _forever() -> None:
+    await asyncio.Event().wait()

@@ -1,0 +1,1 @@
+"""Transports: the seam between the library and a broker."""

@@ -1,0 +1,170 @@
+"""The transport interface: what the RPC client and the worker need from a broker.
+
+Guarantees every implementation gives (checked by the shared tests):
+
+* **Publish** returns once the broker has taken responsibility for the message
+  (publisher confirm) when ``confirm=True``; with ``mandatory=True`` a message that
+  matches no queue raises :class:`~amqp_agents.errors.UnroutableError` instead of being
+  dropped. Every publish is bounded by ``timeout_s``.
+* **Consume** delivers messages of one queue to the handler, at most ``prefetch``
+  unsettled at a time, in queue order (priority first, FIFO within a priority). The
+  handler is called from the event loop and must not block; it should spawn work.
+* **Settlement**: a delivery is settled exactly once (``ack``, ``nack`` or ``reject``);
+  unsettled deliveries are requeued by the broker when the consumer's channel closes.
+  Settling on a channel that has since died is a no-op (the broker redelivers anyway).
+* **Loss of the connection** cancels every consumer and is reported once to the
+  callbacks registered with :meth:`Transport.on_connection_lost`.
+
+Raises (only from :mod:`amqp_agents.errors`): ``BrokerUnavailableError``,
+``PublishTimeoutError``, ``PublishRejectedError``, ``UnroutableError``,
+``TopologyMismatchError``, ``QueueNotFoundError``, ``LifecycleError``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from amqp_agents.models.envelope import Envelope, HeaderValue
+
+__all__ = [
+    "ConsumerHandle",
+    "Delivery",
+    "DeliveryHandler",
+    "ExchangeKind",
+    "QueueInfo",
+    "QueueSpec",
+    "Transport",
+]
+
+
+class ExchangeKind(StrEnum):
+    """AMQP exchange types the library uses."""
+
+    DIRECT = "direct"
+    """Routes on exact routing-key equality (agent requests)."""
+    TOPIC = "topic"
+    """Routes on dotted patterns with ``*`` and ``#`` (events)."""
+    FANOUT = "fanout"
+    """Routes every message to every bound queue."""
+
+
+@dataclass(frozen=True, slots=True)
+class QueueSpec:
+    """A queue declaration. ``name=""`` asks the broker for a server-named queue."""
+
+    name: str
+    durable: bool = True
+    exclusive: bool = False
+    auto_delete: bool = False
+    arguments: dict[str, HeaderValue] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class QueueInfo:
+    """What a passive declare tells: messages ready (not unacked) and consumers."""
+
+    name: str
+    messages: int
+    consumers: int
+
+
+class Delivery(Protocol):
+    """A consumed message and the way to settle it."""
+
+    @property
+    def envelope(self) -> Envelope:
+        """The message as delivered."""
+        ...
+
+    async def ack(self) -> None:
+        """Done with it: the broker forgets the message."""
+        ...
+
+    async def nack(self, *, requeue: bool = True) -> None:
+        """Give it back (``requeue=True``, redelivered with ``redelivered=True``) or drop it."""
+        ...
+
+    async def reject(self) -> None:
+        """Refuse it without requeue: it goes to the queue's dead-letter exchange, if any."""
+        ...
+
+
+DeliveryHandler = Callable[[Delivery], Awaitable[None]]
+
+
+class ConsumerHandle(Protocol):
+    """A running consumer."""
+
+    @property
+    def queue(self) -> str:
+        """The queue consumed."""
+        ...
+
+    async def cancel(self) -> None:
+        """Stop receiving deliveries (``basic.cancel``). Unsettled ones stay unsettled."""
+        ...
+
+
+class Transport(Protocol):
+    """A connection to a broker with AMQP 0-9-1 semantics."""
+
+    @property
+    def is_connected(self) -> bool:
+        """True while the connection is open."""
+        ...
+
+    async def connect(self) -> None:
+        """Open the connection; raises ``BrokerUnavailableError`` within the timeout."""
+        ...
+
+    async def aclose(self) -> None:
+        """Close the connection; unsettled deliveries return to their queues. Idempotent."""
+        ...
+
+    def on_connection_lost(self, callback: Callable[[BaseException | None], None]) -> None:
+        """Call ``callback(reason)`` once when the connection dies (not on ``aclose``)."""
+        ...
+
+    async def declare_exchange(
+        self, name: str, kind: ExchangeKind, *, durable: bool = True
+    ) -> None:
+        """Declare an exchange (idempotent when the arguments match)."""
+        ...
+
+    async def declare_queue(self, spec: QueueSpec) -> str:
+        """Declare a queue and return its name (the server's, for ``name=""``)."""
+        ...
+
+    async def bind_queue(self, queue: str, exchange: str, routing_key: str) -> None:
+        """Bind a queue to an exchange with a routing key or pattern."""
+        ...
+
+    async def queue_info(self, queue: str) -> QueueInfo:
+        """Passive declare: ready messages and consumers; ``QueueNotFoundError`` if absent."""
+        ...
+
+    async def publish(
+        self,
+        envelope: Envelope,
+        *,
+        mandatory: bool = False,
+        confirm: bool = True,
+        timeout_s: float,
+    ) -> None:
+        """Publish to ``envelope.exchange`` with ``envelope.routing_key``."""
+        ...
+
+    async def consume(
+        self,
+        queue: str,
+        handler: DeliveryHandler,
+        *,
+        prefetch: int,
+        no_ack: bool = False,
+    ) -> ConsumerHandle:
+        """Start consuming ``queue``; with ``no_ack`` deliveries need no settlement."""
+        ...

@@ -1,0 +1,489 @@
+"""The RabbitMQ transport, over aio-pika (the only module that imports it).
+
+Two connections: one publishes, one consumes. Under a memory or disk alarm RabbitMQ
+blocks publishing connections; keeping consumers apart means acks still flow while
+publishes wait (with a bound). aio-pika manages connections and channels; the hot
+path (publish, deliver, ack) talks to the underlying aiormq channel directly so that
+no per-message wrapper objects are built.
+
+Reconnecting is not done here: when a connection dies, every consumer is gone, the
+callbacks registered with :meth:`RabbitTransport.on_connection_lost` run once, and
+the owner decides (the RPC client fails its pending calls; the worker exits so its
+supervisor restarts it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from datetime import UTC, datetime
+from enum import Enum
+from typing import TYPE_CHECKING, Any, Self
+
+import aio_pika
+import aiormq
+import aiormq.abc
+from aiormq import spec
+
+from amqp_agents.config import ConnectionSettings, redact_url
+from amqp_agents.errors import (
+    BrokerUnavailableError,
+    LifecycleError,
+    PublishRejectedError,
+    PublishTimeoutError,
+    QueueNotFoundError,
+    TopologyMismatchError,
+    TransportError,
+    UnroutableError,
+)
+from amqp_agents.models.envelope import Envelope
+from amqp_agents.transport.base import (
+    ConsumerHandle,
+    DeliveryHandler,
+    ExchangeKind,
+    QueueInfo,
+    QueueSpec,
+)
+
+if TYPE_CHECKING:
+    import ssl
+    from collections.abc import Callable
+
+    from aio_pika.abc import AbstractChannel, AbstractConnection
+
+__all__ = ["RabbitTransport"]
+
+log = logging.getLogger(__name__)
+
+# Failures of the link or the channel, as aiormq and asyncio raise them.
+_LINK_ERRORS = (
+    aiormq.exceptions.AMQPConnectionError,
+    aiormq.exceptions.ChannelInvalidStateError,
+    ConnectionError,
+    OSError,
+)
+
+
+class _State(Enum):
+    NEW = "new"
+    CONNECTED = "connected"
+    CLOSED = "closed"
+
+
+class _RabbitDelivery:
+    """A delivery settled on the aiormq channel it arrived on."""
+
+    __slots__ = ("_channel", "_settled", "_tag", "envelope")
+
+    def __init__(self, envelope: Envelope, channel: aiormq.abc.AbstractChannel, tag: int) -> None:
+        self.envelope = envelope
+        self._channel = channel
+        self._tag = tag
+        self._settled = False
+
+    async def ack(self) -> None:
+        await self._settle("ack", requeue=False)
+
+    async def nack(self, *, requeue: bool = True) -> None:
+        await self._settle("nack", requeue=requeue)
+
+    async def reject(self) -> None:
+        await self._settle("reject", requeue=False)
+
+    async def _settle(self, how: str, *, requeue: bool) -> None:
+        # Settling twice, or on a channel that has died, would close the channel with
+        # PRECONDITION_FAILED (unknown delivery tag) and requeue every unacked message
+        # on it. A dead channel's deliveries are redelivered by the broker anyway.
+        if self._settled:
+            return
+        self._settled = True
+        channel = self._channel
+        if channel.is_closed:
+            log.debug("dropping %s of tag %d: its channel is closed", how, self._tag)
+            return
+        try:
+            if how == "ack":
+                await channel.basic_ack(self._tag)
+            elif how == "nack":
+                await channel.basic_nack(self._tag, requeue=requeue)
+            else:
+                await channel.basic_reject(self._tag, requeue=False)
+        except _LINK_ERRORS as exc:
+            log.debug("dropping %s of tag %d: %s", how, self._tag, exc)
+
+
+class _RabbitConsumer:
+    """A consumer on a channel of its own (so prefetch and failures stay per queue)."""
+
+    __slots__ = ("_channel", "_queue", "_tag")
+
+    def __init__(self, queue: str, channel: AbstractChannel, tag: str) -> None:
+        self._queue = queue
+        self._channel = channel
+        self._tag = tag
+
+    @property
+    def queue(self) -> str:
+        return self._queue
+
+    async def cancel(self) -> None:
+        if self._channel.is_closed:
+            return
+        with contextlib.suppress(*_LINK_ERRORS, TimeoutError):
+            underlay = await self._channel.get_underlay_channel()
+            await underlay.basic_cancel(self._tag, timeout=5)
+
+    async def close(self) -> None:
+        with contextlib.suppress(*_LINK_ERRORS, TimeoutError):
+            await self._channel.close()
+
+
+def _to_properties(env: Envelope) -> spec.Basic.Properties:
+    return spec.Basic.Properties(
+        content_type=env.content_type,
+        headers=env.headers,  # type: ignore[arg-type]  # HeaderValue is a FieldValue subset
+        delivery_mode=2 if env.persistent else 1,
+        priority=env.priority,
+        correlation_id=env.correlation_id,
+        reply_to=env.reply_to,
+        expiration=None if env.expiration_ms is None else str(env.expiration_ms),
+        message_id=env.message_id,
+        timestamp=(None if env.timestamp is None else datetime.fromtimestamp(env.timestamp, UTC)),
+        message_type=env.type,
+    )
+
+
+def _to_envelope(message: aiormq.abc.DeliveredMessage) -> Envelope:
+    props = message.header.properties
+    delivery = message.delivery
+    expiration: int | None = None
+    if props.expiration:
+        with contextlib.suppress(ValueError):
+            expiration = int(props.expiration)
+    timestamp = props.timestamp
+    return Envelope(
+        body=message.body,
+        exchange=getattr(delivery, "exchange", "") or "",
+        routing_key=getattr(delivery, "routing_key", "") or "",
+        content_type=props.content_type,
+        type=props.message_type,
+        message_id=props.message_id,
+        correlation_id=props.correlation_id,
+        reply_to=props.reply_to,
+        priority=props.priority,
+        expiration_ms=expiration,
+        timestamp=None if timestamp is None else int(timestamp.timestamp()),
+        headers=dict(props.headers) if props.headers else None,  # type: ignore[arg-type]
+        persistent=props.delivery_mode == 2,
+        redelivered=bool(getattr(delivery, "redelivered", False)),
+    )
+
+
+def _topology_error(what: str, exc: BaseException) -> TransportError:
+    reason = str(exc)
+    if isinstance(exc, aiormq.exceptions.ChannelPreconditionFailed):
+        return TopologyMismatchError(
+            f"{what} already exists on the broker with different arguments ({reason}). "
+            "Queue and exchange arguments cannot change after declaration: configure the "
+            "same values as the existing one (e.g. Topology.max_priority), or migrate by "
+            "draining and deleting it (rabbitmqctl delete_queue NAME -p VHOST) or by "
+            "switching to a new name."
+        )
+    if isinstance(exc, aiormq.exceptions.ChannelNotFoundEntity):
+        return QueueNotFoundError(f"{what} does not exist ({reason})")
+    if isinstance(exc, TimeoutError):
+        return BrokerUnavailableError(f"{what}: the broker did not answer in time")
+    return BrokerUnavailableError(f"{what}: {reason}")
+
+
+class RabbitTransport:
+    """:class:`~amqp_agents.transport.base.Transport` on a real RabbitMQ broker."""
+
+    def __init__(
+        self,
+        settings: ConnectionSettings | None = None,
+        *,
+        ssl_context: ssl.SSLContext | None = None,
+    ) -> None:
+        self._settings = settings or ConnectionSettings()
+        self._ssl_context = ssl_context
+        self._state = _State.NEW
+        self._pub_conn: AbstractConnection | None = None
+        self._sub_conn: AbstractConnection | None = None
+        self._control: AbstractChannel | None = None
+        self._confirm_channel: AbstractChannel | None = None
+        self._plain_channel: AbstractChannel | None = None
+        self._consumers: set[_RabbitConsumer] = set()
+        self._lost_callbacks: list[Callable[[BaseException | None], None]] = []
+        self._lost_reported = False
+        self._channel_lock = asyncio.Lock()
+
+    @property
+    def settings(self) -> ConnectionSettings:
+        """The connection settings this transport was built with."""
+        return self._settings
+
+    @property
+    def is_connected(self) -> bool:
+        return (
+            self._state is _State.CONNECTED
+            and self._pub_conn is not None
+            and not self._pub_conn.is_closed
+            and self._sub_conn is not None
+            and not self._sub_conn.is_closed
+        )
+
+    def __repr__(self) -> str:
+        url = redact_url(self._settings.url.get_secret_value())
+        return f"<RabbitTransport {url} {self._state.value}>"
+
+    # -- lifecycle -------------------------------------------------------------------
+
+    async def connect(self) -> None:
+        if self._state is not _State.NEW:
+            raise LifecycleError(f"transport is {self._state.value}; connect() runs once")
+        self._state = _State.CONNECTED
+        try:
+            self._sub_conn = await self._open("consume")
+            self._pub_conn = await self._open("publish")
+            self._control = await self._sub_conn.channel(publisher_confirms=False)
+        except BaseException:
+            await self.aclose()
+            raise
+
+    async def _open(self, role: str) -> AbstractConnection:
+        s = self._settings
+        url = s.url.get_secret_value()
+        kwargs: dict[str, Any] = {
+            "timeout": s.connect_timeout_s,
+            "heartbeat": s.heartbeat_s,
+            "client_properties": {"connection_name": f"{s.client_name}/{role}"},
+        }
+        if self._ssl_context is not None:
+            kwargs["ssl_context"] = self._ssl_context
+        try:
+            connection: AbstractConnection = await aio_pika.connect(url, **kwargs)
+        except (TimeoutError, *_LINK_ERRORS) as exc:
+            # Never echo the URL: aiormq's messages can include it with the password.
+            raise BrokerUnavailableError(
+                f"cannot connect to {redact_url(url)}: {type(exc).__name__}"
+            ) from None
+        connection.close_callbacks.add(self._on_close)
+        return connection
+
+    def _on_close(self, _sender: object, exc: BaseException | None = None) -> None:
+        if self._state is _State.CLOSED or self._lost_reported:
+            return
+        self._lost_reported = True
+        log.warning("broker connection lost: %s", type(exc).__name__ if exc else "closed")
+        for callback in list(self._lost_callbacks):
+            try:
+                callback(exc)
+            except Exception:
+                log.exception("connection-lost callback failed")
+
+    def on_connection_lost(self, callback: Callable[[BaseException | None], None]) -> None:
+        self._lost_callbacks.append(callback)
+
+    async def aclose(self) -> None:
+        if self._state is _State.CLOSED:
+            return
+        self._state = _State.CLOSED
+        for connection in (self._sub_conn, self._pub_conn):
+            if connection is not None and not connection.is_closed:
+                with contextlib.suppress(*_LINK_ERRORS, TimeoutError):
+                    await asyncio.wait_for(connection.close(), timeout=5)
+        self._consumers.clear()
+
+    async def __aenter__(self) -> Self:
+        await self.connect()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    def _require_connected(self) -> None:
+        if self._state is not _State.CONNECTED:
+            raise LifecycleError(f"transport is {self._state.value}, not connected")
+        if not self.is_connected:
+            raise BrokerUnavailableError("the broker connection is lost")
+
+    # -- topology --------------------------------------------------------------------
+
+    async def _control_channel(self) -> AbstractChannel:
+        # A failed declare closes its channel (404, 406): open a fresh one on demand.
+        self._require_connected()
+        async with self._channel_lock:
+            if self._control is None or self._control.is_closed:
+                assert self._sub_conn is not None  # noqa: S101  # checked above
+                self._control = await self._sub_conn.channel(publisher_confirms=False)
+            return self._control
+
+    async def declare_exchange(
+        self, name: str, kind: ExchangeKind, *, durable: bool = True
+    ) -> None:
+        channel = await self._control_channel()
+        try:
+            await channel.declare_exchange(
+                name, aio_pika.ExchangeType(kind.value), durable=durable, timeout=10
+            )
+        except (TimeoutError, aiormq.exceptions.AMQPError, *_LINK_ERRORS) as exc:
+            raise _topology_error(f"exchange {name!r}", exc) from None
+
+    async def declare_queue(self, spec_: QueueSpec) -> str:
+        channel = await self._control_channel()
+        try:
+            queue = await channel.declare_queue(
+                spec_.name or None,
+                durable=spec_.durable,
+                exclusive=spec_.exclusive,
+                auto_delete=spec_.auto_delete,
+                arguments=dict(spec_.arguments) or None,
+                timeout=10,
+            )
+        except (TimeoutError, aiormq.exceptions.AMQPError, *_LINK_ERRORS) as exc:
+            raise _topology_error(f"queue {spec_.name!r}", exc) from None
+        return queue.name
+
+    async def bind_queue(self, queue: str, exchange: str, routing_key: str) -> None:
+        channel = await self._control_channel()
+        try:
+            underlay = await channel.get_underlay_channel()
+            await underlay.queue_bind(queue, exchange, routing_key=routing_key, timeout=10)
+        except (TimeoutError, aiormq.exceptions.AMQPError, *_LINK_ERRORS) as exc:
+            raise _topology_error(f"binding of {queue!r} to {exchange!r}", exc) from None
+
+    async def queue_info(self, queue: str) -> QueueInfo:
+        self._require_connected()
+        assert self._sub_conn is not None  # noqa: S101  # checked above
+        # A passive declare of a missing queue closes its channel: use a throw-away one.
+        try:
+            channel = await self._sub_conn.channel(publisher_confirms=False)
+        except (TimeoutError, *_LINK_ERRORS) as exc:
+            raise _topology_error(f"queue {queue!r}", exc) from None
+        try:
+            underlay = await channel.get_underlay_channel()
+            ok = await underlay.queue_declare(queue, passive=True, timeout=10)
+        except (TimeoutError, aiormq.exceptions.AMQPError, *_LINK_ERRORS) as exc:
+            raise _topology_error(f"queue {queue!r}", exc) from None
+        finally:
+            if not channel.is_closed:
+                with contextlib.suppress(*_LINK_ERRORS, TimeoutError):
+                    await channel.close()
+        return QueueInfo(
+            name=queue, messages=ok.message_count or 0, consumers=ok.consumer_count or 0
+        )
+
+    # -- publishing ------------------------------------------------------------------
+
+    async def _publish_channel(self, confirm: bool) -> aiormq.abc.AbstractChannel:
+        channel = self._confirm_channel if confirm else self._plain_channel
+        if channel is not None and not channel.is_closed:
+            return await channel.get_underlay_channel()
+        self._require_connected()
+        async with self._channel_lock:
+            channel = self._confirm_channel if confirm else self._plain_channel
+            if channel is None or channel.is_closed:
+                assert self._pub_conn is not None  # noqa: S101  # checked above
+                channel = await self._pub_conn.channel(
+                    publisher_confirms=confirm, on_return_raises=confirm
+                )
+                if confirm:
+                    self._confirm_channel = channel
+                else:
+                    self._plain_channel = channel
+        return await channel.get_underlay_channel()
+
+    async def publish(
+        self,
+        envelope: Envelope,
+        *,
+        mandatory: bool = False,
+        confirm: bool = True,
+        timeout_s: float,
+    ) -> None:
+        if self._state is not _State.CONNECTED:
+            raise LifecycleError(f"transport is {self._state.value}, not connected")
+        try:
+            async with asyncio.timeout(timeout_s):
+                channel = await self._publish_channel(confirm)
+                await channel.basic_publish(
+                    envelope.body,
+                    exchange=envelope.exchange,
+                    routing_key=envelope.routing_key,
+                    properties=_to_properties(envelope),
+                    mandatory=mandatory,
+                )
+        except aiormq.exceptions.PublishError:
+            raise UnroutableError(envelope.exchange, envelope.routing_key) from None
+        except aiormq.exceptions.DeliveryError as exc:
+            raise PublishRejectedError(f"the broker refused the message: {exc.frame}") from None
+        except TimeoutError:
+            raise PublishTimeoutError(
+                f"no confirm from the broker within {timeout_s:g}s; the message may or may"
+                " not have been enqueued"
+            ) from None
+        except aiormq.exceptions.ChannelNotFoundEntity as exc:
+            raise QueueNotFoundError(f"cannot publish: {exc}") from None
+        except (aiormq.exceptions.AMQPError, *_LINK_ERRORS) as exc:
+            raise BrokerUnavailableError(f"publish failed: {type(exc).__name__}: {exc}") from None
+
+    # -- consuming -------------------------------------------------------------------
+
+    async def consume(
+        self,
+        queue: str,
+        handler: DeliveryHandler,
+        *,
+        prefetch: int,
+        no_ack: bool = False,
+    ) -> ConsumerHandle:
+        self._require_connected()
+        assert self._sub_conn is not None  # noqa: S101  # checked above
+        try:
+            channel = await self._sub_conn.channel(publisher_confirms=False)
+            underlay = await channel.get_underlay_channel()
+            if not no_ack:
+                await underlay.basic_qos(prefetch_count=prefetch, timeout=10)
+        except (TimeoutError, aiormq.exceptions.AMQPError, *_LINK_ERRORS) as exc:
+            raise _topology_error(f"consumer channel for {queue!r}", exc) from None
+
+        if no_ack:
+
+            async def on_message(message: aiormq.abc.DeliveredMessage) -> None:
+                await handler(_NoAckDelivery(_to_envelope(message)))
+
+        else:
+
+            async def on_message(message: aiormq.abc.DeliveredMessage) -> None:
+                tag = getattr(message.delivery, "delivery_tag", 0) or 0
+                await handler(_RabbitDelivery(_to_envelope(message), underlay, tag))
+
+        try:
+            ok = await underlay.basic_consume(queue, on_message, no_ack=no_ack, timeout=10)
+        except (TimeoutError, aiormq.exceptions.AMQPError, *_LINK_ERRORS) as exc:
+            with contextlib.suppress(*_LINK_ERRORS, TimeoutError):
+                await channel.close()
+            raise _topology_error(f"queue {queue!r}", exc) from None
+        consumer = _RabbitConsumer(queue, channel, str(ok.consumer_tag))
+        self._consumers.add(consumer)
+        return consumer
+
+
+class _NoAckDelivery:
+    """A delivery from a no-ack consumer: already settled by the broker."""
+
+    __slots__ = ("envelope",)
+
+    def __init__(self, envelope: Envelope) -> None:
+        self.envelope = envelope
+
+    async def ack(self) -> None:
+        return None
+
+    async def nack(self, *, requeue: bool = True) -> None:
+        return None
+
+    async def reject(self) -> None:
+        return None
