@@ -1,1 +1,82 @@
-"""amqp-agents."""
+"""amqp-agents: agents that answer RPC requests over RabbitMQ, on a plain-AMQP contract.
+
+The public API is what this module exports; everything else may change.
+"""
+
+from amqp_agents.config import (
+    ConnectionSettings,
+    RpcSettings,
+    Settings,
+    WorkerSettings,
+)
+from amqp_agents.errors import (
+    ActionTimeoutError,
+    AgentError,
+    AmqpAgentsError,
+    BrokerUnavailableError,
+    ConfigurationError,
+    ConnectionLostError,
+    InternalError,
+    InvalidPayloadError,
+    LifecycleError,
+    MessageTooLargeError,
+    NoRouteError,
+    NotFoundError,
+    PublishRejectedError,
+    PublishTimeoutError,
+    QueueNotFoundError,
+    ShuttingDownError,
+    TopologyMismatchError,
+    TransportError,
+    UnknownActionError,
+    UnroutableError,
+)
+from amqp_agents.models.messages import AgentMessage, AgentResponse, ErrorCode, ErrorInfo, Priority
+from amqp_agents.models.wire import Topology
+from amqp_agents.rpc.client import Request, RpcClient
+from amqp_agents.runtime.agent import Agent, action
+from amqp_agents.runtime.worker import Worker
+from amqp_agents.transport.factory import create_transport
+from amqp_agents.transport.rabbitmq import RabbitTransport
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ActionTimeoutError",
+    "Agent",
+    "AgentError",
+    "AgentMessage",
+    "AgentResponse",
+    "AmqpAgentsError",
+    "BrokerUnavailableError",
+    "ConfigurationError",
+    "ConnectionLostError",
+    "ConnectionSettings",
+    "ErrorCode",
+    "ErrorInfo",
+    "InternalError",
+    "InvalidPayloadError",
+    "LifecycleError",
+    "MessageTooLargeError",
+    "NoRouteError",
+    "NotFoundError",
+    "Priority",
+    "PublishRejectedError",
+    "PublishTimeoutError",
+    "QueueNotFoundError",
+    "RabbitTransport",
+    "Request",
+    "RpcClient",
+    "RpcSettings",
+    "Settings",
+    "ShuttingDownError",
+    "Topology",
+    "TopologyMismatchError",
+    "TransportError",
+    "UnknownActionError",
+    "UnroutableError",
+    "Worker",
+    "WorkerSettings",
+    "action",
+    "create_transport",
+]

@@ -105,8 +105,8 @@ class TaskManager(Agent):
 
     name = "task_manager"
 
-    def __init__(self, store: TaskStore | None = None) -> None:
-        super().__init__()
+    def __init__(self, store: TaskStore | None = None, *, name: str | None = None) -> None:
+        super().__init__(name=name)
         self.store: TaskStore = store or InMemoryTaskStore()
 
     @action("task_add")

@@ -95,14 +95,15 @@ def _payload_adapter(func: Callable[..., Any], action_name: str) -> TypeAdapter[
 
 
 class Agent:
-    """Base class of agents. Subclasses set ``name`` and declare actions.
+    """Base class of agents. Subclasses set ``name`` (or pass ``name=``) and declare actions.
 
     ``start()``/``shutdown()`` are hooks for resources (open a database, close it);
     the worker calls them around consuming. ``handle`` works whether or not the agent
     is running, so unit tests need no lifecycle.
     """
 
-    name: ClassVar[str] = ""
+    name: str = ""
+    """The agent's name: its routing key and queue ``agents.<name>``."""
     _actions: ClassVar[dict[str, ActionSpec]] = {}
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
@@ -128,7 +129,9 @@ class Agent:
                 )
         cls._actions = actions
 
-    def __init__(self) -> None:
+    def __init__(self, *, name: str | None = None) -> None:
+        if name is not None:
+            self.name = name  # e.g. one class served under several names
         if not self.name:
             raise ConfigurationError(f"{type(self).__qualname__} must set a class attribute 'name'")
         check_name("agent", self.name)

@@ -1,0 +1,109 @@
+"""Shared fixtures: the real broker, throw-away vhosts, connected transports.
+
+The broker is never optional: if it cannot be reached, every test that needs it
+*fails* (it is not skipped), so CI cannot go green without integration tests.
+``AMQP_AGENTS_TEST_URL`` points the suite at another broker; with
+``AMQP_AGENTS_TESTCONTAINERS=1`` a RabbitMQ container is started instead (needs Docker).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+
+import pytest
+
+from amqp_agents.config import ConnectionSettings
+from amqp_agents.testing import BrokerAdmin, broker_reachable, url_for_vhost
+from amqp_agents.transport.rabbitmq import RabbitTransport
+
+DEFAULT_TEST_URL = "amqp://guest:guest@127.0.0.1:5672/"
+
+
+@pytest.fixture(scope="session")
+def broker_url() -> Iterator[str]:
+    """The root URL of the broker under test (default vhost)."""
+    if os.environ.get("AMQP_AGENTS_TESTCONTAINERS") == "1":  # pragma: no cover - needs Docker
+        from testcontainers.rabbitmq import RabbitMqContainer
+
+        with RabbitMqContainer("rabbitmq:3.10-management") as container:
+            params = container.get_connection_params()
+            yield f"amqp://guest:guest@{params.host}:{params.port}/"
+        return
+    url = os.environ.get("AMQP_AGENTS_TEST_URL", DEFAULT_TEST_URL)
+    if not broker_reachable(url):
+        pytest.fail(
+            f"RabbitMQ is not reachable at {url.split('@')[-1]}: start it with "
+            "`rabbitmq-server -detached` (integration tests are never skipped)",
+            pytrace=False,
+        )
+    yield url
+
+
+@pytest.fixture(scope="session")
+def broker_admin(broker_url: str) -> BrokerAdmin:
+    """rabbitmqctl for the local node."""
+    return BrokerAdmin()
+
+
+@pytest.fixture(scope="module")
+def module_vhost(broker_admin: BrokerAdmin) -> Iterator[str]:
+    """A vhost shared by one test module (combine with :func:`unique` names)."""
+    vhost = broker_admin.create_vhost()
+    try:
+        yield vhost
+    finally:
+        broker_admin.delete_vhost(vhost)
+
+
+@pytest.fixture
+def fresh_vhost(broker_admin: BrokerAdmin) -> Iterator[str]:
+    """A vhost of this test's own (slower: two rabbitmqctl calls)."""
+    vhost = broker_admin.create_vhost()
+    try:
+        yield vhost
+    finally:
+        broker_admin.delete_vhost(vhost)
+
+
+@pytest.fixture
+def amqp_url(broker_url: str, module_vhost: str) -> str:
+    """URL of the module's vhost."""
+    return url_for_vhost(broker_url, module_vhost)
+
+
+@pytest.fixture
+def unique() -> Callable[[str], str]:
+    """``unique("agent")`` -> ``agent-<random>``: names no other test uses."""
+    return lambda prefix: f"{prefix}-{uuid.uuid4().hex[:8]}"
+
+
+@pytest.fixture
+async def connect(amqp_url: str) -> AsyncIterator[Callable[..., Awaitable[RabbitTransport]]]:
+    """``await connect()`` -> a connected transport on the module vhost, closed after."""
+    opened: list[RabbitTransport] = []
+
+    async def open_transport(url: str | None = None, **overrides: object) -> RabbitTransport:
+        settings = ConnectionSettings.model_validate({"url": url or amqp_url, **overrides})
+        transport = RabbitTransport(settings)
+        await transport.connect()
+        opened.append(transport)
+        return transport
+
+    yield open_transport
+    for transport in opened:
+        await transport.aclose()
+
+
+@pytest.fixture(autouse=True)
+async def _no_leftover_tasks() -> AsyncIterator[None]:
+    """Cancel tasks a test left running, so one test's leak can't hang the next."""
+    yield
+    current = asyncio.current_task()
+    leftovers = [task for task in asyncio.all_tasks() if task is not current and not task.done()]
+    for task in leftovers:
+        task.cancel()
+    if leftovers:
+        await asyncio.wait(leftovers, timeout=5)

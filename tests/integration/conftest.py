@@ -1,0 +1,5 @@
+"""Integration tests talk to the real broker."""
+
+import pytest
+
+pytestmark = pytest.mark.integration
