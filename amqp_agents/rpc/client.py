@@ -46,7 +46,7 @@ from amqp_agents.errors import (
     QueueNotFoundError,
     UnroutableError,
 )
-from amqp_agents.models.messages import AgentResponse, ErrorCode, Priority, new_id
+from amqp_agents.models.messages import AgentResponse, ErrorCode, IdSource, Priority
 from amqp_agents.models.wire import (
     MAX_PRIORITY,
     Topology,
@@ -55,13 +55,8 @@ from amqp_agents.models.wire import (
     dump_json,
     encode_request,
 )
-from amqp_agents.transport.base import (
-    ConsumerHandle,
-    Delivery,
-    ExchangeKind,
-    QueueSpec,
-    Transport,
-)
+from amqp_agents.transport.base import ExchangeKind, Transport
+from amqp_agents.transport.replies import ReplyQueue
 
 if TYPE_CHECKING:
     from types import TracebackType
@@ -121,23 +116,25 @@ class RpcClient:
         self._settings = settings or RpcSettings()
         self._publish_timeout_s = publish_timeout_s
         self._max_bytes = max_message_bytes
-        self._pending: dict[str, asyncio.Future[AgentResponse]] = {}
-        self._reply_queue = ""
-        self._consumer: ConsumerHandle | None = None
+        self._replies = ReplyQueue(transport)
+        self._ids = IdSource()
         self._state = _State.NEW
         self._lost: BaseException | None = None
-        self.late_replies = 0
-        """Replies that arrived for no pending call (timed out, or unknown ids)."""
 
     @property
     def pending_calls(self) -> int:
         """Calls waiting for their reply right now."""
-        return len(self._pending)
+        return self._replies.waiting
+
+    @property
+    def late_replies(self) -> int:
+        """Replies that arrived for no pending call (timed out, or unknown ids)."""
+        return self._replies.unmatched
 
     @property
     def reply_queue(self) -> str:
         """The exclusive queue replies arrive on (the ``reply_to`` of requests)."""
-        return self._reply_queue
+        return self._replies.name
 
     async def start(self) -> None:
         """Declare the requests exchange and the reply queue, and start consuming replies."""
@@ -147,12 +144,7 @@ class RpcClient:
         transport = self._transport
         transport.on_connection_lost(self._on_connection_lost)
         await transport.declare_exchange(self._topology.requests_exchange, ExchangeKind.DIRECT)
-        self._reply_queue = await transport.declare_queue(
-            QueueSpec(name="", durable=False, exclusive=True, auto_delete=True)
-        )
-        self._consumer = await transport.consume(
-            self._reply_queue, self._on_reply, prefetch=0, no_ack=True
-        )
+        await self._replies.start()
 
     async def aclose(self) -> None:
         """Stop: pending calls end with ``SHUTTING_DOWN``. Idempotent."""
@@ -160,8 +152,7 @@ class RpcClient:
             return
         self._state = _State.CLOSED
         self._fail_pending(ErrorCode.SHUTTING_DOWN, "the RPC client is closing")
-        if self._consumer is not None:
-            await self._consumer.cancel()
+        await self._replies.aclose()
 
     async def __aenter__(self) -> Self:
         await self.start()
@@ -195,16 +186,18 @@ class RpcClient:
             MessageTooLargeError: the encoded payload is over the size limit.
         """
         timeout = self._timeout(timeout_s)
-        correlation_id = new_id()
+        correlation_id = self._ids.next()
         envelope = self._request(
-            agent, action, payload, priority, timeout, correlation_id, self._reply_queue
+            agent, action, payload, priority, timeout, correlation_id, self._replies.name
         )
         if self._lost is not None:
             return _failure(
                 ErrorCode.CONNECTION_LOST, "the broker connection is lost", correlation_id
             )
-        future: asyncio.Future[AgentResponse] = asyncio.get_running_loop().create_future()
-        self._pending[correlation_id] = future
+        future: asyncio.Future[Envelope | AgentResponse] = (
+            asyncio.get_running_loop().create_future()
+        )
+        self._replies.expect(correlation_id, _Resolver(future))
         try:
             async with asyncio.timeout(timeout):
                 try:
@@ -219,7 +212,7 @@ class RpcClient:
                     return _failure(ErrorCode.TIMEOUT, str(exc), correlation_id)
                 except BrokerUnavailableError as exc:
                     return _failure(ErrorCode.CONNECTION_LOST, str(exc), correlation_id)
-                return await future
+                reply = await future
         except TimeoutError:
             return _failure(
                 ErrorCode.TIMEOUT,
@@ -228,7 +221,10 @@ class RpcClient:
             )
         finally:
             # Also on cancellation: a late reply then finds nothing and is dropped.
-            self._pending.pop(correlation_id, None)
+            self._replies.forget(correlation_id)
+        if isinstance(reply, AgentResponse):  # failed locally: connection lost, closing
+            return reply
+        return decode_reply(reply)
 
     async def call(
         self,
@@ -332,7 +328,7 @@ class RpcClient:
             agent,
             action,
             body,
-            message_id=new_id(),
+            message_id=correlation_id or self._ids.next(),
             correlation_id=correlation_id,
             reply_to=reply_to,
             priority=int(priority),
@@ -340,23 +336,31 @@ class RpcClient:
             max_bytes=self._max_bytes,
         )
 
-    async def _on_reply(self, delivery: Delivery) -> None:
-        envelope = delivery.envelope
-        future = self._pending.pop(envelope.correlation_id or "", None)
-        if future is None or future.done():
-            self.late_replies += 1
-            return
-        future.set_result(decode_reply(envelope))
-
     def _on_connection_lost(self, reason: BaseException | None) -> None:
         self._lost = reason or BrokerUnavailableError("connection closed")
         self._fail_pending(ErrorCode.CONNECTION_LOST, "the broker connection was lost")
 
     def _fail_pending(self, code: ErrorCode, message: str) -> None:
-        pending, self._pending = self._pending, {}
-        for correlation_id, future in pending.items():
-            if not future.done():
-                future.set_result(_failure(code, message, correlation_id))
+        for correlation_id, resolver in self._replies.drain().items():
+            if isinstance(resolver, _Resolver):
+                resolver.fail(_failure(code, message, correlation_id))
+
+
+class _Resolver:
+    """Resolves a call's future with its first reply; later duplicates are ignored."""
+
+    __slots__ = ("_future",)
+
+    def __init__(self, future: asyncio.Future[Envelope | AgentResponse]) -> None:
+        self._future = future
+
+    def __call__(self, envelope: Envelope) -> None:
+        if not self._future.done():
+            self._future.set_result(envelope)
+
+    def fail(self, response: AgentResponse) -> None:
+        if not self._future.done():
+            self._future.set_result(response)
 
 
 def _failure(code: ErrorCode, message: str, correlation_id: str) -> AgentResponse:
