@@ -1,4 +1,7 @@
-"""The example app: a task manager agent over a storage protocol.
+"""The example app: a task manager agent over a storage protocol, and an audit agent.
+
+``task_manager`` emits ``task.created`` and ``task.completed``; ``audit`` records every
+``task.*`` event (group ``audit``: one replica handles each) and answers ``audit_log``.
 
 Run it with ``amqp-agents run amqp_agents.examples.tasks:app`` and call it with
 ``amqp-agents call task_manager task_add '{"title": "write docs"}'``.
@@ -13,12 +16,17 @@ from typing import Protocol
 from pydantic import BaseModel, ConfigDict, Field
 
 from amqp_agents.errors import NotFoundError
-from amqp_agents.runtime.agent import Agent, action
+from amqp_agents.models.messages import Event
+from amqp_agents.runtime.agent import Agent, action, on_event
 
 __all__ = [
+    "AuditAgent",
+    "AuditEntry",
+    "AuditLog",
     "InMemoryTaskStore",
     "Task",
     "TaskAdd",
+    "TaskEvent",
     "TaskManager",
     "TaskRef",
     "TaskStore",
@@ -54,6 +62,27 @@ class TaskList(BaseModel):
     """Reply of ``task_list``."""
 
     tasks: list[Task]
+
+
+class TaskEvent(BaseModel):
+    """Payload of ``task.created`` and ``task.completed``."""
+
+    id: int
+    title: str
+
+
+class AuditEntry(BaseModel):
+    """One recorded event."""
+
+    event_id: str
+    type: str
+    task_id: int | None = None
+
+
+class AuditLog(BaseModel):
+    """Reply of ``audit_log``."""
+
+    entries: list[AuditEntry]
 
 
 class TaskStore(Protocol):
@@ -111,8 +140,10 @@ class TaskManager(Agent):
 
     @action("task_add")
     async def add(self, payload: TaskAdd) -> Task:
-        """Create a task."""
-        return await self.store.add(payload.title)
+        """Create a task and emit ``task.created``."""
+        task = await self.store.add(payload.title)
+        await self.emit("task.created", TaskEvent(id=task.id, title=task.title))
+        return task
 
     @action("task_get")
     async def get(self, payload: TaskRef) -> Task:
@@ -129,13 +160,46 @@ class TaskManager(Agent):
 
     @action("task_complete")
     async def complete(self, payload: TaskRef) -> Task:
-        """Mark a task completed (idempotent)."""
+        """Mark a task completed and emit ``task.completed`` (once: it is idempotent)."""
         task = await self.get(payload)
+        if task.completed:
+            return task
         done = task.model_copy(update={"completed": True})
         await self.store.save(done)
+        await self.emit("task.completed", TaskEvent(id=done.id, title=done.title))
         return done
+
+
+class AuditAgent(Agent):
+    """Agent ``audit``: records task events; ``audit_log`` returns them."""
+
+    name = "audit"
+
+    def __init__(self, *, name: str | None = None, maxlen: int = 10_000) -> None:
+        super().__init__(name=name)
+        self._entries: dict[str, AuditEntry] = {}  # by event id, oldest first
+        self._maxlen = maxlen
+
+    @on_event("task.*", group="audit")
+    async def record(self, event: Event) -> None:
+        """Record a task event once (redeliveries are deduplicated by event id)."""
+        if event.id in self._entries:
+            return
+        task_id = event.payload.get("id")
+        self._entries[event.id] = AuditEntry(
+            event_id=event.id,
+            type=event.type,
+            task_id=task_id if isinstance(task_id, int) else None,
+        )
+        if len(self._entries) > self._maxlen:
+            del self._entries[next(iter(self._entries))]
+
+    @action("audit_log")
+    async def log(self) -> AuditLog:
+        """Every recorded event, oldest first."""
+        return AuditLog(entries=list(self._entries.values()))
 
 
 def app() -> list[Agent]:
     """The agents ``amqp-agents run amqp_agents.examples.tasks:app`` hosts."""
-    return [TaskManager()]
+    return [TaskManager(), AuditAgent()]

@@ -20,6 +20,7 @@ __all__ = [
     "AgentResponse",
     "ErrorCode",
     "ErrorInfo",
+    "Event",
     "IdSource",
     "Priority",
     "new_id",
@@ -122,6 +123,25 @@ class AgentMessage(BaseModel):
     priority: Priority = Priority.NORMAL
     created_at: datetime = Field(default_factory=lambda: datetime.now(UTC))
     deadline: datetime | None = None
+
+
+class Event(BaseModel):
+    """An event as delivered to a subscriber: its type (routing key) and JSON payload.
+
+    ``reply_to``/``correlation_id`` are set when the publisher waits for answers
+    (:meth:`~amqp_agents.events.bus.EventBus.publish_and_wait`); ``redelivered`` when
+    the broker delivers it again (a previous attempt did not finish).
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    id: str
+    type: str
+    payload: dict[str, Any] = Field(default_factory=dict)
+    timestamp: datetime
+    correlation_id: str | None = None
+    reply_to: str | None = None
+    redelivered: bool = False
 
 
 class AgentResponse(BaseModel):

@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from amqp_agents.errors import InvalidPayloadError, MessageTooLargeError
 from amqp_agents.models.envelope import Envelope
-from amqp_agents.models.messages import AgentMessage, AgentResponse, ErrorCode, Priority
+from amqp_agents.models.messages import AgentMessage, AgentResponse, ErrorCode, Event, Priority
 
 __all__ = [
     "CONTENT_TYPE_JSON",
@@ -63,8 +63,12 @@ class Topology(BaseModel):
     requests_exchange: str = Field(default="agents", min_length=1)
     queue_prefix: str = "agents."
     max_priority: int = Field(default=MAX_PRIORITY, ge=1, le=255)
+    events_exchange: str = Field(default="events", min_length=1)
+    event_queue_prefix: str = "events."
+    dead_letter_suffix: str = ".dead"
+    dead_letter_exchange_suffix: str = ".dlx"
 
-    @field_validator("requests_exchange")
+    @field_validator("requests_exchange", "events_exchange")
     @classmethod
     def _not_reserved(cls, value: str) -> str:
         if value.startswith("amq."):
@@ -74,6 +78,28 @@ class Topology(BaseModel):
     def agent_queue(self, agent: str) -> str:
         """The durable priority queue an agent consumes: ``agents.<agent>``."""
         return f"{self.queue_prefix}{agent}"
+
+    @property
+    def requests_dead_letter_exchange(self) -> str:
+        """Where rejected requests go (direct, key = agent): ``agents.dlx``."""
+        return f"{self.requests_exchange}{self.dead_letter_exchange_suffix}"
+
+    def agent_dead_letter_queue(self, agent: str) -> str:
+        """Requests an agent could not process: ``agents.<agent>.dead``."""
+        return f"{self.agent_queue(agent)}{self.dead_letter_suffix}"
+
+    def group_queue(self, group: str) -> str:
+        """The durable queue a subscriber group shares: ``events.<group>``."""
+        return f"{self.event_queue_prefix}{group}"
+
+    @property
+    def events_dead_letter_exchange(self) -> str:
+        """Where rejected events go (direct, key = group): ``events.dlx``."""
+        return f"{self.events_exchange}{self.dead_letter_exchange_suffix}"
+
+    def group_dead_letter_queue(self, group: str) -> str:
+        """Events a group could not process: ``events.<group>.dead``."""
+        return f"{self.group_queue(group)}{self.dead_letter_suffix}"
 
 
 def dump_json(value: Any) -> bytes:
@@ -146,17 +172,7 @@ def decode_request(envelope: Envelope) -> AgentMessage:
     action = envelope.type
     if not action:
         raise InvalidPayloadError("the request has no 'type' property naming the action")
-    content_type = envelope.content_type
-    if content_type and content_type.split(";", 1)[0].strip() != CONTENT_TYPE_JSON:
-        raise InvalidPayloadError(
-            f"content type {content_type!r} is not supported; send {CONTENT_TYPE_JSON}"
-        )
-    try:
-        payload = pydantic_core.from_json(envelope.body) if envelope.body else {}
-    except ValueError as exc:
-        raise InvalidPayloadError(f"body is not valid JSON: {exc}") from exc
-    if not isinstance(payload, dict):
-        raise InvalidPayloadError(f"body must be a JSON object, got {type(payload).__name__}")
+    payload = _json_object(envelope)
     priority = envelope.priority or 0
     deadline = deadline_from(envelope)
     return AgentMessage.model_construct(
@@ -188,6 +204,68 @@ def encode_reply(response: AgentResponse, reply_to: str, correlation_id: str | N
         correlation_id=correlation_id,
         persistent=False,
     )
+
+
+def encode_event(
+    topology: Topology,
+    event_type: str,
+    body: bytes,
+    *,
+    message_id: str,
+    correlation_id: str | None = None,
+    reply_to: str | None = None,
+    max_bytes: int,
+) -> Envelope:
+    """The AMQP message for an event: topic exchange, routing key = type, persistent."""
+    if len(body) > max_bytes:
+        raise MessageTooLargeError(
+            f"event body is {len(body)} bytes, over the {max_bytes}-byte limit"
+        )
+    return Envelope(
+        body=body,
+        exchange=topology.events_exchange,
+        routing_key=event_type,
+        content_type=CONTENT_TYPE_JSON,
+        type=event_type,
+        message_id=message_id,
+        correlation_id=correlation_id,
+        reply_to=reply_to,
+        timestamp=int(time.time()),
+        persistent=True,
+    )
+
+
+def decode_event(envelope: Envelope) -> Event:
+    """The event in a delivery; its type is the ``type`` property, else the routing key.
+
+    Raises:
+        InvalidPayloadError: not JSON, not a JSON object, or a non-JSON content type.
+    """
+    payload = _json_object(envelope)
+    return Event.model_construct(
+        id=envelope.message_id or "",
+        type=envelope.type or envelope.routing_key,
+        payload=payload,
+        timestamp=datetime.fromtimestamp(envelope.timestamp or time.time(), UTC),
+        correlation_id=envelope.correlation_id,
+        reply_to=envelope.reply_to,
+        redelivered=envelope.redelivered,
+    )
+
+
+def _json_object(envelope: Envelope) -> dict[str, Any]:
+    content_type = envelope.content_type
+    if content_type and content_type.split(";", 1)[0].strip() != CONTENT_TYPE_JSON:
+        raise InvalidPayloadError(
+            f"content type {content_type!r} is not supported; send {CONTENT_TYPE_JSON}"
+        )
+    try:
+        payload = pydantic_core.from_json(envelope.body) if envelope.body else {}
+    except ValueError as exc:
+        raise InvalidPayloadError(f"body is not valid JSON: {exc}") from exc
+    if not isinstance(payload, dict):
+        raise InvalidPayloadError(f"body must be a JSON object, got {type(payload).__name__}")
+    return payload
 
 
 def decode_reply(envelope: Envelope) -> AgentResponse:

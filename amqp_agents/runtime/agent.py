@@ -26,26 +26,30 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, ClassVar, TypeVar, get_type_hints
-
-from pydantic import TypeAdapter, ValidationError
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 from amqp_agents.errors import (
     ActionTimeoutError,
     AgentError,
     ConfigurationError,
-    InvalidPayloadError,
     LifecycleError,
     UnknownActionError,
 )
+from amqp_agents.events.publisher import EventPublisher, RecordingPublisher
 from amqp_agents.models.messages import AgentMessage, AgentResponse, ErrorCode
+from amqp_agents.models.schema import adapter_for, handler_argument, validate_payload
+from amqp_agents.models.topic import validate_pattern
 from amqp_agents.models.wire import check_name
 
-__all__ = ["ActionSpec", "Agent", "action"]
+if TYPE_CHECKING:
+    from pydantic import BaseModel, TypeAdapter
+
+__all__ = ["ActionSpec", "Agent", "EventHandlerSpec", "action", "on_event"]
 
 log = logging.getLogger(__name__)
 
 _ACTION_ATTR = "__amqp_agents_action__"
+_EVENT_ATTR = "__amqp_agents_events__"
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
 
 
@@ -81,17 +85,49 @@ def action(name: str, *, timeout_s: float | None = None) -> Callable[[F], F]:
     return mark
 
 
+@dataclass(frozen=True, slots=True)
+class EventHandlerSpec:
+    """What :func:`on_event` records on a handler."""
+
+    pattern: str
+    group: str | None
+    """``None``: the agent's name (resolved by :meth:`Agent.event_handlers`)."""
+    broadcast: bool
+    method: str
+
+
+def on_event(
+    pattern: str, *, group: str | None = None, broadcast: bool = False
+) -> Callable[[F], F]:
+    """Mark an ``async`` method as a handler of events matching ``pattern``.
+
+    By default the handlers of an agent form the group named after the agent: each
+    event is handled once by one replica of the agent. ``group="audit"`` joins another
+    group; ``broadcast=True`` gives every process its own private queue instead.
+    The argument works as in :meth:`amqp_agents.events.bus.EventBus.subscribe`.
+    Decorators stack: one method may handle several patterns.
+    """
+    validate_pattern(pattern)
+    if group is not None:
+        check_name("group", group)
+    if broadcast and group is not None:
+        raise ConfigurationError("on_event: a broadcast handler has no group")
+
+    def mark(func: F) -> F:
+        check: Callable[..., Any] = func
+        if not inspect.iscoroutinefunction(check):
+            raise ConfigurationError(f"on_event {pattern!r}: {func.__qualname__} must be async def")
+        marks: list[tuple[str, str | None, bool]] = list(getattr(func, _EVENT_ATTR, ()))
+        marks.append((pattern, group, broadcast))
+        setattr(func, _EVENT_ATTR, tuple(marks))
+        return func
+
+    return mark
+
+
 def _payload_adapter(func: Callable[..., Any], action_name: str) -> TypeAdapter[Any] | None:
-    params = list(inspect.signature(func).parameters.values())[1:]  # drop self
-    if not params:
-        return None
-    if len(params) > 1:
-        raise ConfigurationError(
-            f"action {action_name!r}: {func.__qualname__} takes one payload argument at most"
-        )
-    hints = get_type_hints(func)
-    annotation = hints.get(params[0].name, dict[str, Any])
-    return TypeAdapter(annotation)
+    annotation = handler_argument(func, bound=True, what=f"action {action_name!r}")
+    return None if annotation is None else adapter_for(annotation)
 
 
 class Agent:
@@ -104,13 +140,21 @@ class Agent:
 
     name: str = ""
     """The agent's name: its routing key and queue ``agents.<name>``."""
+    events: EventPublisher
+    """Where :meth:`emit` publishes: the worker's event bus, or a recorder in tests."""
     _actions: ClassVar[dict[str, ActionSpec]] = {}
+    _event_specs: ClassVar[tuple[EventHandlerSpec, ...]] = ()
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         actions: dict[str, ActionSpec] = {}
+        events: dict[tuple[str, str | None, bool, str], EventHandlerSpec] = {}
         for klass in reversed(cls.__mro__):
             for attr, value in vars(klass).items():
+                for pattern, group, broadcast in getattr(value, _EVENT_ATTR, ()):
+                    events[(pattern, group, broadcast, attr)] = EventHandlerSpec(
+                        pattern=pattern, group=group, broadcast=broadcast, method=attr
+                    )
                 marked = getattr(value, _ACTION_ATTR, None)
                 if marked is None:
                     continue
@@ -128,6 +172,7 @@ class Agent:
                     payload=_payload_adapter(value, action_name),
                 )
         cls._actions = actions
+        cls._event_specs = tuple(events.values())
 
     def __init__(self, *, name: str | None = None) -> None:
         if name is not None:
@@ -136,6 +181,7 @@ class Agent:
             raise ConfigurationError(f"{type(self).__qualname__} must set a class attribute 'name'")
         check_name("agent", self.name)
         self._running = False
+        self.events = RecordingPublisher()
 
     @property
     def is_running(self) -> bool:
@@ -146,6 +192,23 @@ class Agent:
     def actions(cls) -> dict[str, ActionSpec]:
         """The actions this agent serves, by name."""
         return dict(cls._actions)
+
+    def event_handlers(self) -> list[tuple[EventHandlerSpec, Callable[..., Awaitable[Any]]]]:
+        """This agent's event handlers with their group resolved, bound to ``self``."""
+        resolved = []
+        for spec in self._event_specs:
+            group = None if spec.broadcast else (spec.group or self.name)
+            resolved.append(
+                (
+                    EventHandlerSpec(spec.pattern, group, spec.broadcast, spec.method),
+                    getattr(self, spec.method),
+                )
+            )
+        return resolved
+
+    async def emit(self, event_type: str, payload: BaseModel | dict[str, Any] | None = None) -> str:
+        """Publish an event through :attr:`events`; returns its id once confirmed."""
+        return await self.events.publish(event_type, payload)
 
     async def start(self) -> None:
         """Acquire resources. Override and call ``super().start()`` last."""
@@ -179,7 +242,7 @@ class Agent:
             if spec.payload is None:
                 call = method()
             else:
-                call = method(_validate(spec.payload, message.payload))
+                call = method(validate_payload(spec.payload, message.payload))
             if limit is None:
                 result = await call
             else:
@@ -210,19 +273,6 @@ class Agent:
             f" (correlation id {message.correlation_id})",
             correlation_id=message.correlation_id,
         )
-
-
-def _validate(adapter: TypeAdapter[Any], payload: dict[str, Any]) -> Any:
-    try:
-        return adapter.validate_python(payload)
-    except ValidationError as exc:
-        details = [
-            {"loc": list(error["loc"]), "msg": error["msg"], "type": error["type"]}
-            for error in exc.errors(include_url=False, include_input=False)
-        ]
-        raise InvalidPayloadError(
-            f"payload does not match the schema: {exc.error_count()} error(s)", details=details
-        ) from None
 
 
 def _smallest(a: float | None, b: float | None) -> float | None:

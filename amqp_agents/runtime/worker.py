@@ -10,9 +10,13 @@ the request rather than losing its answer. A malformed request is answered
 ``INVALID_PAYLOAD`` (when it has ``reply_to``) and acked: it never loops. A request
 whose caller's deadline has passed is acked unanswered and counted, not worked on.
 
+Event handlers of the agents (``@on_event``) run on the worker's
+:class:`~amqp_agents.events.bus.EventBus` under the same concurrency bound, timeout and
+shutdown as requests.
+
 Shutdown order, enforced by :meth:`Worker.stop`:
 
-1. stop taking work: cancel every consumer (new messages stay queued);
+1. stop taking work: cancel every consumer, requests and events (new messages stay queued);
 2. requeue deliveries that have not started (waiting for a slot);
 3. wait up to ``grace_period_s`` for in-flight handlers, which reply and ack;
 4. cancel the ones still running: their deliveries are requeued, not answered;
@@ -38,6 +42,7 @@ from amqp_agents.errors import (
     LifecycleError,
     TransportError,
 )
+from amqp_agents.events.bus import EventBus
 from amqp_agents.models.wire import (
     Topology,
     deadline_from,
@@ -116,6 +121,16 @@ class Worker:
         self._running: set[asyncio.Task[object]] = set()
         self._state = _State.NEW
         self._lost = asyncio.Event()
+        self._event_queues = 0
+        self.events = EventBus(
+            transport,
+            topology=self._topology,
+            publish_timeout_s=publish_timeout_s,
+            prefetch=self._settings.concurrency,
+            handler_timeout_s=self._settings.action_timeout_s,
+            guard=self._guarded,
+        )
+        """The worker's event bus: agents emit through it, their handlers run on it."""
         self.stats = WorkerStats()
 
     @property
@@ -130,6 +145,7 @@ class Worker:
             self._state is _State.RUNNING
             and self._transport.is_connected
             and len(self._consumers) == len(self._agents)
+            and self.events.consumers == self._event_queues
         )
 
     @property
@@ -146,10 +162,14 @@ class Worker:
         self._state = _State.RUNNING
         self._transport.on_connection_lost(lambda _exc: self._lost.set())
         try:
+            topology = self._topology
+            await self._transport.declare_exchange(topology.requests_exchange, ExchangeKind.DIRECT)
             await self._transport.declare_exchange(
-                self._topology.requests_exchange, ExchangeKind.DIRECT
+                topology.requests_dead_letter_exchange, ExchangeKind.DIRECT
             )
+            await self.events.start()
             for agent in self._agents:
+                agent.events = self.events
                 await agent.start()
                 queue = await self._declare_agent_queue(agent)
                 consumer = await self._transport.consume(
@@ -159,20 +179,38 @@ class Worker:
                 )
                 self._consumers.append(consumer)
                 log.info("agent %s consuming %s", agent.name, queue)
+                for spec, handler in agent.event_handlers():
+                    await self.events.subscribe(spec.pattern, handler, group=spec.group)
+                    log.info(
+                        "agent %s subscribed to %r (%s)",
+                        agent.name,
+                        spec.pattern,
+                        f"group {spec.group}" if spec.group else "broadcast",
+                    )
+            self._event_queues = self.events.consumers
         except BaseException:
             await self.stop()
             raise
 
     async def _declare_agent_queue(self, agent: Agent) -> str:
-        queue = self._topology.agent_queue(agent.name)
+        topology = self._topology
+        dlx = topology.requests_dead_letter_exchange
+        dead = topology.agent_dead_letter_queue(agent.name)
+        await self._transport.declare_queue(QueueSpec(name=dead, durable=True))
+        await self._transport.bind_queue(dead, dlx, agent.name)
+        queue = topology.agent_queue(agent.name)
         await self._transport.declare_queue(
             QueueSpec(
                 name=queue,
                 durable=True,
-                arguments={"x-max-priority": self._topology.max_priority},
+                arguments={
+                    "x-max-priority": topology.max_priority,
+                    "x-dead-letter-exchange": dlx,
+                    "x-dead-letter-routing-key": agent.name,
+                },
             )
         )
-        await self._transport.bind_queue(queue, self._topology.requests_exchange, agent.name)
+        await self._transport.bind_queue(queue, topology.requests_exchange, agent.name)
         return queue
 
     async def serve(self, shutdown_trigger: ShutdownTrigger | None = None) -> None:
@@ -202,6 +240,7 @@ class Worker:
         for consumer in self._consumers:
             with contextlib.suppress(TransportError):
                 await consumer.cancel()
+        await self.events.stop_consuming()
         for task in list(self._waiting):
             task.cancel()
         if self._running:
@@ -214,19 +253,30 @@ class Worker:
                 log.warning("cancelled %d handler(s) after the grace period", len(pending))
                 await asyncio.wait(pending, timeout=5)
         await asyncio.gather(*(agent.shutdown() for agent in self._agents), return_exceptions=True)
+        await self.events.aclose()
         self._consumers.clear()
         self._state = _State.STOPPED
 
     # -- per delivery ----------------------------------------------------------------
 
     def _handler_for(self, agent: Agent) -> Callable[[Delivery], Awaitable[None]]:
+        async def process(delivery: Delivery) -> None:
+            await self._process(agent, delivery)
+
         async def on_delivery(delivery: Delivery) -> None:
-            await self._on_delivery(agent, delivery)
+            await self._guarded(delivery, process)
 
         return on_delivery
 
-    async def _on_delivery(self, agent: Agent, delivery: Delivery) -> None:
-        # Runs in its own task (the transport spawns one per delivery).
+    async def _guarded(
+        self, delivery: Delivery, process: Callable[[Delivery], Awaitable[None]]
+    ) -> None:
+        """Run ``process`` within the concurrency bound, tracked for a graceful stop.
+
+        Every delivery, request or event, passes here (in its own task, spawned by the
+        transport): deliveries that arrive while stopping, or are still waiting for a
+        slot when the stop begins, are requeued unstarted; cancelled ones too.
+        """
         self.stats.received += 1
         if self._state is not _State.RUNNING:
             await self._requeue(delivery)
@@ -244,7 +294,7 @@ class Worker:
         self._running.add(task)
         self.stats.in_flight += 1
         try:
-            await self._process(agent, delivery)
+            await process(delivery)
         except asyncio.CancelledError:
             await self._requeue(delivery)
             raise

@@ -143,6 +143,10 @@ class Transport(Protocol):
         """Bind a queue to an exchange with a routing key or pattern."""
         ...
 
+    async def unbind_queue(self, queue: str, exchange: str, routing_key: str) -> None:
+        """Remove a binding (a no-op if it does not exist)."""
+        ...
+
     async def queue_info(self, queue: str) -> QueueInfo:
         """Passive declare: ready messages and consumers; ``QueueNotFoundError`` if absent."""
         ...

@@ -354,6 +354,14 @@ class RabbitTransport:
         except (TimeoutError, aiormq.exceptions.AMQPError, *_LINK_ERRORS) as exc:
             raise _topology_error(f"binding of {queue!r} to {exchange!r}", exc) from None
 
+    async def unbind_queue(self, queue: str, exchange: str, routing_key: str) -> None:
+        channel = await self._control_channel()
+        try:
+            underlay = await channel.get_underlay_channel()
+            await underlay.queue_unbind(queue, exchange, routing_key=routing_key, timeout=10)
+        except (TimeoutError, aiormq.exceptions.AMQPError, *_LINK_ERRORS) as exc:
+            raise _topology_error(f"binding of {queue!r} to {exchange!r}", exc) from None
+
     async def queue_info(self, queue: str) -> QueueInfo:
         self._require_connected()
         assert self._sub_conn is not None  # noqa: S101  # checked above

@@ -1,0 +1,1 @@
+"""Events: publish/subscribe on a topic exchange with subscriber groups."""

@@ -1,0 +1,484 @@
+"""Publish/subscribe on a durable topic exchange, with subscriber groups.
+
+Events go to the topic exchange ``events`` with routing key = event type
+(``task.created``). Subscribers bind AMQP topic patterns (``task.*``, ``task.#``,
+``#``) and choose how they share events with other processes::
+
+    same group: competing consumers         different groups: fan-out
+    (each event handled once per group)     (each group gets every event)
+
+    events --> [events.audit] --+--> pod A      events --+--> [events.audit]  --> audit
+                                +--> pod B               +--> [events.billing] --> billing
+
+    no group: broadcast (every process, only while subscribed)
+
+    events --+--> [amq.gen-1 exclusive, auto-delete] --> pod A
+             +--> [amq.gen-2 exclusive, auto-delete] --> pod B
+
+Promises: at-least-once per group (a handler may see an event twice after a crash or
+a lost connection: use ``Event.id`` to dedupe); order is kept per queue for a single
+consumer, never across groups. A group queue is durable: events published while no
+member runs wait for it. Private queues exist only while subscribed.
+
+Failures never loop: an event that is not JSON, fails a handler's schema, or makes a
+handler raise or time out is rejected to the group's dead-letter queue
+``events.<group>.dead`` (private subscribers log and drop it). An event carrying
+``reply_to`` (from :meth:`EventBus.publish_and_wait`) is a question instead: each
+handler's answer - or error - is sent back and the event is acked.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import TYPE_CHECKING, Any
+
+from pydantic import BaseModel, TypeAdapter
+
+from amqp_agents.errors import (
+    AgentError,
+    ConfigurationError,
+    InvalidPayloadError,
+    LifecycleError,
+    QueueNotFoundError,
+    TransportError,
+    UnroutableError,
+)
+from amqp_agents.models.messages import AgentResponse, ErrorCode, Event, IdSource
+from amqp_agents.models.schema import adapter_for, handler_argument, validate_payload
+from amqp_agents.models.topic import topic_matches, validate_pattern
+from amqp_agents.models.wire import (
+    Topology,
+    check_name,
+    decode_event,
+    decode_reply,
+    dump_json,
+    encode_event,
+    encode_reply,
+)
+from amqp_agents.transport.base import (
+    ConsumerHandle,
+    Delivery,
+    ExchangeKind,
+    QueueSpec,
+    Transport,
+)
+from amqp_agents.transport.replies import ReplyQueue
+
+if TYPE_CHECKING:
+    from amqp_agents.models.envelope import Envelope
+
+__all__ = ["DeliveryGuard", "EventBus", "EventHandler", "Subscription"]
+
+log = logging.getLogger(__name__)
+
+EventHandler = Callable[..., Awaitable[Any]]
+"""``async def handler(payload: Model | Event | dict) -> Any``; or no argument."""
+
+Process = Callable[[Delivery], Awaitable[None]]
+DeliveryGuard = Callable[[Delivery, Process], Awaitable[None]]
+"""Wraps the processing of each delivery (the worker bounds concurrency with it)."""
+
+Payload = BaseModel | dict[str, Any] | None
+
+
+async def _run(delivery: Delivery, process: Process) -> None:
+    await process(delivery)
+
+
+class _State(Enum):
+    NEW = "new"
+    STARTED = "started"
+    CLOSED = "closed"
+
+
+@dataclass(eq=False, slots=True)
+class Subscription:
+    """A handler subscribed to a pattern; pass it to :meth:`EventBus.unsubscribe`."""
+
+    pattern: str
+    group: str | None
+    handler: EventHandler
+    _adapter: TypeAdapter[Any] | None
+    _wants_event: bool
+    _takes_argument: bool
+
+
+@dataclass(eq=False, slots=True)
+class _QueueConsumer:
+    """One consumed queue (a group's, or this bus's private one) and its handlers."""
+
+    queue: str
+    group: str | None
+    subscriptions: list[Subscription] = field(default_factory=list)
+    handle: ConsumerHandle | None = None
+    cancelled: bool = False
+
+
+class EventBus:
+    """Publishes events and runs subscribed handlers over a transport.
+
+    The bus does not own the transport. ``guard`` wraps every delivery's processing
+    (the worker passes its concurrency limit and shutdown tracking); ``prefetch``
+    bounds unsettled deliveries per queue; ``handler_timeout_s`` bounds each handler.
+    """
+
+    def __init__(
+        self,
+        transport: Transport,
+        *,
+        topology: Topology | None = None,
+        publish_timeout_s: float = 10.0,
+        max_message_bytes: int = 1024 * 1024,
+        prefetch: int = 16,
+        handler_timeout_s: float = 60.0,
+        guard: DeliveryGuard | None = None,
+    ) -> None:
+        self._transport = transport
+        self._topology = topology or Topology()
+        self._publish_timeout_s = publish_timeout_s
+        self._max_bytes = max_message_bytes
+        self._prefetch = prefetch
+        self._handler_timeout_s = handler_timeout_s
+        self._guard = guard or _run
+        self._ids = IdSource()
+        self._state = _State.NEW
+        self._groups: dict[str, _QueueConsumer] = {}
+        self._private: _QueueConsumer | None = None
+        self._replies: ReplyQueue | None = None
+        self._lock = asyncio.Lock()
+
+    @property
+    def consumers(self) -> int:
+        """Queues this bus is consuming right now."""
+        queues = [*self._groups.values(), *([self._private] if self._private else [])]
+        return sum(1 for q in queues if q.handle is not None and not q.cancelled)
+
+    @property
+    def subscriptions(self) -> list[Subscription]:
+        """Every active subscription."""
+        queues = [*self._groups.values(), *([self._private] if self._private else [])]
+        return [sub for q in queues for sub in q.subscriptions]
+
+    # -- lifecycle -------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Declare the events exchange and its dead-letter exchange."""
+        if self._state is not _State.NEW:
+            raise LifecycleError(f"event bus is {self._state.value}; start() runs once")
+        self._state = _State.STARTED
+        await self._transport.declare_exchange(self._topology.events_exchange, ExchangeKind.TOPIC)
+        await self._transport.declare_exchange(
+            self._topology.events_dead_letter_exchange, ExchangeKind.DIRECT
+        )
+
+    async def stop_consuming(self) -> None:
+        """Cancel every consumer (first step of a graceful stop); events stay queued."""
+        queues = [*self._groups.values(), *([self._private] if self._private else [])]
+        for queue in queues:
+            await self._cancel(queue)
+
+    async def aclose(self) -> None:
+        """Stop consuming and stop waiting for replies. Idempotent."""
+        if self._state is _State.CLOSED:
+            return
+        self._state = _State.CLOSED
+        await self.stop_consuming()
+        if self._replies is not None:
+            self._replies.drain()
+            await self._replies.aclose()
+
+    # -- publishing ------------------------------------------------------------------
+
+    async def publish(self, event_type: str, payload: Payload = None) -> str:
+        """Publish an event and return its id once the broker has confirmed it.
+
+        Raises:
+            ConfigurationError: the event type is not a valid routing key.
+            InvalidPayloadError: the payload is not JSON-serialisable.
+            MessageTooLargeError: the encoded payload is over the size limit.
+            TransportError: not confirmed in time, refused, or the link is down.
+        """
+        envelope = self._event(event_type, payload, correlation_id=None, reply_to=None)
+        await self._transport.publish(envelope, timeout_s=self._publish_timeout_s)
+        return envelope.message_id or ""
+
+    async def publish_and_wait(
+        self,
+        event_type: str,
+        payload: Payload = None,
+        *,
+        timeout_s: float,
+        expected: int | None = None,
+    ) -> list[AgentResponse]:
+        """Scatter-gather: publish a question, collect the answers of the handlers.
+
+        Returns when ``expected`` replies have arrived, or at ``timeout_s`` with
+        whatever arrived (possibly none). If no queue is bound for the event type at
+        all, nobody can answer and it returns ``[]`` at once. Never waits longer
+        than ``timeout_s``.
+        """
+        if not timeout_s > 0:
+            raise ConfigurationError("timeout_s must be positive")
+        if expected is not None and expected < 1:
+            raise ConfigurationError("expected must be at least 1")
+        replies = await self._reply_queue()
+        correlation_id = self._ids.next()
+        envelope = self._event(
+            event_type, payload, correlation_id=correlation_id, reply_to=replies.name
+        )
+        collected: list[AgentResponse] = []
+        enough = asyncio.Event()
+
+        def on_reply(reply: Envelope) -> None:
+            collected.append(decode_reply(reply))
+            if expected is not None and len(collected) >= expected:
+                enough.set()
+
+        replies.expect(correlation_id, on_reply)
+        try:
+            async with asyncio.timeout(timeout_s):
+                try:
+                    await self._transport.publish(
+                        envelope, mandatory=True, timeout_s=self._publish_timeout_s
+                    )
+                except (UnroutableError, QueueNotFoundError):
+                    return []
+                await enough.wait()
+        except TimeoutError:
+            pass
+        finally:
+            replies.forget(correlation_id)
+        return collected[:expected] if expected is not None else collected
+
+    def _event(
+        self,
+        event_type: str,
+        payload: Payload,
+        *,
+        correlation_id: str | None,
+        reply_to: str | None,
+    ) -> Envelope:
+        if self._state is not _State.STARTED:
+            raise LifecycleError(f"event bus is {self._state.value}; call start() first")
+        try:
+            check_name("event type", event_type)
+        except ValueError as exc:
+            raise ConfigurationError(str(exc)) from None
+        return encode_event(
+            self._topology,
+            event_type,
+            b"{}" if payload is None else dump_json(payload),
+            message_id=self._ids.next(),
+            correlation_id=correlation_id,
+            reply_to=reply_to,
+            max_bytes=self._max_bytes,
+        )
+
+    async def _reply_queue(self) -> ReplyQueue:
+        async with self._lock:
+            if self._replies is None:
+                replies = ReplyQueue(self._transport)
+                await replies.start()
+                self._replies = replies
+            return self._replies
+
+    # -- subscribing -----------------------------------------------------------------
+
+    async def subscribe(
+        self, pattern: str, handler: EventHandler, *, group: str | None = None
+    ) -> Subscription:
+        """Run ``handler`` for events whose type matches ``pattern``.
+
+        ``group``: handlers sharing a group share the durable queue ``events.<group>``
+        (each event handled once per group); ``None``: a private queue of this bus
+        (each subscribed process gets every event while subscribed).
+
+        The handler's one argument decides what it receives: a pydantic model (the
+        payload, validated), :class:`~amqp_agents.models.messages.Event` (the whole
+        event), anything else or unannotated (the payload dict); or no argument.
+        """
+        if self._state is not _State.STARTED:
+            raise LifecycleError(f"event bus is {self._state.value}; call start() first")
+        try:
+            validate_pattern(pattern)
+            if group is not None:
+                check_name("group", group)
+        except ValueError as exc:
+            raise ConfigurationError(str(exc)) from None
+        annotation = handler_argument(handler, bound=False, what=f"event handler {pattern!r}")
+        wants_event = annotation is Event
+        subscription = Subscription(
+            pattern=pattern,
+            group=group,
+            handler=handler,
+            _adapter=None if annotation is None or wants_event else adapter_for(annotation),
+            _wants_event=wants_event,
+            _takes_argument=annotation is not None,
+        )
+        async with self._lock:
+            queue = await self._queue_for(group)
+            await self._transport.bind_queue(queue.queue, self._topology.events_exchange, pattern)
+            queue.subscriptions.append(subscription)
+            if queue.handle is None:
+                queue.cancelled = False
+                queue.handle = await self._transport.consume(
+                    queue.queue, self._handler_for(queue), prefetch=self._prefetch
+                )
+        return subscription
+
+    async def unsubscribe(self, subscription: Subscription) -> None:
+        """Remove a handler; when it was its queue's last one, stop consuming.
+
+        A group's queue and bindings stay, so events keep queuing for the group (other
+        processes may serve it). A private queue drops the pattern's binding once no
+        handler uses it, and disappears with its last handler.
+        """
+        async with self._lock:
+            queue = (
+                self._private
+                if subscription.group is None
+                else self._groups.get(subscription.group)
+            )
+            if queue is None or subscription not in queue.subscriptions:
+                return
+            queue.subscriptions.remove(subscription)
+            still_used = any(s.pattern == subscription.pattern for s in queue.subscriptions)
+            if queue.group is None and not still_used and queue.subscriptions:
+                await self._transport.unbind_queue(
+                    queue.queue, self._topology.events_exchange, subscription.pattern
+                )
+            if not queue.subscriptions:
+                await self._cancel(queue)
+                if queue.group is None:
+                    self._private = None
+                else:
+                    del self._groups[queue.group]
+
+    async def _queue_for(self, group: str | None) -> _QueueConsumer:
+        if group is None:
+            if self._private is None:
+                name = await self._transport.declare_queue(
+                    QueueSpec(name="", durable=False, exclusive=True, auto_delete=True)
+                )
+                self._private = _QueueConsumer(queue=name, group=None)
+            return self._private
+        queue = self._groups.get(group)
+        if queue is None:
+            queue = _QueueConsumer(queue=await self._declare_group(group), group=group)
+            self._groups[group] = queue
+        return queue
+
+    async def _declare_group(self, group: str) -> str:
+        topology = self._topology
+        dlx = topology.events_dead_letter_exchange
+        dead = topology.group_dead_letter_queue(group)
+        await self._transport.declare_queue(QueueSpec(name=dead, durable=True))
+        await self._transport.bind_queue(dead, dlx, group)
+        name = topology.group_queue(group)
+        await self._transport.declare_queue(
+            QueueSpec(
+                name=name,
+                durable=True,
+                arguments={"x-dead-letter-exchange": dlx, "x-dead-letter-routing-key": group},
+            )
+        )
+        return name
+
+    async def _cancel(self, queue: _QueueConsumer) -> None:
+        queue.cancelled = True
+        handle, queue.handle = queue.handle, None
+        if handle is not None:
+            with contextlib.suppress(TransportError):
+                await handle.cancel()
+
+    # -- delivering ------------------------------------------------------------------
+
+    def _handler_for(self, queue: _QueueConsumer) -> Callable[[Delivery], Awaitable[None]]:
+        async def process(delivery: Delivery) -> None:
+            await self._dispatch(queue, delivery)
+
+        async def on_delivery(delivery: Delivery) -> None:
+            await self._guard(delivery, process)
+
+        return on_delivery
+
+    async def _dispatch(self, queue: _QueueConsumer, delivery: Delivery) -> None:
+        envelope = delivery.envelope
+        if queue.cancelled:
+            # Arrived after unsubscribe/stop: give it back for the group's next consumer.
+            await delivery.nack(requeue=True)
+            return
+        try:
+            event = decode_event(envelope)
+        except InvalidPayloadError as exc:
+            log.warning(
+                "undecodable event %r on %s: %s", envelope.routing_key, queue.queue, exc.message
+            )
+            await self._answer(envelope, [exc.to_response()])
+            await self._settle(delivery, envelope, failed=True)
+            return
+        subscriptions = [
+            s for s in queue.subscriptions if topic_matches(s.pattern, envelope.routing_key)
+        ]
+        if not subscriptions:
+            log.warning("no handler on %s matches event %r", queue.queue, envelope.routing_key)
+            await self._settle(delivery, envelope, failed=True)
+            return
+        responses = [await self._call(subscription, event) for subscription in subscriptions]
+        await self._answer(envelope, [r for r in responses if r is not None])
+        failed = any(r is not None and not r.ok for r in responses)
+        await self._settle(delivery, envelope, failed=failed)
+
+    async def _call(self, subscription: Subscription, event: Event) -> AgentResponse | None:
+        """Run one handler; its answer, an error response, or None (no answer)."""
+        try:
+            if subscription._wants_event:
+                call = subscription.handler(event)
+            elif subscription._adapter is not None:
+                call = subscription.handler(validate_payload(subscription._adapter, event.payload))
+            elif subscription._takes_argument:
+                call = subscription.handler(event.payload)
+            else:
+                call = subscription.handler()
+            async with asyncio.timeout(self._handler_timeout_s):
+                result = await call
+        except AgentError as exc:
+            log.warning("event handler for %r failed: %s: %s", event.type, exc.code, exc.message)
+            return exc.to_response()
+        except TimeoutError:
+            log.warning(
+                "event handler for %r took longer than %gs", event.type, self._handler_timeout_s
+            )
+            return AgentResponse.failure(
+                ErrorCode.TIMEOUT, f"handler took longer than {self._handler_timeout_s:g}s"
+            )
+        except Exception:
+            log.exception("event handler for %r failed (event id %s)", event.type, event.id)
+            return AgentResponse.failure(
+                ErrorCode.INTERNAL_ERROR, "the event handler failed; see the subscriber's log"
+            )
+        return None if result is None else AgentResponse.success(result)
+
+    async def _answer(self, envelope: Envelope, responses: list[AgentResponse]) -> None:
+        reply_to = envelope.reply_to
+        if not reply_to:
+            return
+        for response in responses:
+            reply = encode_reply(response, reply_to, envelope.correlation_id)
+            try:
+                await self._transport.publish(reply, timeout_s=self._publish_timeout_s)
+            except TransportError as exc:
+                log.warning("answer to %s not sent: %s", reply_to, exc)
+
+    async def _settle(self, delivery: Delivery, envelope: Envelope, *, failed: bool) -> None:
+        # A question (reply_to) was answered, errors included: done. A failed plain
+        # event goes to the dead-letter queue rather than back into the queue.
+        if failed and not envelope.reply_to:
+            await delivery.reject()
+        else:
+            await delivery.ack()
