@@ -1,4 +1,4 @@
-"""The ``amqp-agents`` command: run a worker, call an agent.
+"""The ``amqp-agents`` command: run a worker, call an agent, publish and listen to events.
 
 The only module that reads the environment, parses arguments and installs signal
 handlers; everything below it takes explicit arguments. Exit codes: 0 success,
@@ -19,8 +19,9 @@ from typing import TYPE_CHECKING, Any
 from pydantic import SecretStr, ValidationError
 
 from amqp_agents.config import Settings, redact_url
-from amqp_agents.errors import AmqpAgentsError, ConfigurationError
-from amqp_agents.models.messages import Priority
+from amqp_agents.errors import AmqpAgentsError, BrokerUnavailableError, ConfigurationError
+from amqp_agents.events.bus import EventBus
+from amqp_agents.models.messages import Event, Priority
 from amqp_agents.rpc.client import RpcClient
 from amqp_agents.runtime.agent import Agent
 from amqp_agents.runtime.health import HealthServer, ProbeResult
@@ -29,6 +30,8 @@ from amqp_agents.transport.factory import create_transport
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
+
+    from amqp_agents.transport.base import Transport
 
 __all__ = ["load_agents", "main"]
 
@@ -86,6 +89,18 @@ def _parser() -> argparse.ArgumentParser:
     call.add_argument("payload", nargs="?", default="{}", metavar="JSON")
     call.add_argument("--priority", type=int, default=int(Priority.NORMAL), help="0-9")
     call.add_argument("--timeout", type=float, help="seconds to wait for the reply")
+
+    publish = commands.add_parser("publish", help="publish an event")
+    publish.add_argument("event_type", metavar="EVENT_TYPE")
+    publish.add_argument("payload", nargs="?", default="{}", metavar="JSON")
+
+    listen = commands.add_parser("listen", help="print events matching PATTERN as they happen")
+    listen.add_argument("pattern", metavar="PATTERN", help="topic pattern: task.*, task.#, #")
+    listen.add_argument(
+        "--group", help="consume the durable group queue events.GROUP instead of a private one"
+    )
+    listen.add_argument("--count", type=int, help="exit after this many events")
+    listen.add_argument("--duration", type=float, help="exit after this many seconds")
     return parser
 
 
@@ -153,13 +168,87 @@ async def _run(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-async def _call(args: argparse.Namespace, settings: Settings) -> int:
+def _json_object(text: str) -> dict[str, Any]:
     try:
-        payload = json.loads(args.payload)
+        payload = json.loads(text)
     except json.JSONDecodeError as exc:
         raise ConfigurationError(f"the payload is not valid JSON: {exc}") from None
     if not isinstance(payload, dict):
         raise ConfigurationError("the payload must be a JSON object")
+    return payload
+
+
+def _event_bus(transport: Transport, settings: Settings) -> EventBus:
+    return EventBus(
+        transport,
+        topology=settings.topology,
+        publish_timeout_s=settings.connection.publish_timeout_s,
+        max_message_bytes=settings.connection.max_message_bytes,
+    )
+
+
+async def _publish(args: argparse.Namespace, settings: Settings) -> int:
+    payload = _json_object(args.payload)
+    transport = create_transport(settings.connection)
+    await transport.connect()
+    try:
+        bus = _event_bus(transport, settings)
+        await bus.start()
+        event_id = await bus.publish(args.event_type, payload)
+        await bus.aclose()
+    finally:
+        await transport.aclose()
+    print(json.dumps({"published": args.event_type, "id": event_id}))
+    return 0
+
+
+async def _listen(args: argparse.Namespace, settings: Settings) -> int:
+    if args.count is not None and args.count < 1:
+        raise ConfigurationError("--count must be at least 1")
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    seen = 0
+
+    async def show(event: Event) -> None:
+        nonlocal seen
+        line = {
+            "type": event.type,
+            "id": event.id,
+            "timestamp": event.timestamp.isoformat(),
+            "payload": event.payload,
+        }
+        print(json.dumps(line), flush=True)
+        seen += 1
+        if args.count is not None and seen >= args.count:
+            stop.set()
+
+    transport = create_transport(settings.connection)
+    await transport.connect()
+    lost = asyncio.Event()
+    transport.on_connection_lost(lambda _exc: lost.set())
+    try:
+        bus = _event_bus(transport, settings)
+        await bus.start()
+        await bus.subscribe(args.pattern, show, group=args.group)
+        print(f"listening for {args.pattern!r} (Ctrl-C to stop)", file=sys.stderr, flush=True)
+        waits = {asyncio.ensure_future(stop.wait()), asyncio.ensure_future(lost.wait())}
+        _done, pending = await asyncio.wait(
+            waits, timeout=args.duration, return_when=asyncio.FIRST_COMPLETED
+        )
+        for future in pending:
+            future.cancel()
+        await bus.aclose()
+    finally:
+        await transport.aclose()
+    if lost.is_set():
+        raise BrokerUnavailableError("the broker connection was lost")
+    return 0
+
+
+async def _call(args: argparse.Namespace, settings: Settings) -> int:
+    payload = _json_object(args.payload)
     transport = create_transport(settings.connection)
     await transport.connect()
     try:
@@ -193,8 +282,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         settings = _settings(args)
-        command = _run if args.command == "run" else _call
-        return asyncio.run(command(args, settings))
+        command = {"run": _run, "call": _call, "publish": _publish, "listen": _listen}
+        return asyncio.run(command[args.command](args, settings))
     except (ConfigurationError, ValidationError) as exc:
         print(f"amqp-agents: configuration error: {exc}", file=sys.stderr)
         return 2
