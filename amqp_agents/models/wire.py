@@ -7,6 +7,7 @@ payloads are turned into JSON bytes by pydantic-core directly, never via ``json`
 
 from __future__ import annotations
 
+import functools
 import re
 import time
 from datetime import UTC, datetime
@@ -42,6 +43,7 @@ MAX_PRIORITY: Final = 9
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,199}$")
 
 
+@functools.lru_cache(maxsize=4096)
 def check_name(kind: str, name: str) -> str:
     """Validate an agent/action name: it becomes a routing key and part of a queue name."""
     if not _NAME.match(name):
@@ -271,11 +273,15 @@ def _json_object(envelope: Envelope) -> dict[str, Any]:
 def decode_reply(envelope: Envelope) -> AgentResponse:
     """The reply in a delivery; a malformed one becomes an ``INTERNAL_ERROR`` reply."""
     try:
-        response = AgentResponse.model_validate_json(envelope.body)
-    except ValidationError as exc:
+        body = pydantic_core.from_json(envelope.body)
+        if not isinstance(body, dict):
+            raise ValueError("a reply must be a JSON object")
+        body["correlation_id"] = envelope.correlation_id
+        return AgentResponse.model_validate(body)
+    except (ValueError, ValidationError) as exc:
+        problem = f"{exc.error_count()} problem(s)" if isinstance(exc, ValidationError) else exc
         return AgentResponse.failure(
             ErrorCode.INTERNAL_ERROR,
-            f"malformed reply from the agent: {exc.error_count()} problem(s)",
+            f"malformed reply from the agent: {problem}",
             correlation_id=envelope.correlation_id,
         )
-    return response.model_copy(update={"correlation_id": envelope.correlation_id})
