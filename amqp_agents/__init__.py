@@ -31,10 +31,19 @@ from amqp_agents.errors import (
     UnknownActionError,
     UnroutableError,
 )
-from amqp_agents.models.messages import AgentMessage, AgentResponse, ErrorCode, ErrorInfo, Priority
+from amqp_agents.events.bus import EventBus, Subscription
+from amqp_agents.events.publisher import EventPublisher, RecordingPublisher
+from amqp_agents.models.messages import (
+    AgentMessage,
+    AgentResponse,
+    ErrorCode,
+    ErrorInfo,
+    Event,
+    Priority,
+)
 from amqp_agents.models.wire import Topology
 from amqp_agents.rpc.client import Request, RpcClient
-from amqp_agents.runtime.agent import Agent, action
+from amqp_agents.runtime.agent import Agent, action, on_event
 from amqp_agents.runtime.worker import Worker
 from amqp_agents.transport.factory import create_transport
 from amqp_agents.transport.rabbitmq import RabbitTransport
@@ -54,6 +63,9 @@ __all__ = [
     "ConnectionSettings",
     "ErrorCode",
     "ErrorInfo",
+    "Event",
+    "EventBus",
+    "EventPublisher",
     "InternalError",
     "InvalidPayloadError",
     "LifecycleError",
@@ -65,11 +77,13 @@ __all__ = [
     "PublishTimeoutError",
     "QueueNotFoundError",
     "RabbitTransport",
+    "RecordingPublisher",
     "Request",
     "RpcClient",
     "RpcSettings",
     "Settings",
     "ShuttingDownError",
+    "Subscription",
     "Topology",
     "TopologyMismatchError",
     "TransportError",
@@ -79,4 +93,5 @@ __all__ = [
     "WorkerSettings",
     "action",
     "create_transport",
+    "on_event",
 ]

@@ -105,23 +105,18 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _settings(args: argparse.Namespace) -> Settings:
-    settings = Settings()
+    """Settings from the environment, with command-line options on top (same checks)."""
+    overrides: dict[str, Any] = {}
     if args.url:
-        settings = settings.model_copy(update={"url": SecretStr(args.url)})
-    worker = settings.worker
-    updates: dict[str, Any] = {}
+        overrides["url"] = SecretStr(args.url)
+    worker: dict[str, Any] = {}
     if getattr(args, "concurrency", None) is not None:
-        updates["concurrency"] = args.concurrency
+        worker["concurrency"] = args.concurrency
     if getattr(args, "grace_period", None) is not None:
-        updates["grace_period_s"] = args.grace_period
-    if updates:
-        worker = type(worker).model_validate({**worker.model_dump(), **updates})
-        settings = settings.model_copy(update={"worker": worker})
-    # Re-validate as a whole so CLI overrides get the same checks as the environment.
-    connection = type(settings.connection).model_validate(
-        {**settings.connection.model_dump(), "url": settings.url}
-    )
-    return settings.model_copy(update={"connection": connection})
+        worker["grace_period_s"] = args.grace_period
+    if worker:
+        overrides["worker"] = worker
+    return Settings(**overrides)
 
 
 async def _run(args: argparse.Namespace, settings: Settings) -> int:
@@ -138,6 +133,7 @@ async def _run(args: argparse.Namespace, settings: Settings) -> int:
         topology=settings.topology,
         settings=settings.worker,
         publish_timeout_s=settings.connection.publish_timeout_s,
+        max_message_bytes=settings.connection.max_message_bytes,
     )
     probes: HealthServer | None = None
     if args.metrics_port is not None:

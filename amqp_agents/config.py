@@ -7,9 +7,18 @@ tests and embedding applications never depend on process-global state. Secrets a
 
 from __future__ import annotations
 
+from typing import Self
 from urllib.parse import urlsplit, urlunsplit
 
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, SecretStr, field_validator
+from pydantic import (
+    AliasChoices,
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from amqp_agents.models.wire import Topology
@@ -34,9 +43,7 @@ def redact_url(url: str) -> str:
     parts = urlsplit(url)
     if parts.password is None:
         return url
-    host = parts.hostname or ""
-    if parts.port is not None:
-        host = f"{host}:{parts.port}"
+    host = parts.netloc.rpartition("@")[2]  # keeps IPv6 brackets and the port
     user = parts.username or ""
     return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
 
@@ -44,7 +51,7 @@ def redact_url(url: str) -> str:
 class ConnectionSettings(BaseModel):
     """How to reach the broker."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", hide_input_in_errors=True)
 
     url: SecretStr = SecretStr(DEFAULT_URL)
     heartbeat_s: int = Field(default=10, ge=1, le=600)
@@ -91,7 +98,10 @@ class Settings(BaseSettings):
     """
 
     model_config = SettingsConfigDict(
-        env_prefix="AMQP_AGENTS_", env_nested_delimiter="__", extra="forbid"
+        env_prefix="AMQP_AGENTS_",
+        env_nested_delimiter="__",
+        extra="forbid",
+        hide_input_in_errors=True,
     )
 
     url: SecretStr = Field(
@@ -103,6 +113,17 @@ class Settings(BaseSettings):
     rpc: RpcSettings = RpcSettings()
     topology: Topology = Topology()
 
-    def connection_settings(self) -> ConnectionSettings:
-        """The connection group with the top-level URL applied."""
-        return self.connection.model_copy(update={"url": self.url})
+    @model_validator(mode="after")
+    def _one_url(self) -> Self:
+        # The URL lives at the top level (AMQP_URL); the connection group carries a copy,
+        # validated like the rest of the group, so the two can never disagree.
+        if "url" in self.connection.model_fields_set and (
+            self.connection.url.get_secret_value() != self.url.get_secret_value()
+        ):
+            raise ValueError(
+                "set the broker URL with AMQP_URL (or AMQP_AGENTS_URL), not connection.url"
+            )
+        self.connection = ConnectionSettings.model_validate(
+            {**self.connection.model_dump(), "url": self.url}
+        )
+        return self

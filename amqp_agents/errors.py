@@ -12,7 +12,7 @@ tree at the seam where it is raised; nothing else escapes the public API::
     │   ├── PublishRejectedError                       the broker nacked a publish
     │   ├── UnroutableError                            mandatory publish matched no queue
     │   ├── TopologyMismatchError                      queue/exchange exists with other args
-    │   └── QueueNotFoundError                         passive declare of a missing queue
+    │   └── QueueNotFoundError (LookupError)           passive declare of a missing queue
     └── AgentError                            an error that becomes an error *reply*
         ├── UnknownActionError                UNKNOWN_ACTION
         ├── InvalidPayloadError (ValueError)  INVALID_PAYLOAD (details = field errors)

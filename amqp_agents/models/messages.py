@@ -120,7 +120,8 @@ class AgentMessage(BaseModel):
     payload: dict[str, Any] = Field(default_factory=dict)
     correlation_id: str | None = None
     reply_to: str | None = None
-    priority: Priority = Priority.NORMAL
+    priority: int = Field(default=Priority.NORMAL, ge=0, le=9)
+    """0-9; the :class:`Priority` members name some levels, any value in range works."""
     created_at: datetime = Field(default_factory=lambda: datetime.now(UTC))
     deadline: datetime | None = None
 

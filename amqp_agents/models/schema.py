@@ -9,6 +9,7 @@ that into a validator once per handler, and validation failures into
 from __future__ import annotations
 
 import inspect
+import types
 from typing import TYPE_CHECKING, Any, get_type_hints
 
 from pydantic import TypeAdapter, ValidationError
@@ -34,8 +35,20 @@ def handler_argument(func: Callable[..., Any], *, bound: bool, what: str) -> Any
         return None
     if len(params) > 1:
         raise ConfigurationError(f"{what}: {func.__qualname__} takes one payload argument at most")
-    hints = get_type_hints(func)
-    return hints.get(params[0].name, dict[str, Any])
+    name = params[0].name
+    raw = getattr(func, "__annotations__", {}).get(name)
+    if raw is None:
+        return dict[str, Any]
+    # Resolve only the payload's annotation: the return type may be imported under
+    # TYPE_CHECKING, which is fine, since nothing reads it at run time.
+    holder = types.SimpleNamespace(__annotations__={name: raw})
+    try:
+        return get_type_hints(holder, globalns=getattr(func, "__globals__", {}))[name]
+    except NameError as exc:
+        raise ConfigurationError(
+            f"{what}: cannot resolve the payload annotation of {func.__qualname__} ({exc});"
+            " import the payload type at run time, not under TYPE_CHECKING"
+        ) from None
 
 
 def adapter_for(annotation: Any) -> TypeAdapter[Any]:

@@ -16,9 +16,9 @@ from typing import Any, Final
 import pydantic_core
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from amqp_agents.errors import InvalidPayloadError, MessageTooLargeError
+from amqp_agents.errors import ConfigurationError, InvalidPayloadError, MessageTooLargeError
 from amqp_agents.models.envelope import Envelope
-from amqp_agents.models.messages import AgentMessage, AgentResponse, ErrorCode, Event, Priority
+from amqp_agents.models.messages import AgentMessage, AgentResponse, ErrorCode, Event
 
 __all__ = [
     "CONTENT_TYPE_JSON",
@@ -40,14 +40,19 @@ HEADER_DEADLINE: Final = "x-deadline"
 MAX_PRIORITY: Final = 9
 """Highest priority in the contract; the default ``x-max-priority`` of agent queues."""
 
+_MAX_EPOCH_MS: Final = 253_402_300_799_000  # 9999-12-31, datetime's limit
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,199}$")
 
 
 @functools.lru_cache(maxsize=4096)
 def check_name(kind: str, name: str) -> str:
-    """Validate an agent/action name: it becomes a routing key and part of a queue name."""
-    if not _NAME.match(name):
-        raise ValueError(
+    """Validate an agent/action/group/event name: it becomes a routing key or queue name.
+
+    Raises:
+        ConfigurationError: (a ``ValueError``) naming the rule.
+    """
+    if not _NAME.fullmatch(name):
+        raise ConfigurationError(
             f"invalid {kind} name {name!r}: use 1-200 characters from letters, digits,"
             " '_', '.', '-', starting with a letter or digit"
         )
@@ -118,9 +123,16 @@ def deadline_from(envelope: Envelope) -> float | None:
     if not headers:
         return None
     raw = headers.get(HEADER_DEADLINE)
-    if isinstance(raw, int) and not isinstance(raw, bool) and raw > 0:
+    if isinstance(raw, int) and not isinstance(raw, bool) and 0 < raw < _MAX_EPOCH_MS:
         return raw / 1000.0
     return None
+
+
+def _datetime(epoch_s: float | None) -> datetime:
+    """An AMQP timestamp as a datetime; absent or out of range means now."""
+    if epoch_s is not None and 0 < epoch_s < _MAX_EPOCH_MS / 1000:
+        return datetime.fromtimestamp(epoch_s, UTC)
+    return datetime.now(UTC)
 
 
 def encode_request(
@@ -183,9 +195,9 @@ def decode_request(envelope: Envelope) -> AgentMessage:
         payload=payload,
         correlation_id=envelope.correlation_id,
         reply_to=envelope.reply_to,
-        priority=Priority(min(max(priority, 0), MAX_PRIORITY)),
-        created_at=datetime.fromtimestamp(envelope.timestamp or time.time(), UTC),
-        deadline=None if deadline is None else datetime.fromtimestamp(deadline, UTC),
+        priority=min(max(priority, 0), MAX_PRIORITY),
+        created_at=_datetime(envelope.timestamp),
+        deadline=None if deadline is None else _datetime(deadline),
     )
 
 
@@ -195,9 +207,7 @@ def encode_reply(response: AgentResponse, reply_to: str, correlation_id: str | N
         body = dump_json({"ok": True, "data": response.data})
     else:
         assert response.error is not None  # noqa: S101  # guaranteed by AgentResponse
-        body = pydantic_core.to_json(
-            {"ok": False, "error": response.error.model_dump(exclude_none=True)}
-        )
+        body = dump_json({"ok": False, "error": response.error.model_dump(exclude_none=True)})
     return Envelope(
         body=body,
         exchange="",
@@ -248,7 +258,7 @@ def decode_event(envelope: Envelope) -> Event:
         id=envelope.message_id or "",
         type=envelope.type or envelope.routing_key,
         payload=payload,
-        timestamp=datetime.fromtimestamp(envelope.timestamp or time.time(), UTC),
+        timestamp=_datetime(envelope.timestamp),
         correlation_id=envelope.correlation_id,
         reply_to=envelope.reply_to,
         redelivered=envelope.redelivered,
@@ -257,7 +267,7 @@ def decode_event(envelope: Envelope) -> Event:
 
 def _json_object(envelope: Envelope) -> dict[str, Any]:
     content_type = envelope.content_type
-    if content_type and content_type.split(";", 1)[0].strip() != CONTENT_TYPE_JSON:
+    if content_type and content_type.split(";", 1)[0].strip().lower() != CONTENT_TYPE_JSON:
         raise InvalidPayloadError(
             f"content type {content_type!r} is not supported; send {CONTENT_TYPE_JSON}"
         )

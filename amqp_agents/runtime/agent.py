@@ -23,7 +23,6 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
-import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
@@ -236,22 +235,19 @@ class Agent:
                 f"agent {self.name!r} has no action {message.action!r} (known: {known})"
             ).to_response(correlation_id=cid)
         limit = _smallest(spec.timeout_s, timeout_s)
-        started = time.monotonic()
+        scope = asyncio.timeout(limit)
         try:
             method = getattr(self, spec.method)
             if spec.payload is None:
                 call = method()
             else:
                 call = method(validate_payload(spec.payload, message.payload))
-            if limit is None:
+            async with scope:
                 result = await call
-            else:
-                async with asyncio.timeout(limit):
-                    result = await call
         except AgentError as exc:
             return exc.to_response(correlation_id=cid)
         except TimeoutError:
-            if limit is not None and time.monotonic() - started >= limit:
+            if scope.expired():
                 return ActionTimeoutError(
                     f"action {message.action!r} took longer than {limit:g}s"
                 ).to_response(correlation_id=cid)

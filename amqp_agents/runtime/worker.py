@@ -38,8 +38,10 @@ from amqp_agents.config import WorkerSettings
 from amqp_agents.errors import (
     BrokerUnavailableError,
     ConfigurationError,
+    InternalError,
     InvalidPayloadError,
     LifecycleError,
+    MessageTooLargeError,
     TransportError,
 )
 from amqp_agents.events.bus import EventBus
@@ -58,6 +60,8 @@ from amqp_agents.transport.base import (
 )
 
 if TYPE_CHECKING:
+    from amqp_agents.models.envelope import Envelope
+    from amqp_agents.models.messages import AgentResponse
     from amqp_agents.runtime.agent import Agent
 
 __all__ = ["Worker", "WorkerStats"]
@@ -103,6 +107,7 @@ class Worker:
         topology: Topology | None = None,
         settings: WorkerSettings | None = None,
         publish_timeout_s: float = 10.0,
+        max_message_bytes: int = 1024 * 1024,
     ) -> None:
         if not agents:
             raise ConfigurationError("a worker needs at least one agent")
@@ -115,6 +120,7 @@ class Worker:
         self._topology = topology or Topology()
         self._settings = settings or WorkerSettings()
         self._publish_timeout_s = publish_timeout_s
+        self._max_bytes = max_message_bytes
         self._slots = asyncio.Semaphore(self._settings.concurrency)
         self._consumers: list[ConsumerHandle] = []
         self._waiting: set[asyncio.Task[object]] = set()
@@ -126,6 +132,7 @@ class Worker:
             transport,
             topology=self._topology,
             publish_timeout_s=publish_timeout_s,
+            max_message_bytes=max_message_bytes,
             prefetch=self._settings.concurrency,
             handler_timeout_s=self._settings.action_timeout_s,
             guard=self._guarded,
@@ -339,7 +346,7 @@ class Worker:
             response = await agent.handle(message, timeout_s=timeout_s)
         reply_to = envelope.reply_to
         if reply_to:
-            reply = encode_reply(response, reply_to, envelope.correlation_id)
+            reply = self._encode_reply(agent, response, reply_to, envelope.correlation_id)
             try:
                 await self._transport.publish(reply, timeout_s=self._publish_timeout_s)
             except TransportError as exc:
@@ -351,6 +358,23 @@ class Worker:
         else:
             self.stats.acked_without_reply += 1
         await delivery.ack()
+
+    def _encode_reply(
+        self, agent: Agent, response: AgentResponse, reply_to: str, correlation_id: str | None
+    ) -> Envelope:
+        try:
+            reply = encode_reply(response, reply_to, correlation_id)
+        except InvalidPayloadError as exc:
+            log.error("%s returned a value that is not JSON: %s", agent.name, exc.message)
+            failure = InternalError("the action returned a value that cannot be sent as JSON")
+            return encode_reply(failure.to_response(), reply_to, correlation_id)
+        if len(reply.body) > self._max_bytes:
+            log.error("%s: reply of %d bytes is over the limit", agent.name, len(reply.body))
+            too_large = MessageTooLargeError(
+                f"the reply is {len(reply.body)} bytes, over the {self._max_bytes}-byte limit"
+            )
+            return encode_reply(too_large.to_response(), reply_to, correlation_id)
+        return reply
 
 
 async def _forever() -> None:

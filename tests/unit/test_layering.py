@@ -1,0 +1,194 @@
+"""Imports point down only: checked on the source with ast, without importing anything.
+
+Layers, top to bottom: cli -> runtime -> rpc, events (siblings) -> transport -> models.
+Only the RabbitMQ transport module touches aio-pika.
+"""
+
+import ast
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+import amqp_agents
+
+PACKAGE_DIR = Path(amqp_agents.__file__).parent
+RABBIT_MODULE = "amqp_agents.transport.rabbitmq"
+
+
+@dataclass(frozen=True)
+class Import:
+    """One imported name (a module, or ``module.attr`` for ``from module import attr``)."""
+
+    importer: str
+    name: str
+    line: int
+
+    def __str__(self) -> str:
+        return f"{self.importer}:{self.line} imports {self.name}"
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE_DIR.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _imports_of(source: str, module: str, *, is_package: bool = False) -> list[Import]:
+    """Every import in ``source``, at any depth (functions, TYPE_CHECKING blocks), absolute."""
+    package = module if is_package else module.rpartition(".")[0]
+    found: list[Import] = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            found += [Import(module, alias.name, node.lineno) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.split(".")
+                anchor = anchor[: len(anchor) - node.level + 1]
+                base = ".".join([*anchor, base] if base else anchor)
+            found.append(Import(module, base, node.lineno))
+            found += [Import(module, f"{base}.{alias.name}", node.lineno) for alias in node.names]
+    return found
+
+
+def _all_imports() -> list[Import]:
+    imports: list[Import] = []
+    for path in sorted(PACKAGE_DIR.rglob("*.py")):
+        imports += _imports_of(
+            path.read_text(encoding="utf-8"),
+            _module_name(path),
+            is_package=path.name == "__init__.py",
+        )
+    return imports
+
+
+IMPORTS = _all_imports()
+
+
+def _within(name: str, prefix: str) -> bool:
+    return name == prefix or name.startswith(prefix + ".")
+
+
+def _violations(importers: str, forbidden: list[str]) -> list[str]:
+    return [
+        str(imp)
+        for imp in IMPORTS
+        if _within(imp.importer, importers)
+        and any(_within(imp.name, target) for target in forbidden)
+    ]
+
+
+def test_import_collector_sees_every_form() -> None:
+    """The collector finds plain, from, relative, nested and TYPE_CHECKING imports."""
+    source = (
+        "import aio_pika.abc\n"
+        "from typing import TYPE_CHECKING\n"
+        "from . import sibling\n"
+        "from ..transport import base\n"
+        "if TYPE_CHECKING:\n"
+        "    from amqp_agents.cli import main\n"
+        "def f():\n"
+        "    import aiormq\n"
+    )
+
+    names = {imp.name for imp in _imports_of(source, "amqp_agents.rpc.client")}
+
+    assert {
+        "aio_pika.abc",
+        "amqp_agents.rpc.sibling",
+        "amqp_agents.transport.base",
+        "amqp_agents.cli.main",
+        "aiormq",
+    } <= names
+
+
+def test_collector_sees_the_package() -> None:
+    """The scan covers the real package (so an empty scan cannot pass the rules)."""
+    importers = {imp.importer for imp in IMPORTS}
+
+    assert {"amqp_agents.cli", RABBIT_MODULE, "amqp_agents.models.wire"} <= importers
+    assert any(imp.name == "aio_pika" for imp in IMPORTS)
+
+
+def test_only_the_rabbit_transport_imports_aio_pika() -> None:
+    """aio_pika and aiormq are imported by transport/rabbitmq.py and nowhere else."""
+    offenders = [
+        str(imp)
+        for imp in IMPORTS
+        if imp.importer != RABBIT_MODULE
+        and any(_within(imp.name, lib) for lib in ("aio_pika", "aiormq"))
+    ]
+    assert offenders == []
+
+
+@pytest.mark.parametrize(
+    ("layer", "forbidden"),
+    [
+        ("amqp_agents.models", ["transport", "rpc", "events", "runtime", "cli"]),
+        ("amqp_agents.transport", ["rpc", "events", "runtime", "cli"]),
+        ("amqp_agents.rpc", ["events", "runtime", "cli"]),
+        ("amqp_agents.events", ["rpc", "runtime", "cli"]),
+        ("amqp_agents.runtime", ["cli"]),
+    ],
+    ids=["models", "transport", "rpc", "events", "runtime"],
+)
+def test_imports_point_down(layer: str, forbidden: list[str]) -> None:
+    """No layer imports a layer above it (rpc and events, siblings, not each other)."""
+    assert _violations(layer, [f"amqp_agents.{name}" for name in forbidden]) == []
+
+
+def test_examples_are_imported_only_by_the_cli() -> None:
+    """Library code never depends on the example app."""
+    offenders = [
+        str(imp)
+        for imp in IMPORTS
+        if _within(imp.name, "amqp_agents.examples")
+        and not _within(imp.importer, "amqp_agents.examples")
+        and imp.importer != "amqp_agents.cli"
+    ]
+    assert offenders == []
+
+
+def test_testing_helpers_are_not_imported_by_the_library() -> None:
+    """amqp_agents.testing is for users' tests; the library itself never imports it."""
+    offenders = [
+        str(imp)
+        for imp in IMPORTS
+        if _within(imp.name, "amqp_agents.testing")
+        and not _within(imp.importer, "amqp_agents.testing")
+    ]
+    assert offenders == []
+
+
+def _get_event_loop_calls(source: str) -> list[int]:
+    """Lines of ``get_event_loop()`` calls, as ``asyncio.get_event_loop()`` or bare."""
+    lines = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Call):
+            name = getattr(node.func, "attr", None) or getattr(node.func, "id", None)
+            if name == "get_event_loop":
+                lines.append(node.lineno)
+    return lines
+
+
+def test_get_event_loop_finder_sees_both_forms() -> None:
+    """The finder catches the attribute and the bare-name call, not the running-loop one."""
+    source = (
+        "import asyncio\n"
+        "from asyncio import get_event_loop\n"
+        "LOOP = asyncio.get_event_loop()\n"
+        "def f():\n"
+        "    return get_event_loop(), asyncio.get_running_loop()\n"
+    )
+
+    assert _get_event_loop_calls(source) == [3, 5]
+
+
+def test_no_get_event_loop() -> None:
+    """No module calls get_event_loop(), at module level or anywhere else."""
+    offenders = [
+        f"{_module_name(path)}:{line}"
+        for path in sorted(PACKAGE_DIR.rglob("*.py"))
+        for line in _get_event_loop_calls(path.read_text(encoding="utf-8"))
+    ]
+    assert offenders == []
