@@ -150,6 +150,7 @@ class EventBus:
         self._groups: dict[str, _QueueConsumer] = {}
         self._private: _QueueConsumer | None = None
         self._replies: ReplyQueue | None = None
+        self._retired: list[ConsumerHandle] = []  # cancelled; channels closed on aclose
         self._lock = asyncio.Lock()
 
     @property
@@ -188,6 +189,9 @@ class EventBus:
             return
         self._state = _State.CLOSED
         await self.stop_consuming()
+        retired, self._retired = self._retired, []
+        for handle in retired:
+            await handle.close()
         if self._replies is not None:
             self._replies.drain()
             await self._replies.aclose()
@@ -393,6 +397,8 @@ class EventBus:
         queue.cancelled = True
         handle, queue.handle = queue.handle, None
         if handle is not None:
+            # Deliveries in flight still settle on its channel: close it later, not now.
+            self._retired.append(handle)
             with contextlib.suppress(TransportError):
                 await handle.cancel()
 

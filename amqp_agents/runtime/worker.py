@@ -259,6 +259,8 @@ class Worker:
             if pending:
                 log.warning("cancelled %d handler(s) after the grace period", len(pending))
                 await asyncio.wait(pending, timeout=5)
+        for consumer in self._consumers:
+            await consumer.close()
         await asyncio.gather(*(agent.shutdown() for agent in self._agents), return_exceptions=True)
         await self.events.aclose()
         self._consumers.clear()

@@ -108,6 +108,10 @@ class ConsumerHandle(Protocol):
         """Stop receiving deliveries (``basic.cancel``). Unsettled ones stay unsettled."""
         ...
 
+    async def close(self) -> None:
+        """Cancel and release the consumer's channel; unsettled deliveries are requeued."""
+        ...
+
 
 class Transport(Protocol):
     """A connection to a broker with AMQP 0-9-1 semantics."""

@@ -135,8 +135,10 @@ class _RabbitConsumer:
             await underlay.basic_cancel(self._tag, timeout=5)
 
     async def close(self) -> None:
+        if self._channel.is_closed:
+            return
         with contextlib.suppress(*_LINK_ERRORS, TimeoutError):
-            await self._channel.close()
+            await asyncio.wait_for(self._channel.close(), timeout=5)
 
 
 def _to_properties(env: Envelope) -> spec.Basic.Properties:
@@ -214,7 +216,6 @@ class RabbitTransport:
         self._control: AbstractChannel | None = None
         self._confirm_channel: AbstractChannel | None = None
         self._plain_channel: AbstractChannel | None = None
-        self._consumers: set[_RabbitConsumer] = set()
         self._lost_callbacks: list[Callable[[BaseException | None], None]] = []
         self._lost_reported = False
         self._channel_lock = asyncio.Lock()
@@ -294,7 +295,6 @@ class RabbitTransport:
             if connection is not None and not connection.is_closed:
                 with contextlib.suppress(*_LINK_ERRORS, TimeoutError):
                     await asyncio.wait_for(connection.close(), timeout=5)
-        self._consumers.clear()
 
     async def __aenter__(self) -> Self:
         await self.connect()
@@ -474,9 +474,7 @@ class RabbitTransport:
             with contextlib.suppress(*_LINK_ERRORS, TimeoutError):
                 await channel.close()
             raise _topology_error(f"queue {queue!r}", exc) from None
-        consumer = _RabbitConsumer(queue, channel, str(ok.consumer_tag))
-        self._consumers.add(consumer)
-        return consumer
+        return _RabbitConsumer(queue, channel, str(ok.consumer_tag))
 
 
 class _NoAckDelivery:

@@ -60,7 +60,7 @@ class ReplyQueue:
         """Stop consuming (the broker deletes the queue). Idempotent."""
         consumer, self._consumer = self._consumer, None
         if consumer is not None:
-            await consumer.cancel()
+            await consumer.close()
 
     def expect(self, correlation_id: str, callback: ReplyCallback) -> None:
         """Call ``callback(envelope)`` for each reply with this id until :meth:`forget`."""
