@@ -22,7 +22,8 @@ tree at the seam where it is raised; nothing else escapes the public API::
         ├── ShuttingDownError                 SHUTTING_DOWN
         ├── NoRouteError                      NO_ROUTE
         ├── ConnectionLostError (ConnectionError)  CONNECTION_LOST
-        └── MessageTooLargeError (ValueError)  MESSAGE_TOO_LARGE
+        ├── MessageTooLargeError (ValueError)  MESSAGE_TOO_LARGE
+        └── RejectedError                     REJECTED
 
 A handler raises an :class:`AgentError` to answer with that code; any other exception
 becomes ``INTERNAL_ERROR`` with the traceback logged, never sent. On the calling side
@@ -51,6 +52,7 @@ __all__ = [
     "PublishRejectedError",
     "PublishTimeoutError",
     "QueueNotFoundError",
+    "RejectedError",
     "ShuttingDownError",
     "TopologyMismatchError",
     "TransportError",
@@ -189,6 +191,12 @@ class MessageTooLargeError(AgentError, ValueError):
     code = ErrorCode.MESSAGE_TOO_LARGE
 
 
+class RejectedError(AgentError):
+    """The broker refused to enqueue the request."""
+
+    code = ErrorCode.REJECTED
+
+
 _BY_CODE: dict[str, type[AgentError]] = {
     kind.code: kind
     for kind in (
@@ -201,5 +209,6 @@ _BY_CODE: dict[str, type[AgentError]] = {
         NoRouteError,
         ConnectionLostError,
         MessageTooLargeError,
+        RejectedError,
     )
 }

@@ -208,8 +208,10 @@ class RpcClient:
                     return _failure(
                         ErrorCode.NO_ROUTE, f"no agent {agent!r} is being served", correlation_id
                     )
-                except (PublishTimeoutError, PublishRejectedError) as exc:
+                except PublishTimeoutError as exc:
                     return _failure(ErrorCode.TIMEOUT, str(exc), correlation_id)
+                except PublishRejectedError as exc:
+                    return _failure(ErrorCode.REJECTED, str(exc), correlation_id)
                 except BrokerUnavailableError as exc:
                     return _failure(ErrorCode.CONNECTION_LOST, str(exc), correlation_id)
                 reply = await future

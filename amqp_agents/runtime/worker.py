@@ -210,11 +210,10 @@ class Worker:
             QueueSpec(
                 name=queue,
                 durable=True,
-                arguments={
-                    "x-max-priority": topology.max_priority,
-                    "x-dead-letter-exchange": dlx,
-                    "x-dead-letter-routing-key": agent.name,
-                },
+                # No x-dead-letter-exchange: requests that expire while queued (their
+                # caller gave up) must vanish, not pile up in the dead-letter queue. The
+                # worker dead-letters explicitly, with headers saying why.
+                arguments={"x-max-priority": topology.max_priority},
             )
         )
         await self._transport.bind_queue(queue, topology.requests_exchange, agent.name)
