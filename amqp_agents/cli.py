@@ -20,7 +20,7 @@ from pydantic import SecretStr, ValidationError
 
 from amqp_agents.config import Settings, redact_url
 from amqp_agents.errors import AmqpAgentsError, BrokerUnavailableError, ConfigurationError
-from amqp_agents.events.bus import EventBus
+from amqp_agents.events.bus import DeliveryGuard, EventBus, Process
 from amqp_agents.models.messages import Event, Priority
 from amqp_agents.rpc.client import RpcClient
 from amqp_agents.runtime.agent import Agent
@@ -31,7 +31,7 @@ from amqp_agents.transport.factory import create_transport
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
-    from amqp_agents.transport.base import Transport
+    from amqp_agents.transport.base import Delivery, Transport
 
 __all__ = ["load_agents", "main"]
 
@@ -174,12 +174,15 @@ def _json_object(text: str) -> dict[str, Any]:
     return payload
 
 
-def _event_bus(transport: Transport, settings: Settings) -> EventBus:
+def _event_bus(
+    transport: Transport, settings: Settings, *, guard: DeliveryGuard | None = None
+) -> EventBus:
     return EventBus(
         transport,
         topology=settings.topology,
         publish_timeout_s=settings.connection.publish_timeout_s,
         max_message_bytes=settings.connection.max_message_bytes,
+        guard=guard,
     )
 
 
@@ -220,12 +223,20 @@ async def _listen(args: argparse.Namespace, settings: Settings) -> int:
         if args.count is not None and seen >= args.count:
             stop.set()
 
+    async def until_stopped(delivery: Delivery, process: Process) -> None:
+        # Events fetched ahead (prefetch) after the last one we print go back to the
+        # queue: with --group they belong to the group, not to this listener.
+        if stop.is_set():
+            await delivery.nack(requeue=True)
+        else:
+            await process(delivery)
+
     transport = create_transport(settings.connection)
     await transport.connect()
     lost = asyncio.Event()
     transport.on_connection_lost(lambda _exc: lost.set())
     try:
-        bus = _event_bus(transport, settings)
+        bus = _event_bus(transport, settings, guard=until_stopped)
         await bus.start()
         await bus.subscribe(args.pattern, show, group=args.group)
         print(f"listening for {args.pattern!r} (Ctrl-C to stop)", file=sys.stderr, flush=True)

@@ -32,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from enum import Enum
@@ -52,8 +53,10 @@ from amqp_agents.models.messages import AgentResponse, ErrorCode, Event, IdSourc
 from amqp_agents.models.schema import adapter_for, handler_argument, validate_payload
 from amqp_agents.models.topic import topic_matches, validate_pattern
 from amqp_agents.models.wire import (
+    HEADER_DEADLINE,
     Topology,
     check_name,
+    deadline_from,
     decode_event,
     decode_reply,
     dump_json,
@@ -72,7 +75,7 @@ from amqp_agents.transport.replies import ReplyQueue
 if TYPE_CHECKING:
     from amqp_agents.models.envelope import Envelope
 
-__all__ = ["DeliveryGuard", "EventBus", "EventHandler", "Subscription"]
+__all__ = ["DeliveryGuard", "EventBus", "EventHandler", "Process", "Subscription"]
 
 log = logging.getLogger(__name__)
 
@@ -109,14 +112,27 @@ class Subscription:
 
 
 @dataclass(eq=False, slots=True)
+class _Attachment:
+    """One ``consume`` of a queue: its handle and the deliveries still being handled.
+
+    Once cancelled, its channel is closed as soon as no delivery of it is in flight
+    (closing earlier would requeue them unsettled; never closing leaks channels).
+    """
+
+    handle: ConsumerHandle | None = None
+    in_flight: int = 0
+    cancelled: bool = False
+    closed: bool = False
+
+
+@dataclass(eq=False, slots=True)
 class _QueueConsumer:
     """One consumed queue (a group's, or this bus's private one) and its handlers."""
 
     queue: str
     group: str | None
     subscriptions: list[Subscription] = field(default_factory=list)
-    handle: ConsumerHandle | None = None
-    cancelled: bool = False
+    attachment: _Attachment | None = None
 
 
 class EventBus:
@@ -150,14 +166,14 @@ class EventBus:
         self._groups: dict[str, _QueueConsumer] = {}
         self._private: _QueueConsumer | None = None
         self._replies: ReplyQueue | None = None
-        self._retired: list[ConsumerHandle] = []  # cancelled; channels closed on aclose
+        self._closing: set[asyncio.Task[None]] = set()
         self._lock = asyncio.Lock()
 
     @property
     def consumers(self) -> int:
         """Queues this bus is consuming right now."""
         queues = [*self._groups.values(), *([self._private] if self._private else [])]
-        return sum(1 for q in queues if q.handle is not None and not q.cancelled)
+        return sum(1 for q in queues if q.attachment is not None)
 
     @property
     def subscriptions(self) -> list[Subscription]:
@@ -182,6 +198,8 @@ class EventBus:
         queues = [*self._groups.values(), *([self._private] if self._private else [])]
         for queue in queues:
             await self._cancel(queue)
+        # The private queue is auto-deleted with its consumer: it and its bindings are gone.
+        self._private = None
 
     async def aclose(self) -> None:
         """Stop consuming and stop waiting for replies. Idempotent."""
@@ -189,9 +207,8 @@ class EventBus:
             return
         self._state = _State.CLOSED
         await self.stop_consuming()
-        retired, self._retired = self._retired, []
-        for handle in retired:
-            await handle.close()
+        if self._closing:
+            await asyncio.wait(set(self._closing), timeout=10)
         if self._replies is not None:
             self._replies.drain()
             await self._replies.aclose()
@@ -235,6 +252,10 @@ class EventBus:
         envelope = self._event(
             event_type, payload, correlation_id=correlation_id, reply_to=replies.name
         )
+        # Nobody reads answers after the timeout: subscribers skip a question whose
+        # deadline has passed. (Not an AMQP expiration: in a group queue an expired
+        # message would be dead-lettered, and a stale question is not a failure.)
+        envelope.headers = {HEADER_DEADLINE: int((time.time() + timeout_s) * 1000)}
         collected: list[AgentResponse] = []
         enough = asyncio.Event()
 
@@ -312,6 +333,11 @@ class EventBus:
             validate_pattern(pattern)
             if group is not None:
                 check_name("group", group)
+                if group.endswith(self._topology.dead_letter_suffix):
+                    raise ConfigurationError(
+                        f"group {group!r} ends with {self._topology.dead_letter_suffix!r}: its"
+                        " queue would collide with another group's dead-letter queue"
+                    )
         except ValueError as exc:
             raise ConfigurationError(str(exc)) from None
         annotation = handler_argument(handler, bound=False, what=f"event handler {pattern!r}")
@@ -328,19 +354,22 @@ class EventBus:
             queue = await self._queue_for(group)
             await self._transport.bind_queue(queue.queue, self._topology.events_exchange, pattern)
             queue.subscriptions.append(subscription)
-            if queue.handle is None:
-                queue.cancelled = False
-                queue.handle = await self._transport.consume(
-                    queue.queue, self._handler_for(queue), prefetch=self._prefetch
+            if queue.attachment is None:
+                attachment = _Attachment()
+                attachment.handle = await self._transport.consume(
+                    queue.queue, self._handler_for(queue, attachment), prefetch=self._prefetch
                 )
+                queue.attachment = attachment
         return subscription
 
     async def unsubscribe(self, subscription: Subscription) -> None:
         """Remove a handler; when it was its queue's last one, stop consuming.
 
         A group's queue and bindings stay, so events keep queuing for the group (other
-        processes may serve it). A private queue drops the pattern's binding once no
-        handler uses it, and disappears with its last handler.
+        processes may serve it); while this process still consumes the group, events
+        that none of its remaining handlers match are dead-lettered, not dropped. A
+        private queue drops the pattern's binding once no handler uses it, and
+        disappears with its last handler.
         """
         async with self._lock:
             queue = (
@@ -394,31 +423,58 @@ class EventBus:
         return name
 
     async def _cancel(self, queue: _QueueConsumer) -> None:
-        queue.cancelled = True
-        handle, queue.handle = queue.handle, None
-        if handle is not None:
-            # Deliveries in flight still settle on its channel: close it later, not now.
-            self._retired.append(handle)
-            with contextlib.suppress(TransportError):
-                await handle.cancel()
+        attachment, queue.attachment = queue.attachment, None
+        if attachment is None or attachment.handle is None:
+            return
+        attachment.cancelled = True
+        with contextlib.suppress(TransportError):
+            await attachment.handle.cancel()
+        if attachment.in_flight == 0:
+            await self._close(attachment)
+
+    async def _close(self, attachment: _Attachment) -> None:
+        if attachment.closed or attachment.handle is None:
+            return
+        attachment.closed = True
+        await attachment.handle.close()
 
     # -- delivering ------------------------------------------------------------------
 
-    def _handler_for(self, queue: _QueueConsumer) -> Callable[[Delivery], Awaitable[None]]:
+    def _handler_for(
+        self, queue: _QueueConsumer, attachment: _Attachment
+    ) -> Callable[[Delivery], Awaitable[None]]:
         async def process(delivery: Delivery) -> None:
-            await self._dispatch(queue, delivery)
+            await self._dispatch(queue, attachment, delivery)
 
         async def on_delivery(delivery: Delivery) -> None:
-            await self._guard(delivery, process)
+            attachment.in_flight += 1
+            try:
+                await self._guard(delivery, process)
+            finally:
+                attachment.in_flight -= 1
+                if attachment.cancelled and attachment.in_flight == 0 and not attachment.closed:
+                    # Not awaited here: closing a channel cancels its consumer tasks,
+                    # and this is one of them.
+                    task = asyncio.get_running_loop().create_task(self._close(attachment))
+                    self._closing.add(task)
+                    task.add_done_callback(self._closing.discard)
 
         return on_delivery
 
-    async def _dispatch(self, queue: _QueueConsumer, delivery: Delivery) -> None:
+    async def _dispatch(
+        self, queue: _QueueConsumer, attachment: _Attachment, delivery: Delivery
+    ) -> None:
         envelope = delivery.envelope
-        if queue.cancelled:
+        if attachment.cancelled:
             # Arrived after unsubscribe/stop: give it back for the group's next consumer.
             await delivery.nack(requeue=True)
             return
+        if envelope.reply_to:
+            deadline = deadline_from(envelope)
+            if deadline is not None and deadline < time.time():
+                log.info("skipping question %r: its asker stopped waiting", envelope.routing_key)
+                await delivery.ack()
+                return
         try:
             event = decode_event(envelope)
         except InvalidPayloadError as exc:
@@ -428,9 +484,15 @@ class EventBus:
             await self._answer(envelope, [exc.to_response()])
             await self._settle(delivery, envelope, failed=True)
             return
-        subscriptions = [
-            s for s in queue.subscriptions if topic_matches(s.pattern, envelope.routing_key)
-        ]
+        # Match on the routing key as published to the events exchange; a message that
+        # arrives another way (a dead letter moved back by a shovel or the management UI
+        # keeps its type but not its routing key) is matched on its type.
+        key = (
+            envelope.routing_key
+            if envelope.exchange == self._topology.events_exchange
+            else event.type
+        )
+        subscriptions = [s for s in queue.subscriptions if topic_matches(s.pattern, key)]
         if not subscriptions:
             log.warning("no handler on %s matches event %r", queue.queue, envelope.routing_key)
             await self._settle(delivery, envelope, failed=True)
@@ -442,6 +504,7 @@ class EventBus:
 
     async def _call(self, subscription: Subscription, event: Event) -> AgentResponse | None:
         """Run one handler; its answer, an error response, or None (no answer)."""
+        scope = asyncio.timeout(self._handler_timeout_s)
         try:
             if subscription._wants_event:
                 call = subscription.handler(event)
@@ -451,12 +514,17 @@ class EventBus:
                 call = subscription.handler(event.payload)
             else:
                 call = subscription.handler()
-            async with asyncio.timeout(self._handler_timeout_s):
+            async with scope:
                 result = await call
         except AgentError as exc:
             log.warning("event handler for %r failed: %s: %s", event.type, exc.code, exc.message)
             return exc.to_response()
         except TimeoutError:
+            if not scope.expired():  # the handler's own TimeoutError: a plain failure
+                log.exception("event handler for %r failed (event id %s)", event.type, event.id)
+                return AgentResponse.failure(
+                    ErrorCode.INTERNAL_ERROR, "the event handler failed; see the subscriber's log"
+                )
             log.warning(
                 "event handler for %r took longer than %gs", event.type, self._handler_timeout_s
             )
