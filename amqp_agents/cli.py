@@ -12,6 +12,7 @@ import asyncio
 import importlib
 import json
 import logging
+import os
 import signal
 import sys
 from typing import TYPE_CHECKING, Any
@@ -44,6 +45,9 @@ def load_agents(target: str) -> list[Agent]:
     module_name, sep, attr = target.partition(":")
     if not sep or not module_name or not attr:
         raise ConfigurationError(f"expected MODULE:ATTR, got {target!r}")
+    # Like ``python -m``: modules of the current directory are importable.
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
@@ -122,11 +126,6 @@ def _settings(args: argparse.Namespace) -> Settings:
 async def _run(args: argparse.Namespace, settings: Settings) -> int:
     agents = load_agents(args.target)
     transport = create_transport(settings.connection)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
-    await transport.connect()
     worker = Worker(
         transport,
         agents,
@@ -135,6 +134,11 @@ async def _run(args: argparse.Namespace, settings: Settings) -> int:
         publish_timeout_s=settings.connection.publish_timeout_s,
         max_message_bytes=settings.connection.max_message_bytes,
     )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    # Probes first: liveness holds while connecting, readiness says 503 until consuming.
     probes: HealthServer | None = None
     if args.metrics_port is not None:
         probes = HealthServer(
@@ -149,12 +153,13 @@ async def _run(args: argparse.Namespace, settings: Settings) -> int:
             port=args.metrics_port,
         )
         await probes.start()
-    log.info(
-        "worker for %s on %s",
-        ", ".join(agent.name for agent in agents),
-        redact_url(settings.url.get_secret_value()),
-    )
     try:
+        await transport.connect()
+        log.info(
+            "worker for %s on %s",
+            ", ".join(agent.name for agent in agents),
+            redact_url(settings.url.get_secret_value()),
+        )
         await worker.serve(shutdown_trigger=stop.wait)
     finally:
         if probes is not None:

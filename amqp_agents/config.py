@@ -62,10 +62,20 @@ class ConnectionSettings(BaseModel):
 
     @field_validator("url")
     @classmethod
-    def _amqp_scheme(cls, value: SecretStr) -> SecretStr:
-        scheme = urlsplit(value.get_secret_value()).scheme
-        if scheme not in ("amqp", "amqps"):
-            raise ValueError(f"the broker URL must start with amqp:// or amqps://, not {scheme}://")
+    def _amqp_url(cls, value: SecretStr) -> SecretStr:
+        parts = urlsplit(value.get_secret_value())
+        if parts.scheme not in ("amqp", "amqps"):
+            raise ValueError(
+                f"the broker URL must start with amqp:// or amqps://, not {parts.scheme}://"
+            )
+        try:
+            port = parts.port
+        except ValueError:
+            raise ValueError("the broker URL has an invalid port") from None
+        if not parts.hostname:
+            raise ValueError("the broker URL has no host")
+        if port == 0:
+            raise ValueError("the broker URL has an invalid port")
         return value
 
 

@@ -127,6 +127,8 @@ class AgentMessage(BaseModel):
     """0-9; the :class:`Priority` members name some levels, any value in range works."""
     created_at: datetime = Field(default_factory=lambda: datetime.now(UTC))
     deadline: datetime | None = None
+    redelivered: bool = False
+    """The broker delivered it before and it was not acked: the action may have run."""
 
 
 class Event(BaseModel):

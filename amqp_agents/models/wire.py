@@ -198,6 +198,7 @@ def decode_request(envelope: Envelope) -> AgentMessage:
         priority=min(max(priority, 0), MAX_PRIORITY),
         created_at=_datetime(envelope.timestamp),
         deadline=None if deadline is None else _datetime(deadline),
+        redelivered=envelope.redelivered,
     )
 
 

@@ -13,6 +13,8 @@ import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
+from amqp_agents.errors import ConfigurationError
+
 __all__ = ["HealthServer", "Probe", "ProbeResult"]
 
 log = logging.getLogger(__name__)
@@ -52,10 +54,19 @@ class HealthServer:
         return int(self._server.sockets[0].getsockname()[1])
 
     async def start(self) -> None:
-        """Listen."""
-        self._server = await asyncio.start_server(
-            self._serve, self._host, self._port, limit=_MAX_REQUEST_LINE
-        )
+        """Listen.
+
+        Raises:
+            ConfigurationError: the address cannot be bound (port in use, no permission).
+        """
+        try:
+            self._server = await asyncio.start_server(
+                self._serve, self._host, self._port, limit=_MAX_REQUEST_LINE
+            )
+        except OSError as exc:
+            raise ConfigurationError(
+                f"cannot serve probes on {self._host}:{self._port}: {exc.strerror or exc}"
+            ) from None
 
     async def aclose(self) -> None:
         """Stop listening. Idempotent."""

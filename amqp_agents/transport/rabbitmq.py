@@ -265,10 +265,19 @@ class RabbitTransport:
             kwargs["ssl_context"] = self._ssl_context
         try:
             connection: AbstractConnection = await aio_pika.connect(url, **kwargs)
-        except (TimeoutError, *_LINK_ERRORS) as exc:
-            # Never echo the URL: aiormq's messages can include it with the password.
+        except aiormq.exceptions.ProbableAuthenticationError:
             raise BrokerUnavailableError(
-                f"cannot connect to {redact_url(url)}: {type(exc).__name__}"
+                f"cannot connect to {redact_url(url)}: authentication failed"
+            ) from None
+        except (TimeoutError, aiormq.exceptions.AMQPError, *_LINK_ERRORS) as exc:
+            # Never echo the URL: aiormq's messages can include it with the password.
+            hint = (
+                " (the broker closed the connection: is the vhost missing or not permitted?)"
+                if isinstance(exc, aiormq.exceptions.AMQPError)
+                else ""
+            )
+            raise BrokerUnavailableError(
+                f"cannot connect to {redact_url(url)}: {type(exc).__name__}{hint}"
             ) from None
         connection.close_callbacks.add(self._on_close)
         return connection
