@@ -64,9 +64,12 @@ class ConnectionSettings(BaseModel):
     @classmethod
     def _amqp_url(cls, value: SecretStr) -> SecretStr:
         parts = urlsplit(value.get_secret_value())
+        if parts.scheme == "memory":
+            return value  # the in-process broker: no host, no port
         if parts.scheme not in ("amqp", "amqps"):
             raise ValueError(
-                f"the broker URL must start with amqp:// or amqps://, not {parts.scheme}://"
+                "the broker URL must start with amqp://, amqps:// or memory://,"
+                f" not {parts.scheme}://"
             )
         try:
             port = parts.port

@@ -12,6 +12,7 @@ tree at the seam where it is raised; nothing else escapes the public API::
     │   ├── PublishRejectedError                       the broker nacked a publish
     │   ├── UnroutableError                            mandatory publish matched no queue
     │   ├── TopologyMismatchError                      queue/exchange exists with other args
+    │   ├── ResourceLockedError                        exclusive queue of another connection
     │   └── QueueNotFoundError (LookupError)           passive declare of a missing queue
     └── AgentError                            an error that becomes an error *reply*
         ├── UnknownActionError                UNKNOWN_ACTION
@@ -53,6 +54,7 @@ __all__ = [
     "PublishTimeoutError",
     "QueueNotFoundError",
     "RejectedError",
+    "ResourceLockedError",
     "ShuttingDownError",
     "TopologyMismatchError",
     "TransportError",
@@ -100,6 +102,10 @@ class UnroutableError(TransportError):
 
 class TopologyMismatchError(TransportError):
     """A queue or exchange already exists with different arguments (PRECONDITION_FAILED)."""
+
+
+class ResourceLockedError(TransportError):
+    """The queue is exclusive to another connection (RESOURCE_LOCKED)."""
 
 
 class QueueNotFoundError(TransportError, LookupError):

@@ -33,6 +33,7 @@ from amqp_agents.errors import (
     PublishRejectedError,
     PublishTimeoutError,
     QueueNotFoundError,
+    ResourceLockedError,
     TopologyMismatchError,
     TransportError,
     UnroutableError,
@@ -192,6 +193,8 @@ def _topology_error(what: str, exc: BaseException) -> TransportError:
             "draining and deleting it (rabbitmqctl delete_queue NAME -p VHOST) or by "
             "switching to a new name."
         )
+    if isinstance(exc, aiormq.exceptions.ChannelLockedResource):
+        return ResourceLockedError(f"{what} is exclusive to another connection ({reason})")
     if isinstance(exc, aiormq.exceptions.ChannelNotFoundEntity):
         return QueueNotFoundError(f"{what} does not exist ({reason})")
     if isinstance(exc, TimeoutError):

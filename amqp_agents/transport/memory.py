@@ -1,0 +1,641 @@
+"""An in-process broker and transport with RabbitMQ's semantics.
+
+Not a mock: messages go through real exchanges and queues. It implements what the
+library relies on, the way RabbitMQ 3.10 does it, and the shared contract tests
+(``tests/contract``) hold both transports to the same behaviour:
+
+* exchanges: direct, topic (``*``/``#`` via :func:`~amqp_agents.models.topic.topic_matches`),
+  fanout, and the default exchange ``""`` (routes to the queue named by the key);
+* queues: durable flag, exclusive (owned by one connection, deleted with it),
+  auto-delete (deleted when its last consumer goes), server-named (``name=""``),
+  ``x-max-priority`` (higher first, FIFO within a priority, above the max counts as
+  the max, none counts as 0), ``x-dead-letter-exchange``/``-routing-key``;
+* per-message ``expiration``: expires at the head of the queue (as in RabbitMQ), then
+  dead-lettered with reason ``expired`` or dropped;
+* consumers: prefetch (unacked deliveries count against it), round-robin, no-ack;
+  each delivery runs in its own task, like aiormq's;
+* settlement: ack, nack(requeue) with ``redelivered=True``, reject to the dead-letter
+  exchange; a second settlement, or one after the consumer's channel closed, is a no-op;
+* mandatory publishes that match no queue raise ``UnroutableError``;
+* :meth:`InMemoryTransport.simulate_connection_loss` drops a connection the way a cut
+  TCP link does, for fault-injection tests.
+
+Known differences: nothing is persisted (durable only matters for redeclaration
+checks); a requeued message goes to the front of its priority level (RabbitMQ puts it
+back at its original position, usually the same); there is no flow control, no
+memory alarm, and publishes never block; ``x-death`` is reduced to the
+``x-first-death-*`` headers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import itertools
+import logging
+import os
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import TYPE_CHECKING, Self
+
+from amqp_agents.errors import (
+    BrokerUnavailableError,
+    LifecycleError,
+    QueueNotFoundError,
+    ResourceLockedError,
+    TopologyMismatchError,
+    UnroutableError,
+)
+from amqp_agents.models.topic import topic_matches
+from amqp_agents.transport.base import (
+    ConsumerHandle,
+    DeliveryHandler,
+    ExchangeKind,
+    QueueInfo,
+    QueueSpec,
+)
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from amqp_agents.models.envelope import Envelope, HeaderValue
+
+__all__ = ["BrokerStatistics", "InMemoryBroker", "InMemoryTransport"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class _Message:
+    envelope: Envelope
+    priority: int
+    expires_at: float | None
+    redelivered: bool = False
+
+
+@dataclass(eq=False, slots=True)
+class _Exchange:
+    name: str
+    kind: ExchangeKind
+    durable: bool
+    bindings: list[tuple[str, str]] = field(default_factory=list)  # (queue, key)
+
+
+class _Queue:
+    """One queue: ready messages by priority, its consumers, its dead-letter target."""
+
+    __slots__ = (
+        "arguments",
+        "auto_delete",
+        "consumers",
+        "dead_letter_exchange",
+        "dead_letter_key",
+        "durable",
+        "exclusive",
+        "had_consumer",
+        "levels",
+        "name",
+        "next_consumer",
+        "owner",
+        "ready",
+    )
+
+    def __init__(self, spec: QueueSpec, name: str, owner: InMemoryTransport | None) -> None:
+        self.name = name
+        self.durable = spec.durable
+        self.exclusive = spec.exclusive
+        self.auto_delete = spec.auto_delete
+        self.arguments = dict(spec.arguments)
+        self.owner = owner
+        max_priority = spec.arguments.get("x-max-priority")
+        levels = int(max_priority) + 1 if isinstance(max_priority, int) else 1
+        self.levels: list[deque[_Message]] = [deque() for _ in range(levels)]
+        self.ready = 0
+        dlx = spec.arguments.get("x-dead-letter-exchange")
+        self.dead_letter_exchange = dlx if isinstance(dlx, str) else None
+        dlk = spec.arguments.get("x-dead-letter-routing-key")
+        self.dead_letter_key = dlk if isinstance(dlk, str) else None
+        self.consumers: list[_Consumer] = []
+        self.next_consumer = 0
+        self.had_consumer = False
+
+    def push(self, message: _Message, *, front: bool = False) -> None:
+        level = self.levels[min(message.priority, len(self.levels) - 1)]
+        if front:
+            level.appendleft(message)
+        else:
+            level.append(message)
+        self.ready += 1
+
+    def pop(self, now: float, expired: list[_Message]) -> _Message | None:
+        """The next message to deliver; expired ones met at the head go to ``expired``."""
+        for level in reversed(self.levels):
+            while level:
+                message = level.popleft()
+                self.ready -= 1
+                if message.expires_at is not None and message.expires_at <= now:
+                    expired.append(message)
+                    continue
+                return message
+        return None
+
+    def drop_expired_heads(self, now: float, expired: list[_Message]) -> None:
+        for level in self.levels:
+            while level and level[0].expires_at is not None and level[0].expires_at <= now:
+                expired.append(level.popleft())
+                self.ready -= 1
+
+
+@dataclass(frozen=True, slots=True)
+class BrokerStatistics:
+    """A snapshot of an :class:`InMemoryBroker` (like ``rabbitmqctl list_queues``)."""
+
+    queues: dict[str, QueueInfo]
+    unacked: dict[str, int]
+    exchanges: tuple[str, ...]
+
+
+class InMemoryBroker:
+    """The state of one broker: exchanges, queues, bindings.
+
+    Every :class:`InMemoryTransport` given the same broker is a connection to it, so
+    a test can run a worker and a client (or two "pods") against one broker.
+    """
+
+    def __init__(self) -> None:
+        self._exchanges: dict[str, _Exchange] = {}
+        self._queues: dict[str, _Queue] = {}
+        self._names = (f"amq.gen-{os.urandom(6).hex()}-{n}" for n in itertools.count(1))
+        self._tags = itertools.count(1)
+
+    def statistics(self) -> BrokerStatistics:
+        """Ready messages, consumers and unacked deliveries per queue."""
+        now = time.monotonic()
+        queues: dict[str, QueueInfo] = {}
+        unacked: dict[str, int] = {}
+        for name, queue in self._queues.items():
+            self._expire_heads(queue, now)
+            queues[name] = QueueInfo(name, queue.ready, len(queue.consumers))
+            unacked[name] = sum(len(c.unacked) for c in queue.consumers)
+        return BrokerStatistics(queues, unacked, tuple(self._exchanges))
+
+    # -- topology (called by transports) -----------------------------------------------
+
+    def _declare_exchange(self, name: str, kind: ExchangeKind, durable: bool) -> None:
+        existing = self._exchanges.get(name)
+        if existing is None:
+            self._exchanges[name] = _Exchange(name, kind, durable)
+        elif existing.kind is not kind or existing.durable != durable:
+            raise TopologyMismatchError(
+                f"exchange {name!r} already exists as {existing.kind.value}"
+                f" (durable={existing.durable}); it cannot be redeclared as {kind.value}"
+                f" (durable={durable})"
+            )
+
+    def _declare_queue(self, spec: QueueSpec, owner: InMemoryTransport) -> str:
+        name = spec.name or next(self._names)
+        existing = self._queues.get(name)
+        if existing is not None:
+            self._check_owner(existing, owner)
+            mismatch = [
+                what
+                for what, ours, theirs in (
+                    ("durable", existing.durable, spec.durable),
+                    ("exclusive", existing.exclusive, spec.exclusive),
+                    ("auto_delete", existing.auto_delete, spec.auto_delete),
+                    ("arguments", existing.arguments, dict(spec.arguments)),
+                )
+                if ours != theirs
+            ]
+            if mismatch:
+                raise TopologyMismatchError(
+                    f"queue {name!r} already exists with different {', '.join(mismatch)}"
+                    f" (current arguments {existing.arguments}, requested"
+                    f" {dict(spec.arguments)}). Queue arguments cannot change after"
+                    " declaration: use the existing values, or delete the queue and"
+                    " declare it again."
+                )
+            return name
+        self._queues[name] = _Queue(spec, name, owner if spec.exclusive else None)
+        return name
+
+    def _queue(self, name: str) -> _Queue:
+        queue = self._queues.get(name)
+        if queue is None:
+            raise QueueNotFoundError(f"no queue {name!r}")
+        return queue
+
+    def _exchange(self, name: str) -> _Exchange:
+        exchange = self._exchanges.get(name)
+        if exchange is None:
+            raise QueueNotFoundError(f"no exchange {name!r}")
+        return exchange
+
+    @staticmethod
+    def _check_owner(queue: _Queue, transport: InMemoryTransport) -> None:
+        if queue.owner is not None and queue.owner is not transport:
+            raise ResourceLockedError(f"queue {queue.name!r} is exclusive to another connection")
+
+    def _bind(self, queue: str, exchange: str, key: str) -> None:
+        target = self._exchange(exchange)
+        self._queue(queue)
+        if (queue, key) not in target.bindings:
+            target.bindings.append((queue, key))
+
+    def _unbind(self, queue: str, exchange: str, key: str) -> None:
+        target = self._exchanges.get(exchange)
+        if target is not None and (queue, key) in target.bindings:
+            target.bindings.remove((queue, key))
+
+    def _delete_queue(self, queue: _Queue) -> None:
+        self._queues.pop(queue.name, None)
+        for exchange in self._exchanges.values():
+            exchange.bindings = [b for b in exchange.bindings if b[0] != queue.name]
+
+    # -- routing and delivery ----------------------------------------------------------
+
+    def _route(self, exchange_name: str, key: str) -> list[_Queue]:
+        if exchange_name == "":
+            direct = self._queues.get(key)
+            return [] if direct is None else [direct]
+        exchange = self._exchange(exchange_name)
+        names: dict[str, None] = {}  # each queue once, in binding order
+        if exchange.kind is ExchangeKind.DIRECT:
+            for queue, bound in exchange.bindings:
+                if bound == key:
+                    names[queue] = None
+        elif exchange.kind is ExchangeKind.TOPIC:
+            for queue, bound in exchange.bindings:
+                if topic_matches(bound, key):
+                    names[queue] = None
+        else:
+            for queue, _bound in exchange.bindings:
+                names[queue] = None
+        return [self._queues[name] for name in names if name in self._queues]
+
+    def _publish(self, envelope: Envelope, *, mandatory: bool) -> None:
+        queues = self._route(envelope.exchange, envelope.routing_key)
+        if not queues:
+            if mandatory:
+                raise UnroutableError(envelope.exchange, envelope.routing_key)
+            return
+        # The broker keeps its own copy: later changes by the publisher don't show.
+        stored = dataclasses.replace(
+            envelope,
+            headers=dict(envelope.headers) if envelope.headers else None,
+            redelivered=False,
+        )
+        now = time.monotonic()
+        ttl = envelope.expiration_ms
+        expires_at = None if ttl is None else now + ttl / 1000.0
+        priority = max(envelope.priority or 0, 0)
+        for queue in queues:
+            queue.push(_Message(stored, priority, expires_at))
+            self._pump(queue)
+
+    def _pump(self, queue: _Queue) -> None:
+        """Deliver ready messages to consumers with room, round-robin."""
+        if not queue.consumers or not queue.ready:
+            return
+        now = time.monotonic()
+        expired: list[_Message] = []
+        consumers = queue.consumers
+        while queue.ready and consumers:
+            consumer = None
+            for offset in range(len(consumers)):
+                candidate = consumers[(queue.next_consumer + offset) % len(consumers)]
+                if candidate.has_room():
+                    consumer = candidate
+                    queue.next_consumer = (queue.next_consumer + offset + 1) % len(consumers)
+                    break
+            if consumer is None:
+                break
+            message = queue.pop(now, expired)
+            if message is None:
+                break
+            consumer.deliver(message)
+        self._dead_letter_all(queue, expired, "expired")
+
+    def _expire_heads(self, queue: _Queue, now: float) -> None:
+        expired: list[_Message] = []
+        queue.drop_expired_heads(now, expired)
+        self._dead_letter_all(queue, expired, "expired")
+
+    def _dead_letter_all(self, queue: _Queue, messages: list[_Message], reason: str) -> None:
+        for message in messages:
+            self._dead_letter(queue, message, reason)
+
+    def _dead_letter(self, queue: _Queue, message: _Message, reason: str) -> None:
+        exchange = queue.dead_letter_exchange
+        if exchange is None:
+            return
+        original = message.envelope
+        headers: dict[str, HeaderValue] = dict(original.headers or {})
+        if "x-first-death-reason" not in headers:
+            headers["x-first-death-reason"] = reason
+            headers["x-first-death-queue"] = queue.name
+            headers["x-first-death-exchange"] = original.exchange
+        dead = dataclasses.replace(
+            original,
+            exchange=exchange,
+            routing_key=queue.dead_letter_key or original.routing_key,
+            headers=headers,
+            expiration_ms=None,  # as RabbitMQ does, so it does not expire again
+        )
+        try:
+            self._publish(dead, mandatory=False)
+        except QueueNotFoundError:
+            log.debug("dead-letter exchange %r of %s does not exist", exchange, queue.name)
+
+    def _requeue(self, queue_name: str, message: _Message) -> None:
+        queue = self._queues.get(queue_name)
+        if queue is None:
+            return
+        message.redelivered = True
+        queue.push(message, front=True)
+        self._pump(queue)
+
+    def _settled(self, queue_name: str) -> None:
+        queue = self._queues.get(queue_name)
+        if queue is not None:
+            self._pump(queue)
+
+    def _reject(self, queue_name: str, message: _Message) -> None:
+        queue = self._queues.get(queue_name)
+        if queue is not None:
+            self._dead_letter(queue, message, "rejected")
+            self._pump(queue)
+
+
+class _MemoryDelivery:
+    """A delivery of one consumer; settling it returns capacity to the consumer."""
+
+    __slots__ = ("_consumer", "_message", "_settled", "_tag", "envelope")
+
+    def __init__(self, consumer: _Consumer, message: _Message, tag: int) -> None:
+        self._consumer = consumer
+        self._message = message
+        self._tag = tag
+        self._settled = consumer.no_ack
+        stored = message.envelope
+        self.envelope = (
+            dataclasses.replace(stored, redelivered=True) if message.redelivered else stored
+        )
+
+    async def ack(self) -> None:
+        if self._settle():
+            self._consumer.broker._settled(self._consumer.queue_name)
+
+    async def nack(self, *, requeue: bool = True) -> None:
+        if self._settle():
+            broker = self._consumer.broker
+            if requeue:
+                broker._requeue(self._consumer.queue_name, self._message)
+            else:
+                broker._reject(self._consumer.queue_name, self._message)
+
+    async def reject(self) -> None:
+        await self.nack(requeue=False)
+
+    def _settle(self) -> bool:
+        # Once, and only while the consumer's channel lives (else: the broker has
+        # requeued it already, as RabbitMQ does when a channel closes).
+        if self._settled or self._consumer.closed:
+            return False
+        self._settled = True
+        self._consumer.unacked.pop(self._tag, None)
+        return True
+
+
+class _Consumer:
+    """A consumer on its own (virtual) channel, as the RabbitMQ transport does."""
+
+    __slots__ = (
+        "broker",
+        "cancelled",
+        "closed",
+        "handler",
+        "no_ack",
+        "prefetch",
+        "queue_name",
+        "tasks",
+        "transport",
+        "unacked",
+    )
+
+    def __init__(
+        self,
+        transport: InMemoryTransport,
+        queue: str,
+        handler: DeliveryHandler,
+        prefetch: int,
+        no_ack: bool,
+    ) -> None:
+        self.transport = transport
+        self.broker = transport.broker
+        self.queue_name = queue
+        self.handler = handler
+        self.prefetch = prefetch
+        self.no_ack = no_ack
+        self.unacked: dict[int, _Message] = {}
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.cancelled = False
+        self.closed = False
+
+    @property
+    def queue(self) -> str:
+        return self.queue_name
+
+    def has_room(self) -> bool:
+        return self.no_ack or self.prefetch <= 0 or len(self.unacked) < self.prefetch
+
+    def deliver(self, message: _Message) -> None:
+        tag = next(self.broker._tags)
+        if not self.no_ack:
+            self.unacked[tag] = message
+        delivery = _MemoryDelivery(self, message, tag)
+        task = asyncio.get_running_loop().create_task(self._run(delivery))
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def _run(self, delivery: _MemoryDelivery) -> None:
+        try:
+            await self.handler(delivery)
+        except Exception:
+            log.exception("consumer of %s failed", self.queue_name)
+
+    def detach(self) -> None:
+        """Stop receiving (basic.cancel): leave the queue, keep unacked ones."""
+        if self.cancelled:
+            return
+        self.cancelled = True
+        queue = self.broker._queues.get(self.queue_name)
+        if queue is None:
+            return
+        if self in queue.consumers:
+            queue.consumers.remove(self)
+        if queue.auto_delete and queue.had_consumer and not queue.consumers:
+            self.broker._delete_queue(queue)
+
+    def close_channel(self) -> None:
+        """The channel closes: cancel its tasks, requeue what is unacked."""
+        self.detach()
+        if self.closed:
+            return
+        self.closed = True
+        for task in list(self.tasks):
+            task.cancel()
+        unacked, self.unacked = self.unacked, {}
+        queue = self.broker._queues.get(self.queue_name)
+        if queue is None:
+            return
+        for message in reversed(list(unacked.values())):
+            message.redelivered = True
+            queue.push(message, front=True)
+        self.broker._pump(queue)
+
+    async def cancel(self) -> None:
+        self.detach()
+
+    async def close(self) -> None:
+        self.close_channel()
+
+
+class _State(Enum):
+    NEW = "new"
+    CONNECTED = "connected"
+    LOST = "lost"
+    CLOSED = "closed"
+
+
+class InMemoryTransport:
+    """:class:`~amqp_agents.transport.base.Transport` on an :class:`InMemoryBroker`."""
+
+    def __init__(self, broker: InMemoryBroker | None = None) -> None:
+        self.broker = broker if broker is not None else InMemoryBroker()
+        self._state = _State.NEW
+        self._consumers: list[_Consumer] = []
+        self._lost_callbacks: list[Callable[[BaseException | None], None]] = []
+
+    def __repr__(self) -> str:
+        return f"<InMemoryTransport {self._state.value}>"
+
+    @property
+    def is_connected(self) -> bool:
+        return self._state is _State.CONNECTED
+
+    async def connect(self) -> None:
+        if self._state is not _State.NEW:
+            raise LifecycleError(f"transport is {self._state.value}; connect() runs once")
+        self._state = _State.CONNECTED
+
+    async def aclose(self) -> None:
+        if self._state is _State.CLOSED:
+            return
+        was_connected = self._state is _State.CONNECTED
+        self._state = _State.CLOSED
+        if was_connected:
+            self._drop_connection()
+
+    async def __aenter__(self) -> Self:
+        await self.connect()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    def on_connection_lost(self, callback: Callable[[BaseException | None], None]) -> None:
+        self._lost_callbacks.append(callback)
+
+    def simulate_connection_loss(self, reason: BaseException | None = None) -> None:
+        """Drop this connection like a cut TCP link (for fault-injection tests).
+
+        Its consumers vanish, their unacked deliveries return to their queues as
+        redelivered, its exclusive queues are deleted, and the connection-lost
+        callbacks run once. Every later operation raises ``BrokerUnavailableError``.
+        """
+        if self._state is not _State.CONNECTED:
+            return
+        self._state = _State.LOST
+        self._drop_connection()
+        for callback in list(self._lost_callbacks):
+            try:
+                callback(reason)
+            except Exception:
+                log.exception("connection-lost callback failed")
+
+    def _drop_connection(self) -> None:
+        consumers, self._consumers = self._consumers, []
+        for consumer in consumers:
+            consumer.close_channel()
+        for queue in list(self.broker._queues.values()):
+            if queue.owner is self:
+                self.broker._delete_queue(queue)
+
+    def _require_connected(self) -> None:
+        if self._state is _State.CONNECTED:
+            return
+        if self._state is _State.LOST:
+            raise BrokerUnavailableError("the broker connection is lost")
+        raise LifecycleError(f"transport is {self._state.value}, not connected")
+
+    # -- topology --------------------------------------------------------------------
+
+    async def declare_exchange(
+        self, name: str, kind: ExchangeKind, *, durable: bool = True
+    ) -> None:
+        self._require_connected()
+        self.broker._declare_exchange(name, kind, durable)
+
+    async def declare_queue(self, spec: QueueSpec) -> str:
+        self._require_connected()
+        return self.broker._declare_queue(spec, self)
+
+    async def bind_queue(self, queue: str, exchange: str, routing_key: str) -> None:
+        self._require_connected()
+        self.broker._bind(queue, exchange, routing_key)
+
+    async def unbind_queue(self, queue: str, exchange: str, routing_key: str) -> None:
+        self._require_connected()
+        self.broker._unbind(queue, exchange, routing_key)
+
+    async def queue_info(self, queue: str) -> QueueInfo:
+        self._require_connected()
+        found = self.broker._queue(queue)
+        self.broker._check_owner(found, self)
+        self.broker._expire_heads(found, time.monotonic())
+        return QueueInfo(queue, found.ready, len(found.consumers))
+
+    # -- messages --------------------------------------------------------------------
+
+    async def publish(
+        self,
+        envelope: Envelope,
+        *,
+        mandatory: bool = False,
+        confirm: bool = True,
+        timeout_s: float,
+    ) -> None:
+        self._require_connected()
+        # Like the RabbitMQ transport, a return is only reported on confirmed publishes.
+        self.broker._publish(envelope, mandatory=mandatory and confirm)
+
+    async def consume(
+        self,
+        queue: str,
+        handler: DeliveryHandler,
+        *,
+        prefetch: int,
+        no_ack: bool = False,
+    ) -> ConsumerHandle:
+        self._require_connected()
+        target = self.broker._queue(queue)
+        self.broker._check_owner(target, self)
+        consumer = _Consumer(self, queue, handler, prefetch, no_ack)
+        target.consumers.append(consumer)
+        target.had_consumer = True
+        self._consumers.append(consumer)
+        self.broker._pump(target)
+        return consumer
