@@ -177,7 +177,8 @@ class AgentResponse(BaseModel):
     @classmethod
     def success(cls, data: Any = None, *, correlation_id: str | None = None) -> AgentResponse:
         """A successful reply carrying ``data`` (any JSON-able value or pydantic model)."""
-        return cls.model_construct(ok=True, data=data, error=None, correlation_id=correlation_id)
+        # __init__ (validation in pydantic-core) is faster than model_construct here.
+        return cls(ok=True, data=data, correlation_id=correlation_id)
 
     @classmethod
     def failure(
@@ -190,7 +191,7 @@ class AgentResponse(BaseModel):
     ) -> AgentResponse:
         """A failed reply with a stable ``code`` and a human-readable ``message``."""
         info = ErrorInfo(code=str(code), message=message, details=details)
-        return cls.model_construct(ok=False, data=None, error=info, correlation_id=correlation_id)
+        return cls(ok=False, error=info, correlation_id=correlation_id)
 
     @property
     def code(self) -> str | None:

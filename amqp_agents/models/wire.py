@@ -189,7 +189,7 @@ def decode_request(envelope: Envelope) -> AgentMessage:
     payload = _json_object(envelope)
     priority = envelope.priority or 0
     deadline = deadline_from(envelope)
-    return AgentMessage.model_construct(
+    return AgentMessage(
         id=envelope.message_id or "",
         action=action,
         payload=payload,
@@ -255,7 +255,7 @@ def decode_event(envelope: Envelope) -> Event:
         InvalidPayloadError: not JSON, not a JSON object, or a non-JSON content type.
     """
     payload = _json_object(envelope)
-    return Event.model_construct(
+    return Event(
         id=envelope.message_id or "",
         type=envelope.type or envelope.routing_key,
         payload=payload,
