@@ -22,12 +22,14 @@ from pydantic import SecretStr, ValidationError
 from amqp_agents.config import Settings, redact_url
 from amqp_agents.errors import AmqpAgentsError, BrokerUnavailableError, ConfigurationError
 from amqp_agents.events.bus import DeliveryGuard, EventBus, Process
+from amqp_agents.examples.demo import run_demo
 from amqp_agents.models.messages import Event, Priority
 from amqp_agents.rpc.client import RpcClient
 from amqp_agents.runtime.agent import Agent
 from amqp_agents.runtime.health import HealthServer, ProbeResult
 from amqp_agents.runtime.worker import Worker
-from amqp_agents.transport.factory import create_transport
+from amqp_agents.transport.factory import create_transport, is_memory_url
+from amqp_agents.transport.memory import InMemoryBroker
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -78,7 +80,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--url", help="broker URL (default: $AMQP_URL or amqp://guest:guest@localhost:5672/)"
     )
-    parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR")
+    parser.add_argument(
+        "--log-level", help="DEBUG, INFO, WARNING, ERROR (default INFO; WARNING for demo)"
+    )
     commands = parser.add_subparsers(dest="command", required=True)
 
     run = commands.add_parser("run", help="run a worker for the agents MODULE:ATTR names")
@@ -105,6 +109,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     listen.add_argument("--count", type=int, help="exit after this many events")
     listen.add_argument("--duration", type=float, help="exit after this many seconds")
+
+    commands.add_parser(
+        "demo",
+        help="run the example app end to end in one process and print a transcript"
+        " (on the in-process broker unless --url is given)",
+    )
     return parser
 
 
@@ -259,6 +269,21 @@ async def _listen(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+async def _demo(args: argparse.Namespace, settings: Settings) -> int:
+    where = "memory:// (the in-process broker)"
+    if not is_memory_url(settings.url.get_secret_value()):
+        where = redact_url(settings.url.get_secret_value())
+    print(f"amqp-agents demo on {where}")
+    broker = InMemoryBroker()  # shared by the demo's connections when on memory://
+
+    def open_transport() -> Transport:
+        return create_transport(settings.connection, memory_broker=broker)
+
+    ok = await run_demo(settings, open_transport, sys.stdout)
+    print("\ndemo finished: every reply was as expected" if ok else "\ndemo: unexpected replies")
+    return 0 if ok else 1
+
+
 async def _call(args: argparse.Namespace, settings: Settings) -> int:
     payload = _json_object(args.payload)
     transport = create_transport(settings.connection)
@@ -288,13 +313,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``amqp-agents`` and ``python -m amqp_agents``."""
     args = _parser().parse_args(argv)
     logging.basicConfig(
-        level=args.log_level.upper(),
+        level=(args.log_level or ("WARNING" if args.command == "demo" else "INFO")).upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
     try:
         settings = _settings(args)
-        command = {"run": _run, "call": _call, "publish": _publish, "listen": _listen}
+        if args.command == "demo" and not args.url:
+            args.url = "memory://"  # the demo runs anywhere unless pointed at a broker
+            settings = _settings(args)
+        command = {
+            "run": _run,
+            "call": _call,
+            "publish": _publish,
+            "listen": _listen,
+            "demo": _demo,
+        }
         return asyncio.run(command[args.command](args, settings))
     except (ConfigurationError, ValidationError) as exc:
         print(f"amqp-agents: configuration error: {exc}", file=sys.stderr)

@@ -1,0 +1,171 @@
+"""The demo: the example app end to end in one process, printed as a transcript.
+
+``amqp-agents demo`` runs it on the in-process broker (``memory://``, no RabbitMQ
+needed) or on a real one (``--url amqp://...``). It shows a backlog of low-priority
+requests overtaken by a high-priority one, RPC replies, events seen by a listener
+and recorded by the audit agent, deliberate errors, and a graceful stop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import TYPE_CHECKING, Any, TextIO
+
+from amqp_agents.events.bus import EventBus
+from amqp_agents.examples.tasks import AuditAgent, TaskManager
+from amqp_agents.models.messages import AgentResponse, Event, Priority
+from amqp_agents.rpc.client import RpcClient
+from amqp_agents.runtime.worker import Worker
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from amqp_agents.config import Settings
+    from amqp_agents.transport.base import Transport
+
+__all__ = ["run_demo"]
+
+_STEP_TIMEOUT_S = 10.0
+
+
+async def run_demo(
+    settings: Settings, open_transport: Callable[[], Transport], out: TextIO
+) -> bool:
+    """Run the demo; ``True`` if every reply was the expected one."""
+    say = _Printer(out)
+    worker_transport, client_transport = open_transport(), open_transport()
+    await worker_transport.connect()
+    await client_transport.connect()
+    try:
+        return await _demo(settings, worker_transport, client_transport, say)
+    finally:
+        await client_transport.aclose()
+        await worker_transport.aclose()
+
+
+async def _demo(
+    settings: Settings, worker_transport: Transport, client_transport: Transport, say: _Printer
+) -> bool:
+    tasks, audit = TaskManager(), AuditAgent()
+    # Serve one request at a time so the priority queue visibly reorders the backlog.
+    worker_settings = settings.worker.model_copy(update={"concurrency": 1})
+
+    def new_worker() -> Worker:
+        return Worker(
+            worker_transport, [tasks, audit], topology=settings.topology, settings=worker_settings
+        )
+
+    say.heading("1. a worker declares the queues of task_manager and audit, then pauses")
+    worker = new_worker()
+    await worker.start()
+    await worker.stop()
+
+    client = RpcClient(client_transport, topology=settings.topology, settings=settings.rpc)
+    bus = EventBus(client_transport, topology=settings.topology)
+    await client.start()
+    await bus.start()
+    seen: list[Event] = []
+    saw_two = asyncio.Event()
+
+    async def listen(event: Event) -> None:
+        seen.append(event)
+        say.line(f"   listener <- event {event.type} {json.dumps(event.payload)}")
+        if len(seen) >= 2:
+            saw_two.set()
+
+    await bus.subscribe("task.#", listen)
+    say.line("   a listener subscribes to 'task.#' (a private queue: broadcast)")
+
+    say.heading("2. a backlog while nobody consumes: three LOW requests, then one HIGH")
+    for title in ("low: sweep the floor", "low: water the plants", "low: sort the mail"):
+        await client.notify("task_manager", "task_add", {"title": title}, priority=Priority.LOW)
+        say.line(f"   -> task_add {title!r:28} priority LOW ({int(Priority.LOW)})")
+    await client.notify(
+        "task_manager", "task_add", {"title": "HIGH: the server is down"}, priority=Priority.HIGH
+    )
+    say.line(
+        f"   -> task_add {'HIGH: the server is down'!r:28} priority HIGH ({int(Priority.HIGH)})"
+    )
+
+    say.heading("3. the worker starts (concurrency 1): the HIGH request is served first")
+    worker = new_worker()
+    await worker.start()
+    checks: list[bool] = []
+    try:
+        listing = await _until(
+            lambda: client.call("task_manager", "task_list"),
+            lambda data: len(data["tasks"]) >= 4,
+        )
+        for task in listing["tasks"]:
+            say.line(f"   task {task['id']}: {task['title']}")
+        checks.append(bool(listing["tasks"][0]["title"].startswith("HIGH")))
+
+        say.heading("4. request/reply")
+        added = await say.call(client, "task_manager", "task_add", {"title": "write the demo"})
+        task_id = added.data["id"] if added.ok else 0
+        completed = await say.call(client, "task_manager", "task_complete", {"id": task_id})
+        fetched = await say.call(client, "task_manager", "task_get", {"id": task_id})
+        checks += [added.ok, completed.ok, fetched.ok]
+
+        say.heading("5. deliberate errors: each comes back as a clear error reply")
+        for agent, action, payload, code in (
+            ("task_manager", "task_get", {"id": 999}, "NOT_FOUND"),
+            ("task_manager", "task_add", {"title": ""}, "INVALID_PAYLOAD"),
+            ("task_manager", "task_fly", {}, "UNKNOWN_ACTION"),
+            ("no_such_agent", "ping", {}, "NO_ROUTE"),
+        ):
+            checks.append((await say.call(client, agent, action, payload)).code == code)
+
+        say.heading("6. events: task_manager emitted them, the audit agent recorded them")
+        async with asyncio.timeout(_STEP_TIMEOUT_S):
+            await saw_two.wait()
+        log = await _until(
+            lambda: client.call("audit", "audit_log"),
+            lambda data: any(e["type"] == "task.completed" for e in data["entries"]),
+        )
+        for entry in log["entries"]:
+            say.line(f"   audit: {entry['type']} (task {entry['task_id']})")
+        checks.append(bool(any(entry["type"] == "task.created" for entry in log["entries"])))
+    finally:
+        say.heading("7. graceful stop: stop consuming, finish in-flight work, close")
+        await bus.aclose()
+        await client.aclose()
+        await worker.stop()
+        say.line(f"   worker stats: {worker.stats}")
+    return all(checks)
+
+
+async def _until(
+    fetch: Callable[[], Any], done: Callable[[Any], bool], timeout_s: float = _STEP_TIMEOUT_S
+) -> Any:
+    """Poll ``fetch()`` until ``done(result)``; bounded by ``timeout_s``."""
+    async with asyncio.timeout(timeout_s):
+        while True:
+            result = await fetch()
+            if done(result):
+                return result
+            await asyncio.sleep(0.02)
+
+
+class _Printer:
+    def __init__(self, out: TextIO) -> None:
+        self._out = out
+
+    def line(self, text: str) -> None:
+        print(text, file=self._out, flush=True)
+
+    def heading(self, text: str) -> None:
+        self.line("")
+        self.line(text)
+
+    async def call(
+        self, client: RpcClient, agent: str, action: str, payload: dict[str, Any]
+    ) -> AgentResponse:
+        self.line(f"   -> {agent}.{action} {json.dumps(payload)}")
+        reply = await client.send(agent, action, payload, timeout_s=_STEP_TIMEOUT_S)
+        if reply.error is None:
+            self.line(f"   <- ok {json.dumps(reply.data)}")
+        else:
+            self.line(f"   <- {reply.error.code}: {reply.error.message}")
+        return reply
