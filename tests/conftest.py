@@ -19,6 +19,9 @@ from amqp_agents.config import ConnectionSettings
 from amqp_agents.testing import BrokerAdmin, broker_reachable, url_for_vhost
 from amqp_agents.transport.rabbitmq import RabbitTransport
 
+# Our own users' plugin: the suite uses it, which also keeps it working.
+pytest_plugins = ["amqp_agents.testing.pytest_plugin"]
+
 DEFAULT_TEST_URL = "amqp://guest:guest@127.0.0.1:5672/"
 
 

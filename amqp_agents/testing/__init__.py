@@ -1,4 +1,8 @@
-"""Helpers for testing code built on amqp-agents against a real broker."""
+"""Helpers for testing code built on amqp-agents: in memory, or against a real broker.
+
+The pytest fixtures live in :mod:`amqp_agents.testing.pytest_plugin` (imported only
+when you enable it, so this package does not need pytest).
+"""
 
 from amqp_agents.testing.broker import (
     BrokerAdmin,
@@ -7,5 +11,13 @@ from amqp_agents.testing.broker import (
     broker_reachable,
     url_for_vhost,
 )
+from amqp_agents.testing.harness import AgentHarness
 
-__all__ = ["BrokerAdmin", "BrokerAdminError", "QueueRow", "broker_reachable", "url_for_vhost"]
+__all__ = [
+    "AgentHarness",
+    "BrokerAdmin",
+    "BrokerAdminError",
+    "QueueRow",
+    "broker_reachable",
+    "url_for_vhost",
+]
