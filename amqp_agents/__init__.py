@@ -10,6 +10,7 @@ from amqp_agents.config import (
     WorkerSettings,
 )
 from amqp_agents.errors import (
+    AccessRefusedError,
     ActionTimeoutError,
     AgentError,
     AmqpAgentsError,
@@ -53,6 +54,7 @@ from amqp_agents.transport.rabbitmq import RabbitTransport
 __version__ = "0.1.0"
 
 __all__ = [
+    "AccessRefusedError",
     "ActionTimeoutError",
     "Agent",
     "AgentError",

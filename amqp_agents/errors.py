@@ -13,6 +13,7 @@ tree at the seam where it is raised; nothing else escapes the public API::
     │   ├── UnroutableError                            mandatory publish matched no queue
     │   ├── TopologyMismatchError                      queue/exchange exists with other args
     │   ├── ResourceLockedError                        exclusive queue of another connection
+    │   ├── AccessRefusedError (PermissionError)       not permitted, or a reserved name
     │   └── QueueNotFoundError (LookupError)           passive declare of a missing queue
     └── AgentError                            an error that becomes an error *reply*
         ├── UnknownActionError                UNKNOWN_ACTION
@@ -38,6 +39,7 @@ from typing import Any, ClassVar
 from amqp_agents.models.messages import AgentResponse, ErrorCode, ErrorInfo
 
 __all__ = [
+    "AccessRefusedError",
     "ActionTimeoutError",
     "AgentError",
     "AmqpAgentsError",
@@ -102,6 +104,10 @@ class UnroutableError(TransportError):
 
 class TopologyMismatchError(TransportError):
     """A queue or exchange already exists with different arguments (PRECONDITION_FAILED)."""
+
+
+class AccessRefusedError(TransportError, PermissionError):
+    """The broker refused the operation (ACCESS_REFUSED: permissions, reserved names)."""
 
 
 class ResourceLockedError(TransportError):

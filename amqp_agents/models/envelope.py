@@ -11,8 +11,12 @@ from dataclasses import dataclass
 
 __all__ = ["Envelope", "HeaderValue"]
 
-HeaderValue = str | int | float | bool | bytes | None
-"""The header value types that survive a round trip through AMQP field tables."""
+HeaderValue = str | int | bool | bytes | None
+"""The header value types that survive a round trip through AMQP field tables.
+
+Not float: RabbitMQ clients encode Python floats as 32-bit, so they do not round-trip.
+Headers the broker adds (``x-death``) may hold lists and tables as well.
+"""
 
 
 @dataclass(slots=True)
@@ -20,7 +24,9 @@ class Envelope:
     """One message as published or delivered.
 
     ``expiration_ms`` is the AMQP per-message TTL; ``timestamp`` is whole seconds since the
-    epoch (AMQP's resolution); ``redelivered`` is only meaningful on deliveries.
+    epoch (AMQP's resolution); ``redelivered`` is only meaningful on deliveries. A
+    message published without ``message_id`` gets a random one (the broker needs one
+    to report a mandatory message it could not route).
     """
 
     body: bytes

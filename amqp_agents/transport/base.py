@@ -3,9 +3,11 @@
 Guarantees every implementation gives (checked by the shared tests):
 
 * **Publish** returns once the broker has taken responsibility for the message
-  (publisher confirm) when ``confirm=True``; with ``mandatory=True`` a message that
-  matches no queue raises :class:`~amqp_agents.errors.UnroutableError` instead of being
-  dropped. Every publish is bounded by ``timeout_s``.
+  (publisher confirm) when ``confirm=True``; with ``mandatory=True`` (and a confirm) a
+  message that matches no queue raises :class:`~amqp_agents.errors.UnroutableError`
+  instead of being dropped. Every publish is bounded by ``timeout_s``. Without a
+  confirm nothing is reported: an unroutable message, or one sent to a missing
+  exchange, is lost silently (as on RabbitMQ).
 * **Consume** delivers messages of one queue to the handler, at most ``prefetch``
   unsettled at a time, in queue order (priority first, FIFO within a priority). The
   handler is called from the event loop and must not block; it should spawn work.
@@ -15,9 +17,11 @@ Guarantees every implementation gives (checked by the shared tests):
 * **Loss of the connection** cancels every consumer and is reported once to the
   callbacks registered with :meth:`Transport.on_connection_lost`.
 
-Raises (only from :mod:`amqp_agents.errors`): ``BrokerUnavailableError``,
-``PublishTimeoutError``, ``PublishRejectedError``, ``UnroutableError``,
-``TopologyMismatchError``, ``QueueNotFoundError``, ``LifecycleError``.
+Raises (only from :mod:`amqp_agents.errors`): ``BrokerUnavailableError`` (also for
+any operation after the connection was lost), ``PublishTimeoutError``,
+``PublishRejectedError``, ``UnroutableError``, ``TopologyMismatchError``,
+``QueueNotFoundError``, ``ResourceLockedError`` (another connection's exclusive
+queue), ``AccessRefusedError``, ``LifecycleError``.
 """
 
 from __future__ import annotations

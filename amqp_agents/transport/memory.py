@@ -21,26 +21,29 @@ library relies on, the way RabbitMQ 3.10 does it, and the shared contract tests
   TCP link does, for fault-injection tests.
 
 Known differences: nothing is persisted (durable only matters for redeclaration
-checks); a requeued message goes to the front of its priority level (RabbitMQ puts it
-back at its original position, usually the same); there is no flow control, no
-memory alarm, and publishes never block; ``x-death`` is reduced to the
-``x-first-death-*`` headers.
+checks); there is no flow control, no memory alarm, and publishes never block;
+``x-death`` is reduced to the ``x-first-death-*`` headers; queue arguments other than
+priority and dead-lettering (``x-max-length``, ``x-message-ttl``...) are checked on
+redeclaration but not enforced.
 """
 
 from __future__ import annotations
 
 import asyncio
+import bisect
 import dataclasses
 import itertools
 import logging
 import os
 import time
+import uuid
 from collections import deque
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import TYPE_CHECKING, Self
 
 from amqp_agents.errors import (
+    AccessRefusedError,
     BrokerUnavailableError,
     LifecycleError,
     QueueNotFoundError,
@@ -73,7 +76,34 @@ class _Message:
     envelope: Envelope
     priority: int
     expires_at: float | None
+    seq: int = 0  # enqueue order in its queue: a requeue puts it back in its place
     redelivered: bool = False
+
+
+def _seq(message: _Message) -> int:
+    return message.seq
+
+
+# The queue arguments RabbitMQ compares on redeclaration; others may differ freely.
+_EQUIVALENCE_ARGS = frozenset(
+    {
+        "x-dead-letter-exchange",
+        "x-dead-letter-routing-key",
+        "x-expires",
+        "x-max-length",
+        "x-max-length-bytes",
+        "x-max-priority",
+        "x-message-ttl",
+        "x-overflow",
+        "x-queue-mode",
+        "x-queue-type",
+        "x-single-active-consumer",
+    }
+)
+
+
+def _compared(arguments: dict[str, HeaderValue]) -> dict[str, HeaderValue]:
+    return {k: v for k, v in arguments.items() if k in _EQUIVALENCE_ARGS}
 
 
 @dataclass(eq=False, slots=True)
@@ -95,10 +125,12 @@ class _Queue:
         "dead_letter_key",
         "durable",
         "exclusive",
+        "expiry_timer",
         "had_consumer",
         "levels",
         "name",
         "next_consumer",
+        "next_seq",
         "owner",
         "ready",
     )
@@ -121,14 +153,27 @@ class _Queue:
         self.consumers: list[_Consumer] = []
         self.next_consumer = 0
         self.had_consumer = False
+        self.next_seq = 0
+        self.expiry_timer: asyncio.TimerHandle | None = None
 
-    def push(self, message: _Message, *, front: bool = False) -> None:
-        level = self.levels[min(message.priority, len(self.levels) - 1)]
-        if front:
-            level.appendleft(message)
-        else:
-            level.append(message)
+    def push(self, message: _Message) -> None:
+        """Append a new message to its priority level."""
+        self.next_seq += 1
+        message.seq = self.next_seq
+        self.levels[min(message.priority, len(self.levels) - 1)].append(message)
         self.ready += 1
+
+    def restore(self, message: _Message) -> None:
+        """Put a requeued message back at its original position, as RabbitMQ does."""
+        level = self.levels[min(message.priority, len(self.levels) - 1)]
+        level.insert(bisect.bisect_left(level, message.seq, key=_seq), message)
+        self.ready += 1
+
+    def next_expiry(self) -> float | None:
+        """When the earliest head of a level expires (only heads expire, as in RabbitMQ)."""
+        times = [level[0].expires_at for level in self.levels if level]
+        pending = [t for t in times if t is not None]
+        return min(pending) if pending else None
 
     def pop(self, now: float, expired: list[_Message]) -> _Message | None:
         """The next message to deliver; expired ones met at the head go to ``expired``."""
@@ -136,7 +181,7 @@ class _Queue:
             while level:
                 message = level.popleft()
                 self.ready -= 1
-                if message.expires_at is not None and message.expires_at <= now:
+                if message.expires_at is not None and message.expires_at < now:
                     expired.append(message)
                     continue
                 return message
@@ -144,7 +189,7 @@ class _Queue:
 
     def drop_expired_heads(self, now: float, expired: list[_Message]) -> None:
         for level in self.levels:
-            while level and level[0].expires_at is not None and level[0].expires_at <= now:
+            while level and level[0].expires_at is not None and level[0].expires_at < now:
                 expired.append(level.popleft())
                 self.ready -= 1
 
@@ -185,6 +230,8 @@ class InMemoryBroker:
     # -- topology (called by transports) -----------------------------------------------
 
     def _declare_exchange(self, name: str, kind: ExchangeKind, durable: bool) -> None:
+        if name.startswith("amq.") or name == "":
+            raise AccessRefusedError(f"exchange name {name!r} is reserved by the broker")
         existing = self._exchanges.get(name)
         if existing is None:
             self._exchanges[name] = _Exchange(name, kind, durable)
@@ -206,7 +253,11 @@ class InMemoryBroker:
                     ("durable", existing.durable, spec.durable),
                     ("exclusive", existing.exclusive, spec.exclusive),
                     ("auto_delete", existing.auto_delete, spec.auto_delete),
-                    ("arguments", existing.arguments, dict(spec.arguments)),
+                    (
+                        "arguments",
+                        _compared(existing.arguments),
+                        _compared(dict(spec.arguments)),
+                    ),
                 )
                 if ours != theirs
             ]
@@ -240,6 +291,8 @@ class InMemoryBroker:
             raise ResourceLockedError(f"queue {queue.name!r} is exclusive to another connection")
 
     def _bind(self, queue: str, exchange: str, key: str) -> None:
+        if exchange == "":
+            raise AccessRefusedError("queues cannot be bound to the default exchange")
         target = self._exchange(exchange)
         self._queue(queue)
         if (queue, key) not in target.bindings:
@@ -252,6 +305,8 @@ class InMemoryBroker:
 
     def _delete_queue(self, queue: _Queue) -> None:
         self._queues.pop(queue.name, None)
+        if queue.expiry_timer is not None:
+            queue.expiry_timer.cancel()
         for exchange in self._exchanges.values():
             exchange.bindings = [b for b in exchange.bindings if b[0] != queue.name]
 
@@ -276,8 +331,13 @@ class InMemoryBroker:
                 names[queue] = None
         return [self._queues[name] for name in names if name in self._queues]
 
-    def _publish(self, envelope: Envelope, *, mandatory: bool) -> None:
-        queues = self._route(envelope.exchange, envelope.routing_key)
+    def _publish(self, envelope: Envelope, *, mandatory: bool, confirm: bool = True) -> None:
+        try:
+            queues = self._route(envelope.exchange, envelope.routing_key)
+        except QueueNotFoundError:
+            if confirm:
+                raise
+            return  # RabbitMQ closes the channel; the unconfirmed message is lost
         if not queues:
             if mandatory:
                 raise UnroutableError(envelope.exchange, envelope.routing_key)
@@ -291,7 +351,7 @@ class InMemoryBroker:
             e.routing_key,
             e.content_type,
             e.type,
-            e.message_id,
+            e.message_id or uuid.uuid4().hex,
             e.correlation_id,
             e.reply_to,
             e.priority,
@@ -307,13 +367,16 @@ class InMemoryBroker:
         priority = max(envelope.priority or 0, 0)
         for queue in queues:
             queue.push(_Message(stored, priority, expires_at))
-            self._pump(queue)
+            # The same clock reading as expires_at: a zero TTL still reaches a consumer
+            # that can take it right now, and expires otherwise.
+            self._pump(queue, now)
+            self._schedule_expiry(queue)
 
-    def _pump(self, queue: _Queue) -> None:
+    def _pump(self, queue: _Queue, now: float | None = None) -> None:
         """Deliver ready messages to consumers with room, round-robin."""
         if not queue.consumers or not queue.ready:
             return
-        now = time.monotonic()
+        now = time.monotonic() if now is None else now
         expired: list[_Message] = []
         consumers = queue.consumers
         while queue.ready and consumers:
@@ -331,11 +394,37 @@ class InMemoryBroker:
                 break
             consumer.deliver(message)
         self._dead_letter_all(queue, expired, "expired")
+        if queue.ready:  # a new head may expire sooner than the timer set before
+            self._schedule_expiry(queue)
 
     def _expire_heads(self, queue: _Queue, now: float) -> None:
         expired: list[_Message] = []
         queue.drop_expired_heads(now, expired)
         self._dead_letter_all(queue, expired, "expired")
+
+    def _schedule_expiry(self, queue: _Queue) -> None:
+        """Expire heads on time even if no client touches the queue (RabbitMQ's timer).
+
+        One timer per queue, for its earliest head: a queue full of requests with a TTL
+        costs one timer, not one per message.
+        """
+        when = queue.next_expiry()
+        timer = queue.expiry_timer
+        if when is None or (timer is not None and not timer.cancelled() and timer.when() <= when):
+            return
+        if timer is not None:
+            timer.cancel()
+        loop = asyncio.get_running_loop()
+        # loop.time() is monotonic, like expires_at; a hair later so "< now" holds.
+        queue.expiry_timer = loop.call_at(when + 0.001, self._on_expiry_timer, queue)
+
+    def _on_expiry_timer(self, queue: _Queue) -> None:
+        queue.expiry_timer = None
+        if self._queues.get(queue.name) is not queue:
+            return
+        self._expire_heads(queue, time.monotonic())
+        self._pump(queue)
+        self._schedule_expiry(queue)
 
     def _dead_letter_all(self, queue: _Queue, messages: list[_Message], reason: str) -> None:
         for message in messages:
@@ -368,8 +457,9 @@ class InMemoryBroker:
         if queue is None:
             return
         message.redelivered = True
-        queue.push(message, front=True)
+        queue.restore(message)
         self._pump(queue)
+        self._schedule_expiry(queue)
 
     def _settled(self, queue_name: str) -> None:
         queue = self._queues.get(queue_name)
@@ -505,10 +595,11 @@ class _Consumer:
         queue = self.broker._queues.get(self.queue_name)
         if queue is None:
             return
-        for message in reversed(list(unacked.values())):
+        for message in unacked.values():
             message.redelivered = True
-            queue.push(message, front=True)
+            queue.restore(message)
         self.broker._pump(queue)
+        self.broker._schedule_expiry(queue)
 
     async def cancel(self) -> None:
         self.detach()
@@ -634,7 +725,7 @@ class InMemoryTransport:
     ) -> None:
         self._require_connected()
         # Like the RabbitMQ transport, a return is only reported on confirmed publishes.
-        self.broker._publish(envelope, mandatory=mandatory and confirm)
+        self.broker._publish(envelope, mandatory=mandatory and confirm, confirm=confirm)
 
     async def consume(
         self,

@@ -28,6 +28,7 @@ from aiormq import spec
 
 from amqp_agents.config import ConnectionSettings, redact_url
 from amqp_agents.errors import (
+    AccessRefusedError,
     BrokerUnavailableError,
     LifecycleError,
     PublishRejectedError,
@@ -38,7 +39,7 @@ from amqp_agents.errors import (
     TransportError,
     UnroutableError,
 )
-from amqp_agents.models.envelope import Envelope
+from amqp_agents.models.envelope import Envelope, HeaderValue
 from amqp_agents.transport.base import (
     ConsumerHandle,
     DeliveryHandler,
@@ -142,10 +143,17 @@ class _RabbitConsumer:
             await asyncio.wait_for(self._channel.close(), timeout=5)
 
 
+def _field_table(headers: dict[str, HeaderValue] | None) -> dict[str, Any] | None:
+    # pamqp encodes bytearray, not bytes, as a byte array.
+    if not headers or not any(isinstance(v, bytes) for v in headers.values()):
+        return headers
+    return {k: bytearray(v) if isinstance(v, bytes) else v for k, v in headers.items()}
+
+
 def _to_properties(env: Envelope) -> spec.Basic.Properties:
     return spec.Basic.Properties(
         content_type=env.content_type,
-        headers=env.headers,  # type: ignore[arg-type]  # HeaderValue is a FieldValue subset
+        headers=_field_table(env.headers),
         delivery_mode=2 if env.persistent else 1,
         priority=env.priority,
         correlation_id=env.correlation_id,
@@ -195,6 +203,8 @@ def _topology_error(what: str, exc: BaseException) -> TransportError:
         )
     if isinstance(exc, aiormq.exceptions.ChannelLockedResource):
         return ResourceLockedError(f"{what} is exclusive to another connection ({reason})")
+    if isinstance(exc, aiormq.exceptions.ChannelAccessRefused):
+        return AccessRefusedError(f"{what}: the broker refused it ({reason})")
     if isinstance(exc, aiormq.exceptions.ChannelNotFoundEntity):
         return QueueNotFoundError(f"{what} does not exist ({reason})")
     if isinstance(exc, TimeoutError):
@@ -230,8 +240,11 @@ class RabbitTransport:
 
     @property
     def is_connected(self) -> bool:
+        # aio-pika marks a connection closed only when *we* close it; a connection the
+        # server (or the network) dropped is known from the close callback alone.
         return (
             self._state is _State.CONNECTED
+            and not self._lost_reported
             and self._pub_conn is not None
             and not self._pub_conn.is_closed
             and self._sub_conn is not None
@@ -425,6 +438,8 @@ class RabbitTransport:
     ) -> None:
         if self._state is not _State.CONNECTED:
             raise LifecycleError(f"transport is {self._state.value}, not connected")
+        if self._lost_reported:
+            raise BrokerUnavailableError("the broker connection is lost")
         try:
             async with asyncio.timeout(timeout_s):
                 channel = await self._publish_channel(confirm)
