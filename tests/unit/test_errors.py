@@ -28,7 +28,14 @@ AGENT_ERRORS = sorted(
     (kind for kind in EXPORTED.values() if issubclass(kind, AgentError) and kind is not AgentError),
     key=lambda kind: kind.__name__,
 )
-BUILTIN_MIXINS = (ValueError, RuntimeError, ConnectionError, TimeoutError, LookupError)
+BUILTIN_MIXINS = (
+    ValueError,
+    RuntimeError,
+    ConnectionError,
+    TimeoutError,
+    LookupError,
+    PermissionError,
+)
 
 
 def test_every_agent_error_has_a_distinct_error_code() -> None:
