@@ -5,6 +5,7 @@ The public API is what this module exports; everything else may change.
 
 from amqp_agents.config import (
     ConnectionSettings,
+    RetryPolicy,
     RpcSettings,
     Settings,
     WorkerSettings,
@@ -28,6 +29,8 @@ from amqp_agents.errors import (
     QueueNotFoundError,
     RejectedError,
     ResourceLockedError,
+    Retry,
+    RetryableError,
     ShuttingDownError,
     TopologyMismatchError,
     TransportError,
@@ -85,6 +88,9 @@ __all__ = [
     "RejectedError",
     "Request",
     "ResourceLockedError",
+    "Retry",
+    "RetryPolicy",
+    "RetryableError",
     "RpcClient",
     "RpcSettings",
     "Settings",

@@ -21,11 +21,14 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from amqp_agents.errors import AgentError, Retry, RetryableError
 from amqp_agents.models.wire import Topology
 
 __all__ = [
     "DEFAULT_URL",
+    "NO_RETRY",
     "ConnectionSettings",
+    "RetryPolicy",
     "RpcSettings",
     "Settings",
     "WorkerSettings",
@@ -82,6 +85,87 @@ class ConnectionSettings(BaseModel):
         return value
 
 
+class RetryPolicy(BaseModel):
+    """How failing requests are retried (per worker, overridable per action).
+
+    A failing request climbs three rungs, each bounded:
+
+    1. **in process**: up to ``attempts`` tries within one delivery, with exponential
+       backoff and jitter (tenacity), never past the caller's deadline;
+    2. **redelivery**: the worker republishes the request to a delay tier
+       (``agents.<agent>.retry.<ms>``, a queue whose TTL dead-letters back to the work
+       queue; one queue per delay since per-message TTLs only expire at the head), with
+       ``x-attempt`` + 1 and its priority kept, until ``max_deliveries``;
+    3. **dead-letter**: ``agents.<agent>.dead`` with headers saying why; the caller gets
+       the error.
+
+    Only failures marked retryable climb: :class:`~amqp_agents.errors.RetryableError` (and
+    :class:`~amqp_agents.errors.Retry`, which skips rung 1), unexpected exceptions if
+    ``retry_unexpected`` is on, and handler timeouts if ``retry_timeouts`` is on. Other
+    agent errors (``NOT_FOUND``, ``INVALID_PAYLOAD``, ``UNKNOWN_ACTION``...) are answers and
+    are never retried. A request that ends in ``INTERNAL_ERROR`` is dead-lettered too,
+    so a bug's victims can be replayed once it is fixed.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    attempts: int = Field(default=3, ge=1, le=100)
+    """Tries within one delivery (1: no in-process retry)."""
+    backoff_initial_s: float = Field(default=0.05, ge=0)
+    """First in-process backoff; doubles each try, with jitter, up to ``backoff_max_s``."""
+    backoff_max_s: float = Field(default=2.0, ge=0)
+    redelivery_delays_s: tuple[float, ...] = (1.0, 5.0, 30.0)
+    """Delay tiers for redeliveries: the n-th redelivery waits the n-th (the last repeats)."""
+    max_deliveries: int = Field(default=4, ge=1, le=1000)
+    """Deliveries before the request is dead-lettered (1: never redeliver)."""
+    retry_unexpected: bool = False
+    """Also retry exceptions that are not AgentErrors (bugs or infrastructure). Off by
+    default: only errors marked retryable are; an unexpected one is answered
+    ``INTERNAL_ERROR`` at once and dead-lettered."""
+    retry_timeouts: bool = False
+    """Retry handlers that ran out of time."""
+
+    @field_validator("redelivery_delays_s")
+    @classmethod
+    def _sane_delays(cls, delays: tuple[float, ...]) -> tuple[float, ...]:
+        if not delays:
+            raise ValueError("give at least one redelivery delay")
+        if any(not 0.001 <= delay <= 86_400 for delay in delays):
+            raise ValueError("redelivery delays must be between 1 ms and one day")
+        return tuple(sorted(set(delays)))
+
+    def tiers_ms(self) -> list[int]:
+        """The delay tiers, in milliseconds (one retry queue each)."""
+        return [round(delay * 1000) for delay in self.redelivery_delays_s]
+
+    def redelivery_delay_ms(self, attempt: int, requested_s: float | None) -> int:
+        """The tier for the redelivery after ``attempt``: the smallest tier that honours a
+        requested delay, else the ``attempt``-th tier."""
+        tiers = self.tiers_ms()
+        if requested_s is not None:
+            wanted = round(requested_s * 1000)
+            return next((tier for tier in tiers if tier >= wanted), tiers[-1])
+        return tiers[min(attempt, len(tiers)) - 1]
+
+    def is_retryable(self, error: BaseException, *, timed_out: bool = False) -> bool:
+        """Whether this failure may succeed if tried again."""
+        if timed_out:
+            return self.retry_timeouts
+        if isinstance(error, RetryableError):
+            return True
+        if isinstance(error, AgentError):
+            return False
+        return self.retry_unexpected and isinstance(error, Exception)
+
+    def retries_in_process(self, error: BaseException) -> bool:
+        """Retried right here (``Retry`` asks for a delayed redelivery instead)."""
+        return not isinstance(error, Retry)
+
+
+NO_RETRY = RetryPolicy(attempts=1, max_deliveries=1)
+"""Never retry: fail at the first error."""
+
+
 class WorkerSettings(BaseModel):
     """How a worker consumes."""
 
@@ -93,6 +177,8 @@ class WorkerSettings(BaseModel):
     """On stop, how long in-flight handlers may finish before they are cancelled."""
     action_timeout_s: float = Field(default=60.0, gt=0, lt=BROKER_ACK_TIMEOUT_S)
     """Default per-action timeout; kept below the broker's delivery-ack timeout."""
+    retry: RetryPolicy = RetryPolicy()
+    """Default retry policy of actions (``@action(retry=...)`` overrides it)."""
 
 
 class RpcSettings(BaseModel):

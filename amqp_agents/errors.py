@@ -25,10 +25,14 @@ tree at the seam where it is raised; nothing else escapes the public API::
         ├── NoRouteError                      NO_ROUTE
         ├── ConnectionLostError (ConnectionError)  CONNECTION_LOST
         ├── MessageTooLargeError (ValueError)  MESSAGE_TOO_LARGE
-        └── RejectedError                     REJECTED
+        ├── RejectedError                     REJECTED
+        └── RetryableError                    UNAVAILABLE (retried by the worker)
+            └── Retry                         UNAVAILABLE (retry after delay_s)
 
 A handler raises an :class:`AgentError` to answer with that code; any other exception
-becomes ``INTERNAL_ERROR`` with the traceback logged, never sent. On the calling side
+becomes ``INTERNAL_ERROR`` with the traceback logged, never sent. Only
+:class:`RetryableError` (and, by default, unexpected exceptions) are retried; other
+agent errors are answers, not failures. On the calling side
 :meth:`AgentError.from_info` turns a failed reply back into the matching class.
 """
 
@@ -57,6 +61,8 @@ __all__ = [
     "QueueNotFoundError",
     "RejectedError",
     "ResourceLockedError",
+    "Retry",
+    "RetryableError",
     "ShuttingDownError",
     "TopologyMismatchError",
     "TransportError",
@@ -209,6 +215,24 @@ class RejectedError(AgentError):
     code = ErrorCode.REJECTED
 
 
+class RetryableError(AgentError):
+    """A transient failure (a dependency is down): the worker retries the request."""
+
+    code = ErrorCode.UNAVAILABLE
+
+
+class Retry(RetryableError):
+    """Ask the worker to run the request again later, after about ``delay_s``."""
+
+    def __init__(
+        self, message: str = "", *, delay_s: float | None = None, details: Any = None
+    ) -> None:
+        super().__init__(message or "the handler asked for a retry", details=details)
+        if delay_s is not None and delay_s < 0:
+            raise ConfigurationError("Retry(delay_s=...) must not be negative")
+        self.delay_s = delay_s
+
+
 _BY_CODE: dict[str, type[AgentError]] = {
     kind.code: kind
     for kind in (
@@ -222,5 +246,6 @@ _BY_CODE: dict[str, type[AgentError]] = {
         ConnectionLostError,
         MessageTooLargeError,
         RejectedError,
+        RetryableError,
     )
 }

@@ -94,6 +94,8 @@ class ErrorCode(StrEnum):
     """The connection to the broker died while the call was pending."""
     MESSAGE_TOO_LARGE = "MESSAGE_TOO_LARGE"
     """The encoded request or reply is larger than the configured maximum."""
+    UNAVAILABLE = "UNAVAILABLE"
+    """Something the handler needs is unavailable; it was retried and still failed."""
     REJECTED = "REJECTED"
     """The broker refused to enqueue the request (``basic.nack``: e.g. a full queue with
     ``overflow=reject-publish``, or a broker-side failure)."""

@@ -7,6 +7,7 @@ payloads are turned into JSON bytes by pydantic-core directly, never via ``json`
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import re
 import time
@@ -37,6 +38,25 @@ __all__ = [
 CONTENT_TYPE_JSON: Final = "application/json"
 HEADER_DEADLINE: Final = "x-deadline"
 """Header: the caller's deadline, integer milliseconds since the Unix epoch."""
+HEADER_ATTEMPT: Final = "x-attempt"
+"""Header: which delivery attempt this is (1 when absent); set by retries, not x-death."""
+HEADER_ERROR_CODE: Final = "x-error-code"
+"""Dead letters: the error code of the last failure."""
+HEADER_ERROR_MESSAGE: Final = "x-error-message"
+"""Dead letters: the error message of the last failure."""
+HEADER_ORIGINAL_EXCHANGE: Final = "x-original-exchange"
+"""Dead letters: the exchange the request was first published to."""
+HEADER_ORIGINAL_ROUTING_KEY: Final = "x-original-routing-key"
+"""Dead letters: its routing key (the agent)."""
+HEADER_DEAD_LETTERED_AT: Final = "x-dead-lettered-at"
+"""Dead letters: when, integer milliseconds since the Unix epoch."""
+_DEAD_LETTER_HEADERS: Final = (
+    HEADER_ERROR_CODE,
+    HEADER_ERROR_MESSAGE,
+    HEADER_ORIGINAL_EXCHANGE,
+    HEADER_ORIGINAL_ROUTING_KEY,
+    HEADER_DEAD_LETTERED_AT,
+)
 MAX_PRIORITY: Final = 9
 """Highest priority in the contract; the default ``x-max-priority`` of agent queues."""
 
@@ -95,6 +115,10 @@ class Topology(BaseModel):
         """Requests an agent could not process: ``agents.<agent>.dead``."""
         return f"{self.agent_queue(agent)}{self.dead_letter_suffix}"
 
+    def agent_retry_queue(self, agent: str, delay_ms: int) -> str:
+        """A delay tier: ``agents.<agent>.retry.<delay_ms>``; its TTL leads back to work."""
+        return f"{self.agent_queue(agent)}.retry.{delay_ms}"
+
     def group_queue(self, group: str) -> str:
         """The durable queue a subscriber group shares: ``events.<group>``."""
         return f"{self.event_queue_prefix}{group}"
@@ -133,6 +157,76 @@ def _datetime(epoch_s: float | None) -> datetime:
     if epoch_s is not None and 0 < epoch_s < _MAX_EPOCH_MS / 1000:
         return datetime.fromtimestamp(epoch_s, UTC)
     return datetime.now(UTC)
+
+
+def attempt_from(envelope: Envelope) -> int:
+    """Which attempt a delivery is (the ``x-attempt`` header; 1 when absent or bad)."""
+    raw = (envelope.headers or {}).get(HEADER_ATTEMPT)
+    return raw if isinstance(raw, int) and not isinstance(raw, bool) and raw >= 1 else 1
+
+
+def retry_envelope(envelope: Envelope, *, queue: str, attempt: int) -> Envelope:
+    """The request again, for the queue ``queue`` (via the default exchange), as ``attempt``.
+
+    Keeps body and properties (priority included) and the original routing in
+    headers; drops ``expiration`` (the deadline header still bounds it).
+    """
+    headers = dict(envelope.headers or {})
+    headers[HEADER_ATTEMPT] = attempt
+    headers.setdefault(HEADER_ORIGINAL_EXCHANGE, envelope.exchange)
+    headers.setdefault(HEADER_ORIGINAL_ROUTING_KEY, envelope.routing_key)
+    return dataclasses.replace(
+        envelope,
+        exchange="",
+        routing_key=queue,
+        headers=headers,
+        expiration_ms=None,
+        redelivered=False,
+    )
+
+
+def dead_letter_envelope(
+    envelope: Envelope, *, exchange: str, routing_key: str, code: str, message: str, attempt: int
+) -> Envelope:
+    """The request for a dead-letter queue, with headers saying why (see the protocol)."""
+    headers = dict(envelope.headers or {})
+    headers[HEADER_ATTEMPT] = attempt
+    headers.setdefault(HEADER_ORIGINAL_EXCHANGE, envelope.exchange)
+    headers.setdefault(HEADER_ORIGINAL_ROUTING_KEY, envelope.routing_key)
+    headers[HEADER_ERROR_CODE] = code
+    headers[HEADER_ERROR_MESSAGE] = message[:1000]
+    headers[HEADER_DEAD_LETTERED_AT] = int(time.time() * 1000)
+    return dataclasses.replace(
+        envelope,
+        exchange=exchange,
+        routing_key=routing_key,
+        headers=headers,
+        expiration_ms=None,  # a per-message TTL would expire it in the dead-letter queue
+        redelivered=False,
+    )
+
+
+def replay_envelope(envelope: Envelope) -> Envelope:
+    """A dead letter sent back to its original exchange and key, as a first attempt.
+
+    The failure headers, the attempt count and the caller's deadline (long gone) are
+    dropped; body and the other properties are kept.
+    """
+    original = envelope.headers or {}
+    dropped = {*_DEAD_LETTER_HEADERS, HEADER_ATTEMPT, HEADER_DEADLINE, "x-death"}
+    headers = {
+        k: v for k, v in original.items() if k not in dropped and not k.startswith("x-first-death")
+    }
+    exchange = original.get(HEADER_ORIGINAL_EXCHANGE)
+    routing_key = original.get(HEADER_ORIGINAL_ROUTING_KEY)
+    return dataclasses.replace(
+        envelope,
+        exchange=exchange if isinstance(exchange, str) else envelope.exchange,
+        routing_key=routing_key if isinstance(routing_key, str) else envelope.routing_key,
+        headers=headers or None,
+        expiration_ms=None,
+        redelivered=False,
+    )
 
 
 def encode_request(

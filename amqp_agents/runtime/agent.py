@@ -23,15 +23,28 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
+from tenacity import (
+    AsyncRetrying,
+    RetryCallState,
+    retry_if_exception,
+    stop_after_attempt,
+    wait_random_exponential,
+)
+from tenacity.stop import stop_base
+
+from amqp_agents.config import NO_RETRY, RetryPolicy
 from amqp_agents.errors import (
     ActionTimeoutError,
     AgentError,
     ConfigurationError,
+    InvalidPayloadError,
     LifecycleError,
+    Retry,
     UnknownActionError,
 )
 from amqp_agents.events.publisher import EventPublisher, RecordingPublisher
@@ -43,13 +56,23 @@ from amqp_agents.models.wire import check_name
 if TYPE_CHECKING:
     from pydantic import BaseModel, TypeAdapter
 
-__all__ = ["ActionSpec", "Agent", "EventHandlerSpec", "action", "on_event"]
+__all__ = ["ActionSpec", "Agent", "EventHandlerSpec", "Outcome", "action", "on_event"]
 
 log = logging.getLogger(__name__)
 
 _ACTION_ATTR = "__amqp_agents_action__"
 _EVENT_ATTR = "__amqp_agents_events__"
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What running a request gave: the reply, and whether a redelivery may help."""
+
+    response: AgentResponse
+    retryable: bool = False
+    delay_s: float | None = None
+    """The delay a ``Retry(delay_s=...)`` asked for."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,14 +84,18 @@ class ActionSpec:
     method: str
     payload: TypeAdapter[Any] | None
     """Validates the request's JSON object into the handler's argument; None: no argument."""
+    retry: RetryPolicy | None = None
+    """This action's retry policy; None: the worker's."""
 
 
-def action(name: str, *, timeout_s: float | None = None) -> Callable[[F], F]:
+def action(
+    name: str, *, timeout_s: float | None = None, retry: RetryPolicy | None = None
+) -> Callable[[F], F]:
     """Mark an ``async`` method as the handler of action ``name``.
 
     The handler takes at most one argument besides ``self``: the payload, annotated
     with a pydantic model (or ``dict[str, Any]`` for raw JSON). ``timeout_s`` overrides
-    the worker's default per-action timeout.
+    the worker's default per-action timeout, ``retry`` its retry policy.
     """
     check_name("action", name)
     if timeout_s is not None and not timeout_s > 0:
@@ -78,7 +105,7 @@ def action(name: str, *, timeout_s: float | None = None) -> Callable[[F], F]:
         check: Callable[..., Any] = func  # keep ``func`` un-narrowed for the return type
         if not inspect.iscoroutinefunction(check):
             raise ConfigurationError(f"action {name!r}: {func.__qualname__} must be async def")
-        setattr(func, _ACTION_ATTR, (name, timeout_s))
+        setattr(func, _ACTION_ATTR, (name, timeout_s, retry))
         return func
 
     return mark
@@ -157,7 +184,7 @@ class Agent:
                 marked = getattr(value, _ACTION_ATTR, None)
                 if marked is None:
                     continue
-                action_name, timeout_s = marked
+                action_name, timeout_s, retry = marked
                 existing = actions.get(action_name)
                 if existing is not None and existing.method != attr and klass is cls:
                     raise ConfigurationError(
@@ -169,6 +196,7 @@ class Agent:
                     timeout_s=timeout_s,
                     method=attr,
                     payload=_payload_adapter(value, action_name),
+                    retry=retry,
                 )
         cls._actions = actions
         cls._event_specs = tuple(events.values())
@@ -225,36 +253,95 @@ class Agent:
         """Run the request's action and return the reply; never raises but cancellation.
 
         ``timeout_s`` bounds the handler (the action's own ``timeout_s`` wins when
-        smaller); a handler that overruns is cancelled and answered ``TIMEOUT``.
+        smaller); a handler that overruns is cancelled and answered ``TIMEOUT``. The
+        action's retry policy applies in process; redeliveries are the worker's.
+        """
+        outcome = await self.run(message, timeout_s=timeout_s)
+        return outcome.response
+
+    async def run(
+        self,
+        message: AgentMessage,
+        *,
+        timeout_s: float | None = None,
+        policy: RetryPolicy = NO_RETRY,
+        deadline: float | None = None,
+    ) -> Outcome:
+        """Run the request with in-process retries; the reply and whether to redeliver.
+
+        ``policy`` applies unless the action has its own; ``deadline`` (``time.monotonic``)
+        bounds every try and every backoff: no retry starts that could not finish.
         """
         cid = message.correlation_id
         spec = self._actions.get(message.action)
         if spec is None:
             known = ", ".join(sorted(self._actions)) or "none"
-            return UnknownActionError(
-                f"agent {self.name!r} has no action {message.action!r} (known: {known})"
-            ).to_response(correlation_id=cid)
-        limit = _smallest(spec.timeout_s, timeout_s)
-        scope = asyncio.timeout(limit)
-        try:
-            method = getattr(self, spec.method)
-            if spec.payload is None:
-                call = method()
-            else:
-                call = method(validate_payload(spec.payload, message.payload))
-            async with scope:
-                result = await call
-        except AgentError as exc:
-            return exc.to_response(correlation_id=cid)
-        except TimeoutError:
-            if scope.expired():
-                return ActionTimeoutError(
-                    f"action {message.action!r} took longer than {limit:g}s"
+            return Outcome(
+                UnknownActionError(
+                    f"agent {self.name!r} has no action {message.action!r} (known: {known})"
                 ).to_response(correlation_id=cid)
-            return self._internal_error(message)
-        except Exception:
-            return self._internal_error(message)
-        return AgentResponse.success(result, correlation_id=cid)
+            )
+        policy = spec.retry or policy
+        method = getattr(self, spec.method)
+        try:
+            payload = (
+                None if spec.payload is None else validate_payload(spec.payload, message.payload)
+            )
+        except InvalidPayloadError as exc:
+            return Outcome(exc.to_response(correlation_id=cid))
+        limit = _smallest(spec.timeout_s, timeout_s)
+
+        def in_process(error: BaseException) -> bool:
+            timed_out = isinstance(error, _TimedOut)
+            return policy.is_retryable(error, timed_out=timed_out) and (
+                policy.retries_in_process(error)
+            )
+
+        retrying = AsyncRetrying(
+            stop=stop_after_attempt(policy.attempts) | _StopAtDeadline(deadline),
+            # "Full jitter": a random wait up to initial * 2**n, capped.
+            wait=wait_random_exponential(
+                multiplier=policy.backoff_initial_s, max=policy.backoff_max_s
+            ),
+            retry=retry_if_exception(in_process),
+            reraise=True,
+        )
+        try:
+            async for attempt in retrying:
+                with attempt:
+                    if attempt.retry_state.attempt_number > 1:
+                        log.info(
+                            "retrying %s.%s (try %d, correlation id %s)",
+                            self.name,
+                            message.action,
+                            attempt.retry_state.attempt_number,
+                            cid,
+                        )
+                    try_limit = limit
+                    if deadline is not None:
+                        try_limit = _smallest(limit, max(deadline - time.monotonic(), 0.0))
+                    scope = asyncio.timeout(try_limit)
+                    try:
+                        async with scope:
+                            result = await (method() if spec.payload is None else method(payload))
+                    except TimeoutError as exc:
+                        if scope.expired():
+                            raise _TimedOut(try_limit or 0.0) from exc
+                        raise
+        except _TimedOut as exc:
+            response = ActionTimeoutError(
+                f"action {message.action!r} took longer than {exc.limit_s:g}s"
+            ).to_response(correlation_id=cid)
+            return Outcome(response, retryable=policy.is_retryable(exc, timed_out=True))
+        except AgentError as exc:
+            return Outcome(
+                exc.to_response(correlation_id=cid),
+                retryable=policy.is_retryable(exc),
+                delay_s=exc.delay_s if isinstance(exc, Retry) else None,
+            )
+        except Exception as exc:
+            return Outcome(self._internal_error(message), retryable=policy.is_retryable(exc))
+        return Outcome(AgentResponse.success(result, correlation_id=cid))
 
     def _internal_error(self, message: AgentMessage) -> AgentResponse:
         log.exception(
@@ -269,6 +356,26 @@ class Agent:
             f" (correlation id {message.correlation_id})",
             correlation_id=message.correlation_id,
         )
+
+
+class _TimedOut(Exception):
+    """A try ran out of its time limit (told apart from a TimeoutError the handler raised)."""
+
+    def __init__(self, limit_s: float) -> None:
+        super().__init__(f"timed out after {limit_s:g}s")
+        self.limit_s = limit_s
+
+
+class _StopAtDeadline(stop_base):
+    """Stop retrying when the next backoff would end past the deadline."""
+
+    def __init__(self, deadline: float | None) -> None:
+        self._deadline = deadline
+
+    def __call__(self, retry_state: RetryCallState) -> bool:
+        if self._deadline is None:
+            return False
+        return time.monotonic() + retry_state.upcoming_sleep >= self._deadline
 
 
 def _smallest(a: float | None, b: float | None) -> float | None:

@@ -45,11 +45,15 @@ from amqp_agents.errors import (
     TransportError,
 )
 from amqp_agents.events.bus import EventBus
+from amqp_agents.models.messages import ErrorCode
 from amqp_agents.models.wire import (
     Topology,
+    attempt_from,
+    dead_letter_envelope,
     deadline_from,
     decode_request,
     encode_reply,
+    retry_envelope,
 )
 from amqp_agents.transport.base import (
     ConsumerHandle,
@@ -88,6 +92,8 @@ class WorkerStats:
     invalid: int = 0
     expired: int = 0
     requeued: int = 0
+    retried: int = 0
+    dead_lettered: int = 0
     in_flight: int = 0
 
 
@@ -128,6 +134,7 @@ class Worker:
         self._state = _State.NEW
         self._lost = asyncio.Event()
         self._event_queues = 0
+        self._retry_queues: set[str] = set()
         self.events = EventBus(
             transport,
             topology=self._topology,
@@ -332,6 +339,20 @@ class Worker:
                 await delivery.ack()
                 return
             timeout_s = min(timeout_s, remaining)
+        attempt = attempt_from(envelope)
+        if envelope.redelivered:
+            # Delivered before and never settled: maybe it crashed the worker. Count it
+            # as an attempt *in the message* (republish, then ack), or a message that
+            # kills the process would loop forever.
+            await self._count_redelivery(agent, delivery, attempt + 1)
+            return
+        policy = self._settings.retry
+        if len(envelope.body) > self._max_bytes:
+            too_large = MessageTooLargeError(
+                f"the request is {len(envelope.body)} bytes, over the {self._max_bytes}-byte limit"
+            )
+            await self._fail(agent, delivery, too_large.to_response(), attempt, dead_letter=True)
+            return
         try:
             message = decode_request(envelope)
         except InvalidPayloadError as exc:
@@ -342,9 +363,32 @@ class Worker:
                 envelope.correlation_id,
                 exc.message,
             )
-            response = exc.to_response(correlation_id=envelope.correlation_id)
-        else:
-            response = await agent.handle(message, timeout_s=timeout_s)
+            await self._fail(agent, delivery, exc.to_response(), attempt, dead_letter=True)
+            return
+        outcome = await agent.run(
+            message,
+            timeout_s=timeout_s,
+            policy=policy,
+            deadline=None if deadline is None else time.monotonic() + (deadline - time.time()),
+        )
+        if not outcome.retryable:
+            crashed = outcome.response.code == ErrorCode.INTERNAL_ERROR
+            await self._fail(agent, delivery, outcome.response, attempt, dead_letter=crashed)
+            return
+        spec_policy = agent.actions().get(message.action)
+        policy = (spec_policy.retry if spec_policy else None) or policy
+        if attempt < policy.max_deliveries:
+            delay_ms = policy.redelivery_delay_ms(attempt, outcome.delay_s)
+            if deadline is None or time.time() + delay_ms / 1000 < deadline:
+                await self._redeliver_later(agent, delivery, attempt + 1, delay_ms)
+                return
+        await self._fail(agent, delivery, outcome.response, attempt, dead_letter=True)
+
+    async def _reply_and_ack(
+        self, agent: Agent, delivery: Delivery, response: AgentResponse
+    ) -> bool:
+        """Reply (if asked to), then ack. False if the reply failed (then requeued)."""
+        envelope = delivery.envelope
         reply_to = envelope.reply_to
         if reply_to:
             reply = self._encode_reply(agent, response, reply_to, envelope.correlation_id)
@@ -354,11 +398,114 @@ class Worker:
                 # Not acked: the broker redelivers the request (at-least-once).
                 log.warning("reply to %s not confirmed (%s); request requeued", reply_to, exc)
                 await self._requeue(delivery)
-                return
+                return False
             self.stats.replied += 1
         else:
             self.stats.acked_without_reply += 1
         await delivery.ack()
+        return True
+
+    async def _fail(
+        self,
+        agent: Agent,
+        delivery: Delivery,
+        response: AgentResponse,
+        attempt: int,
+        *,
+        dead_letter: bool,
+    ) -> None:
+        """Dead-letter the request with the reason, then answer the caller and ack."""
+        envelope = delivery.envelope
+        error = response.error
+        if dead_letter and error is not None:
+            dead = dead_letter_envelope(
+                envelope,
+                exchange=self._topology.requests_dead_letter_exchange,
+                routing_key=agent.name,
+                code=error.code,
+                message=error.message,
+                attempt=attempt,
+            )
+            try:
+                await self._transport.publish(dead, timeout_s=self._publish_timeout_s)
+            except TransportError as exc:
+                log.warning("could not dead-letter a request of %s (%s); requeued", agent.name, exc)
+                await self._requeue(delivery)
+                return
+            self.stats.dead_lettered += 1
+            log.warning(
+                "dead-lettered %s.%s after %d attempt(s): %s %s (correlation id %s)",
+                agent.name,
+                envelope.type,
+                attempt,
+                error.code,
+                error.message,
+                envelope.correlation_id,
+            )
+        await self._reply_and_ack(agent, delivery, response)
+
+    async def _redeliver_later(
+        self, agent: Agent, delivery: Delivery, attempt: int, delay_ms: int
+    ) -> None:
+        """Republish to the delay tier (its TTL brings it back to work), then ack."""
+        queue = await self._retry_queue(agent, delay_ms)
+        again = retry_envelope(delivery.envelope, queue=queue, attempt=attempt)
+        try:
+            await self._transport.publish(again, timeout_s=self._publish_timeout_s)
+        except TransportError as exc:
+            log.warning("could not schedule a retry for %s (%s); requeued", agent.name, exc)
+            await self._requeue(delivery)
+            return
+        self.stats.retried += 1
+        log.info(
+            "retrying %s.%s in %d ms (attempt %d, correlation id %s)",
+            agent.name,
+            delivery.envelope.type,
+            delay_ms,
+            attempt,
+            delivery.envelope.correlation_id,
+        )
+        await delivery.ack()
+
+    async def _count_redelivery(self, agent: Agent, delivery: Delivery, attempt: int) -> None:
+        policy = self._settings.retry
+        action = agent.actions().get(delivery.envelope.type or "")
+        if action is not None and action.retry is not None:
+            policy = action.retry
+        if attempt > policy.max_deliveries:
+            crashed = InternalError(
+                f"delivered {attempt - 1} times without being settled: it may crash the worker"
+            )
+            await self._fail(agent, delivery, crashed.to_response(), attempt - 1, dead_letter=True)
+            return
+        queue = self._topology.agent_queue(agent.name)
+        again = retry_envelope(delivery.envelope, queue=queue, attempt=attempt)
+        try:
+            await self._transport.publish(again, timeout_s=self._publish_timeout_s)
+        except TransportError as exc:
+            log.warning("could not count a redelivery for %s (%s)", agent.name, exc)
+            await self._requeue(delivery)
+            return
+        await delivery.ack()
+
+    async def _retry_queue(self, agent: Agent, delay_ms: int) -> str:
+        """Declare (once) the delay tier of ``agent``: TTL, then back to the work queue."""
+        topology = self._topology
+        name = topology.agent_retry_queue(agent.name, delay_ms)
+        if name not in self._retry_queues:
+            await self._transport.declare_queue(
+                QueueSpec(
+                    name=name,
+                    durable=True,
+                    arguments={
+                        "x-message-ttl": delay_ms,
+                        "x-dead-letter-exchange": "",
+                        "x-dead-letter-routing-key": topology.agent_queue(agent.name),
+                    },
+                )
+            )
+            self._retry_queues.add(name)
+        return name
 
     def _encode_reply(
         self, agent: Agent, response: AgentResponse, reply_to: str, correlation_id: str | None

@@ -432,10 +432,12 @@ async def test_malformed_request_is_answered_and_not_redelivered(
         await wait_until(lambda: worker.stats.in_flight == 0, "the request is settled")
     assert reply.correlation_id == "bad-1"
     assert json.loads(reply.body)["error"]["code"] == ErrorCode.INVALID_PAYLOAD
-    assert worker.stats == WorkerStats(received=1, replied=1, invalid=1)  # once, acked
+    # Answered once, acked, and kept (once) in the dead-letter queue for inspection.
+    assert worker.stats == WorkerStats(received=1, replied=1, invalid=1, dead_lettered=1)
     assert (await transport.queue_info(queue)).messages == 0
     rows = await asyncio.to_thread(broker_admin.list_queues, module_vhost)
     assert rows[queue].messages == 0  # ready + unacknowledged
+    assert rows[f"{queue}.dead"].messages == 1
 
 
 # -- late replies --------------------------------------------------------------------
