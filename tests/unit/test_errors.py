@@ -24,8 +24,13 @@ from amqp_agents.errors import (
 from amqp_agents.models.messages import ErrorCode, ErrorInfo
 
 EXPORTED = {name: getattr(errors, name) for name in errors.__all__}
+# The classes that own a wire code (Retry refines RetryableError and shares its code).
 AGENT_ERRORS = sorted(
-    (kind for kind in EXPORTED.values() if issubclass(kind, AgentError) and kind is not AgentError),
+    (
+        kind
+        for kind in EXPORTED.values()
+        if issubclass(kind, AgentError) and kind is not AgentError and "code" in vars(kind)
+    ),
     key=lambda kind: kind.__name__,
 )
 BUILTIN_MIXINS = (
