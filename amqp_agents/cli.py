@@ -26,6 +26,7 @@ from amqp_agents.examples.demo import run_demo
 from amqp_agents.models.messages import Event, Priority
 from amqp_agents.rpc.client import RpcClient
 from amqp_agents.runtime.agent import Agent
+from amqp_agents.runtime.dead_letters import DeadLetters
 from amqp_agents.runtime.health import HealthServer, ProbeResult
 from amqp_agents.runtime.worker import Worker
 from amqp_agents.transport.factory import create_transport, is_memory_url
@@ -109,6 +110,15 @@ def _parser() -> argparse.ArgumentParser:
     )
     listen.add_argument("--count", type=int, help="exit after this many events")
     listen.add_argument("--duration", type=float, help="exit after this many seconds")
+
+    dead = commands.add_parser(
+        "dead-letters", help="list an agent's dead letters, or replay them to the agent"
+    )
+    dead.add_argument("agent", metavar="AGENT")
+    dead.add_argument("--limit", type=int, default=20, help="how many to list (oldest first)")
+    dead.add_argument(
+        "--replay", type=int, metavar="N", help="send the oldest N back to the agent's queue"
+    )
 
     commands.add_parser(
         "demo",
@@ -269,6 +279,40 @@ async def _listen(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+async def _dead_letters(args: argparse.Namespace, settings: Settings) -> int:
+    if args.replay is not None and args.replay < 1:
+        raise ConfigurationError("--replay must be at least 1")
+    transport = create_transport(settings.connection)
+    await transport.connect()
+    try:
+        letters = DeadLetters(transport, topology=settings.topology)
+        if args.replay is not None:
+            replayed = await letters.replay(args.agent, limit=args.replay)
+            left = await letters.count(args.agent)
+            print(json.dumps({"agent": args.agent, "replayed": replayed, "left": left}))
+            return 0
+        total = await letters.count(args.agent)
+        shown = await letters.peek(args.agent, limit=args.limit) if total else []
+    finally:
+        await transport.aclose()
+    print(f"{total} dead letter(s) for {args.agent}" + (f", oldest {len(shown)}:" if shown else ""))
+    for letter in shown:
+        print(
+            json.dumps(
+                {
+                    "message_id": letter.message_id,
+                    "action": letter.action,
+                    "error": letter.error_code,
+                    "message": letter.error_message,
+                    "attempts": letter.attempts,
+                    "at_ms": letter.dead_lettered_at_ms,
+                    "body": letter.body.decode("utf-8", errors="replace")[:200],
+                }
+            )
+        )
+    return 0
+
+
 async def _demo(args: argparse.Namespace, settings: Settings) -> int:
     where = "memory:// (the in-process broker)"
     if not is_memory_url(settings.url.get_secret_value()):
@@ -328,6 +372,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "publish": _publish,
             "listen": _listen,
             "demo": _demo,
+            "dead-letters": _dead_letters,
         }
         return asyncio.run(command[args.command](args, settings))
     except (ConfigurationError, ValidationError) as exc:
