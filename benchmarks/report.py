@@ -1,0 +1,166 @@
+"""The results: a table of medians with ratios and targets, the JSON file, comparisons."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from benchmarks.cases import SIDES, Case
+from benchmarks.runner import SideResult
+
+__all__ = ["compare_table", "load", "results_json", "results_table"]
+
+NOT_PART = "-"
+
+
+def _number(value: float) -> str:
+    if abs(value) >= 1000:
+        return f"{value:,.0f}"
+    if abs(value) >= 10:
+        return f"{value:.1f}"
+    return f"{value:.3g}"
+
+
+def _cell(result: SideResult | None, metric: str) -> str:
+    if result is None:
+        return NOT_PART
+    if result.na is not None:
+        return result.na
+    median = result.medians().get(metric)
+    if median is None:
+        return "error" if result.errors else NOT_PART
+    return _number(median)
+
+
+def _ratio(medians: Mapping[str, Mapping[str, float]], metric: str, other: str) -> str:
+    ours = medians.get("ours", {}).get(metric)
+    theirs = medians.get(other, {}).get(metric)
+    if ours is None or theirs is None or theirs == 0:
+        return NOT_PART
+    return f"{ours / theirs:.2f}x"
+
+
+def _render(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    widths = [max(len(row[i]) for row in (header, *rows)) for i in range(len(header))]
+    right = {i for i, name in enumerate(header) if name not in ("case", "metric", "side", "target")}
+
+    def line(row: Sequence[str]) -> str:
+        cells = [
+            cell.rjust(width) if i in right else cell.ljust(width)
+            for i, (cell, width) in enumerate(zip(row, widths, strict=True))
+        ]
+        return "| " + " | ".join(cells) + " |"
+
+    rule = "|" + "|".join("-" * (width + 2) for width in widths) + "|"
+    return "\n".join([line(header), rule, *(line(row) for row in rows)])
+
+
+def results_table(cases: Sequence[Case], results: Mapping[str, Mapping[str, SideResult]]) -> str:
+    """Medians per case and metric, ours/raw and ours/faststream, targets and PASS/FAIL."""
+    header = [
+        "case",
+        "metric",
+        *SIDES,
+        "ours/raw",
+        "ours/faststream",
+        "target",
+        "result",
+    ]
+    rows: list[list[str]] = []
+    for case in cases:
+        per_side = results.get(case.id, {})
+        medians = {side: result.medians() for side, result in per_side.items()}
+        for metric in case.metrics:
+            targets = [target for target in case.targets if target.metric == metric.key]
+            verdicts = []
+            for target in targets:
+                passed = target.check(medians)
+                verdicts.append("n/a" if passed is None else "PASS" if passed else "FAIL")
+            rows.append(
+                [
+                    case.id,
+                    metric.label,
+                    *(_cell(per_side.get(side), metric.key) for side in SIDES),
+                    _ratio(medians, metric.key, "raw"),
+                    _ratio(medians, metric.key, "faststream"),
+                    "; ".join(target.describe() for target in targets),
+                    "; ".join(verdicts),
+                ]
+            )
+    return _render(header, rows)
+
+
+def results_json(
+    cases: Sequence[Case],
+    results: Mapping[str, Mapping[str, SideResult]],
+    meta: Mapping[str, Any],
+) -> dict[str, Any]:
+    """Everything measured (every repetition), the medians and the target verdicts."""
+    out: dict[str, Any] = {"format": 1, "meta": dict(meta), "cases": {}}
+    for case in cases:
+        per_side = results.get(case.id, {})
+        medians = {side: result.medians() for side, result in per_side.items()}
+        sides: dict[str, Any] = {}
+        for side, result in per_side.items():
+            if result.na is not None:
+                sides[side] = {"na": result.na}
+            else:
+                sides[side] = {
+                    "values": result.values,
+                    "medians": medians[side],
+                    "errors": result.errors,
+                }
+        out["cases"][case.id] = {
+            "title": case.title,
+            "metrics": [
+                {"key": m.key, "label": m.label, "higher_is_better": m.higher_is_better}
+                for m in case.metrics
+            ],
+            "sides": sides,
+            "targets": [
+                {"metric": t.metric, "target": t.describe(), "passed": t.check(medians)}
+                for t in case.targets
+            ],
+        }
+    return out
+
+
+def compare_table(old: Mapping[str, Any], new: Mapping[str, Any]) -> str:
+    """Old median, new median and change for every case/side/metric both runs have."""
+    header = ["case", "metric", "side", "old", "new", "change"]
+    rows: list[list[str]] = []
+    for case_id, case in new.get("cases", {}).items():
+        old_case = old.get("cases", {}).get(case_id)
+        if old_case is None:
+            continue
+        for metric in case["metrics"]:
+            key = metric["key"]
+            for side in SIDES:
+                new_median = case["sides"].get(side, {}).get("medians", {}).get(key)
+                old_median = old_case["sides"].get(side, {}).get("medians", {}).get(key)
+                if new_median is None or old_median is None or old_median == 0:
+                    continue
+                change = (new_median - old_median) / old_median * 100
+                better = change > 0 if metric["higher_is_better"] else change < 0
+                verdict = "better" if better else "worse"
+                rows.append(
+                    [
+                        case_id,
+                        metric["label"],
+                        side,
+                        _number(old_median),
+                        _number(new_median),
+                        f"{change:+.1f}% {verdict if abs(change) >= 0.05 else ''}".strip(),
+                    ]
+                )
+    if not rows:
+        return "(no case, side and metric in common with the compared run)"
+    return _render(header, rows)
+
+
+def load(path: str) -> dict[str, Any]:
+    """A results file written by an earlier run."""
+    with open(path, encoding="utf-8") as file:
+        data: dict[str, Any] = json.load(file)
+    return data

@@ -1,0 +1,155 @@
+"""Run the selected cases: every repetition runs every side, interleaved.
+
+Order: for each case, for each repetition, ``ours``, ``raw``, ``faststream``. A side that
+fails records its error and the run goes on; its cell then shows ``error``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import statistics
+import sys
+import time
+import traceback
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from benchmarks.cases import (
+    SIDES,
+    Case,
+    FastStreamSetup,
+    RunContext,
+    consume,
+    events,
+    inmemory,
+    memory,
+    rpc,
+)
+from benchmarks.common import progress
+
+__all__ = [
+    "ALL_CASES",
+    "FASTSTREAM_VENV",
+    "SideResult",
+    "detect_faststream",
+    "run_cases",
+    "select_cases",
+]
+
+ALL_CASES: tuple[Case, ...] = (
+    *rpc.CASES,
+    *events.CASES,
+    *consume.CASES,
+    *inmemory.CASES,
+    *memory.CASES,
+)
+
+FASTSTREAM_VENV = Path(__file__).resolve().parent / ".venv-faststream"
+
+
+@dataclass(slots=True)
+class SideResult:
+    """One side of one case over all repetitions."""
+
+    na: str | None = None
+    """Why the side did not run (then nothing else is set)."""
+    values: dict[str, list[float]] = field(default_factory=dict)
+    errors: list[str] = field(default_factory=list)
+
+    def medians(self) -> dict[str, float]:
+        """The median of each metric over the repetitions that succeeded."""
+        return {key: statistics.median(vals) for key, vals in self.values.items() if vals}
+
+
+def select_cases(names: Sequence[str] | None) -> list[Case]:
+    """Cases named by id (``rpc.c1``) or group (``rpc``); all when ``names`` is empty."""
+    if not names:
+        return list(ALL_CASES)
+    known = {case.id for case in ALL_CASES} | {case.group for case in ALL_CASES}
+    unknown = sorted(set(names) - known)
+    if unknown:
+        raise SystemExit(f"unknown case(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    return [case for case in ALL_CASES if case.id in names or case.group in names]
+
+
+def detect_faststream(python: str | None) -> tuple[FastStreamSetup | None, str]:
+    """Where FastStream runs, or ``(None, why not)``.
+
+    ``--faststream-python`` wins; else this interpreter if it can import FastStream;
+    else ``benchmarks/.venv-faststream``.
+    """
+    if python:
+        return FastStreamSetup(python), ""
+    if importlib.util.find_spec("faststream") is not None:
+        return FastStreamSetup(sys.executable), ""
+    venv_python = FASTSTREAM_VENV / "bin" / "python"
+    if venv_python.exists():
+        return FastStreamSetup(str(venv_python)), ""
+    return None, "n/a (pip install -e '.[bench]')"
+
+
+async def run_cases(
+    cases: Sequence[Case],
+    *,
+    url: str,
+    reps: int,
+    quick: bool,
+    sides: Sequence[str],
+    use_uvloop: bool,
+    faststream: FastStreamSetup | None,
+    faststream_missing: str,
+    profile_dir: Path | None,
+) -> dict[str, dict[str, SideResult]]:
+    """Run ``reps`` repetitions of each case, sides interleaved; results by case and side."""
+    results: dict[str, dict[str, SideResult]] = {}
+    for case in cases:
+        n = case.quick_n if quick else case.n
+        per_side: dict[str, SideResult] = {}
+        for side in SIDES:
+            if side not in case.sides or side not in sides:
+                continue
+            runner = case.sides[side]
+            if isinstance(runner, str):
+                per_side[side] = SideResult(na=runner)
+            elif side == "faststream" and faststream is None:
+                per_side[side] = SideResult(na=faststream_missing)
+            else:
+                per_side[side] = SideResult()
+        results[case.id] = per_side
+        for rep in range(1, reps + 1):
+            for side, result in per_side.items():
+                runner = case.sides[side]
+                if result.na is not None or isinstance(runner, str):
+                    continue
+                ctx = RunContext(
+                    url=url,
+                    name=f"{case.id.replace('.', '-')}-{side}-r{rep}",
+                    n=n,
+                    warmup=min(1000, n // 10),
+                    rep=rep,
+                    use_uvloop=use_uvloop,
+                    faststream=faststream,
+                    profile_dir=profile_dir if side == "ours" else None,
+                )
+                progress(f"{case.id} rep {rep}/{reps} {side}: n={n} ...")
+                started = time.monotonic()
+                try:
+                    measured = await runner(ctx)
+                except Exception as exc:
+                    result.errors.append(f"rep {rep}: {type(exc).__name__}: {exc}")
+                    progress(f"{case.id} rep {rep}/{reps} {side}: FAILED\n{traceback.format_exc()}")
+                    continue
+                for metric in case.metrics:
+                    if metric.key in measured:
+                        result.values.setdefault(metric.key, []).append(measured[metric.key])
+                shown = "  ".join(
+                    f"{metric.label}={measured[metric.key]:,.2f}"
+                    for metric in case.metrics
+                    if metric.key in measured
+                )
+                progress(
+                    f"{case.id} rep {rep}/{reps} {side}: {shown}"
+                    f"  ({time.monotonic() - started:.1f}s)"
+                )
+    return results
