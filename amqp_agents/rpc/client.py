@@ -26,6 +26,7 @@ JSON-serialisable or too large, a client that is not started.
 from __future__ import annotations
 
 import asyncio
+import heapq
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -117,6 +118,7 @@ class RpcClient:
         self._publish_timeout_s = publish_timeout_s
         self._max_bytes = max_message_bytes
         self._replies = ReplyQueue(transport)
+        self._deadlines = _Deadlines(self._replies)
         self._ids = IdSource()
         self._state = _State.NEW
         self._lost: BaseException | None = None
@@ -152,6 +154,7 @@ class RpcClient:
             return
         self._state = _State.CLOSED
         self._fail_pending(ErrorCode.SHUTTING_DOWN, "the RPC client is closing")
+        self._deadlines.cancel()
         await self._replies.aclose()
 
     async def __aenter__(self) -> Self:
@@ -194,36 +197,36 @@ class RpcClient:
             return _failure(
                 ErrorCode.CONNECTION_LOST, "the broker connection is lost", correlation_id
             )
-        future: asyncio.Future[Envelope | AgentResponse] = (
-            asyncio.get_running_loop().create_future()
-        )
-        self._replies.expect(correlation_id, _Resolver(future))
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Envelope | AgentResponse | None] = loop.create_future()
+        self._replies.expect(correlation_id, future)
+        self._deadlines.arm(loop.time() + timeout, correlation_id)
         try:
-            async with asyncio.timeout(timeout):
-                try:
-                    await self._transport.publish(
-                        envelope, mandatory=True, timeout_s=self._publish_timeout_s
-                    )
-                except (UnroutableError, QueueNotFoundError):
-                    return _failure(
-                        ErrorCode.NO_ROUTE, f"no agent {agent!r} is being served", correlation_id
-                    )
-                except PublishTimeoutError as exc:
-                    return _failure(ErrorCode.TIMEOUT, str(exc), correlation_id)
-                except PublishRejectedError as exc:
-                    return _failure(ErrorCode.REJECTED, str(exc), correlation_id)
-                except BrokerUnavailableError as exc:
-                    return _failure(ErrorCode.CONNECTION_LOST, str(exc), correlation_id)
-                reply = await future
-        except TimeoutError:
+            try:
+                await self._transport.publish(
+                    envelope, mandatory=True, timeout_s=min(self._publish_timeout_s, timeout)
+                )
+            except (UnroutableError, QueueNotFoundError):
+                return _failure(
+                    ErrorCode.NO_ROUTE, f"no agent {agent!r} is being served", correlation_id
+                )
+            except PublishTimeoutError as exc:
+                return _failure(ErrorCode.TIMEOUT, str(exc), correlation_id)
+            except PublishRejectedError as exc:
+                return _failure(ErrorCode.REJECTED, str(exc), correlation_id)
+            except BrokerUnavailableError as exc:
+                return _failure(ErrorCode.CONNECTION_LOST, str(exc), correlation_id)
+            del envelope  # a pending call keeps only its future (memory per pending call)
+            reply = await future
+        finally:
+            # Also on cancellation: a late reply then finds nothing and is dropped.
+            self._replies.forget(correlation_id)
+        if reply is None:  # the deadline sweeper's verdict
             return _failure(
                 ErrorCode.TIMEOUT,
                 f"no reply from {agent!r} to {action!r} within {timeout:g}s",
                 correlation_id,
             )
-        finally:
-            # Also on cancellation: a late reply then finds nothing and is dropped.
-            self._replies.forget(correlation_id)
         if isinstance(reply, AgentResponse):  # failed locally: connection lost, closing
             return reply
         return decode_reply(reply)
@@ -343,26 +346,58 @@ class RpcClient:
         self._fail_pending(ErrorCode.CONNECTION_LOST, "the broker connection was lost")
 
     def _fail_pending(self, code: ErrorCode, message: str) -> None:
-        for correlation_id, resolver in self._replies.drain().items():
-            if isinstance(resolver, _Resolver):
-                resolver.fail(_failure(code, message, correlation_id))
+        for correlation_id, waiter in self._replies.drain().items():
+            if isinstance(waiter, asyncio.Future) and not waiter.done():
+                waiter.set_result(_failure(code, message, correlation_id))
 
 
-class _Resolver:
-    """Resolves a call's future with its first reply; later duplicates are ignored."""
+class _Deadlines:
+    """One timer for all pending calls: a heap of (deadline, correlation id).
 
-    __slots__ = ("_future",)
+    A per-call ``asyncio.timeout`` costs a timer handle and a scope object per call
+    (about 0.5 KiB, and CPU to schedule and cancel); this costs a heap entry. When a
+    deadline passes, the call's future resolves to ``None`` (= timed out) unless its
+    reply came first. Entries of finished calls are skipped, and pruned when they
+    outnumber the pending calls.
+    """
 
-    def __init__(self, future: asyncio.Future[Envelope | AgentResponse]) -> None:
-        self._future = future
+    __slots__ = ("_heap", "_replies", "_timer")
 
-    def __call__(self, envelope: Envelope) -> None:
-        if not self._future.done():
-            self._future.set_result(envelope)
+    def __init__(self, replies: ReplyQueue) -> None:
+        self._replies = replies
+        self._heap: list[tuple[float, str]] = []
+        self._timer: asyncio.TimerHandle | None = None
 
-    def fail(self, response: AgentResponse) -> None:
-        if not self._future.done():
-            self._future.set_result(response)
+    def arm(self, deadline: float, correlation_id: str) -> None:
+        heap = self._heap
+        if len(heap) > 4 * self._replies.waiting + 1024:
+            heap[:] = [entry for entry in heap if self._replies.is_waiting(entry[1])]
+            heapq.heapify(heap)
+        heapq.heappush(heap, (deadline, correlation_id))
+        timer = self._timer
+        if timer is None or deadline < timer.when():
+            if timer is not None:
+                timer.cancel()
+            self._timer = asyncio.get_running_loop().call_at(deadline, self._sweep)
+
+    def _sweep(self) -> None:
+        self._timer = None
+        heap = self._heap
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        while heap and heap[0][0] <= now:
+            _deadline, correlation_id = heapq.heappop(heap)
+            waiter = self._replies.waiter(correlation_id)
+            if isinstance(waiter, asyncio.Future) and not waiter.done():
+                waiter.set_result(None)
+        if heap:
+            self._timer = loop.call_at(heap[0][0], self._sweep)
+
+    def cancel(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._heap.clear()
 
 
 def _failure(code: ErrorCode, message: str, correlation_id: str) -> AgentResponse:

@@ -105,12 +105,14 @@ class _RabbitDelivery:
             log.debug("dropping %s of tag %d: its channel is closed", how, self._tag)
             return
         try:
+            # wait=False: queue the frame without awaiting the socket drain; the ack
+            # needs no answer, and frames on a channel keep their order anyway.
             if how == "ack":
-                await channel.basic_ack(self._tag)
+                await channel.basic_ack(self._tag, wait=False)
             elif how == "nack":
-                await channel.basic_nack(self._tag, requeue=requeue)
+                await channel.basic_nack(self._tag, requeue=requeue, wait=False)
             else:
-                await channel.basic_reject(self._tag, requeue=False)
+                await channel.basic_reject(self._tag, requeue=False, wait=False)
         except _LINK_ERRORS as exc:
             log.debug("dropping %s of tag %d: %s", how, self._tag, exc)
 
@@ -229,6 +231,8 @@ class RabbitTransport:
         self._control: AbstractChannel | None = None
         self._confirm_channel: AbstractChannel | None = None
         self._plain_channel: AbstractChannel | None = None
+        self._confirm_underlay: aiormq.abc.AbstractChannel | None = None
+        self._plain_underlay: aiormq.abc.AbstractChannel | None = None
         self._lost_callbacks: list[Callable[[BaseException | None], None]] = []
         self._lost_reported = False
         self._channel_lock = asyncio.Lock()
@@ -411,9 +415,15 @@ class RabbitTransport:
     # -- publishing ------------------------------------------------------------------
 
     async def _publish_channel(self, confirm: bool) -> aiormq.abc.AbstractChannel:
+        # The hot path: the aiormq channel itself, cached while it lives.
+        underlay = self._confirm_underlay if confirm else self._plain_underlay
+        if underlay is not None and not underlay.is_closed:
+            return underlay
         channel = self._confirm_channel if confirm else self._plain_channel
         if channel is not None and not channel.is_closed:
-            return await channel.get_underlay_channel()
+            underlay = await channel.get_underlay_channel()
+            self._cache_underlay(confirm, underlay)
+            return underlay
         self._require_connected()
         async with self._channel_lock:
             channel = self._confirm_channel if confirm else self._plain_channel
@@ -426,7 +436,15 @@ class RabbitTransport:
                     self._confirm_channel = channel
                 else:
                     self._plain_channel = channel
-        return await channel.get_underlay_channel()
+        underlay = await channel.get_underlay_channel()
+        self._cache_underlay(confirm, underlay)
+        return underlay
+
+    def _cache_underlay(self, confirm: bool, underlay: aiormq.abc.AbstractChannel) -> None:
+        if confirm:
+            self._confirm_underlay = underlay
+        else:
+            self._plain_underlay = underlay
 
     async def publish(
         self,

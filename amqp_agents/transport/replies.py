@@ -9,9 +9,10 @@ waits for is worthless), which also saves an ack per reply.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from amqp_agents.transport.base import QueueSpec
 
@@ -24,6 +25,8 @@ __all__ = ["ReplyQueue"]
 log = logging.getLogger(__name__)
 
 ReplyCallback = Callable[["Envelope"], None]
+Waiter = asyncio.Future[Any] | ReplyCallback
+"""A future (resolved with the first reply: one-shot calls) or a callback (every reply)."""
 
 
 class ReplyQueue:
@@ -33,7 +36,7 @@ class ReplyQueue:
         self._transport = transport
         self._name = ""
         self._consumer: ConsumerHandle | None = None
-        self._waiting: dict[str, ReplyCallback] = {}
+        self._waiting: dict[str, Waiter] = {}
         self.unmatched = 0
         """Replies that matched no registered correlation id (late or unknown)."""
 
@@ -62,26 +65,41 @@ class ReplyQueue:
         if consumer is not None:
             await consumer.close()
 
-    def expect(self, correlation_id: str, callback: ReplyCallback) -> None:
-        """Call ``callback(envelope)`` for each reply with this id until :meth:`forget`."""
-        self._waiting[correlation_id] = callback
+    def expect(self, correlation_id: str, waiter: Waiter) -> None:
+        """Route replies with this id to ``waiter`` until :meth:`forget`.
+
+        A future gets the first reply (duplicates are dropped); a callback gets each.
+        Storing the caller's future itself, not a wrapper, keeps a pending call small.
+        """
+        self._waiting[correlation_id] = waiter
 
     def forget(self, correlation_id: str) -> None:
         """Stop routing this id; later replies count as :attr:`unmatched`."""
         self._waiting.pop(correlation_id, None)
 
-    def drain(self) -> dict[str, ReplyCallback]:
+    def waiter(self, correlation_id: str) -> Waiter | None:
+        """Who waits for this id, if anyone."""
+        return self._waiting.get(correlation_id)
+
+    def is_waiting(self, correlation_id: str) -> bool:
+        """True while the id is registered."""
+        return correlation_id in self._waiting
+
+    def drain(self) -> dict[str, Waiter]:
         """Remove and return every registration (to fail them all at once)."""
         waiting, self._waiting = self._waiting, {}
         return waiting
 
     async def _on_reply(self, delivery: Delivery) -> None:
         envelope = delivery.envelope
-        callback = self._waiting.get(envelope.correlation_id or "")
-        if callback is None:
+        waiter = self._waiting.get(envelope.correlation_id or "")
+        if waiter is None:
             self.unmatched += 1
-            return
-        try:
-            callback(envelope)
-        except Exception:
-            log.exception("reply callback failed (correlation id %s)", envelope.correlation_id)
+        elif isinstance(waiter, asyncio.Future):
+            if not waiter.done():
+                waiter.set_result(envelope)
+        else:
+            try:
+                waiter(envelope)
+            except Exception:
+                log.exception("reply callback failed (correlation id %s)", envelope.correlation_id)
