@@ -291,43 +291,38 @@ class Agent:
             return Outcome(exc.to_response(correlation_id=cid))
         limit = _smallest(spec.timeout_s, timeout_s)
 
+        def call_once() -> Awaitable[Any]:
+            return self._try(method, spec.payload is not None, payload, limit, deadline)
+
         def in_process(error: BaseException) -> bool:
             timed_out = isinstance(error, _TimedOut)
             return policy.is_retryable(error, timed_out=timed_out) and (
                 policy.retries_in_process(error)
             )
 
-        retrying = AsyncRetrying(
-            stop=stop_after_attempt(policy.attempts) | _StopAtDeadline(deadline),
-            # "Full jitter": a random wait up to initial * 2**n, capped.
-            wait=wait_random_exponential(
-                multiplier=policy.backoff_initial_s, max=policy.backoff_max_s
-            ),
-            retry=retry_if_exception(in_process),
-            reraise=True,
-        )
         try:
-            async for attempt in retrying:
-                with attempt:
-                    if attempt.retry_state.attempt_number > 1:
-                        log.info(
-                            "retrying %s.%s (try %d, correlation id %s)",
-                            self.name,
-                            message.action,
-                            attempt.retry_state.attempt_number,
-                            cid,
-                        )
-                    try_limit = limit
-                    if deadline is not None:
-                        try_limit = _smallest(limit, max(deadline - time.monotonic(), 0.0))
-                    scope = asyncio.timeout(try_limit)
-                    try:
-                        async with scope:
-                            result = await (method() if spec.payload is None else method(payload))
-                    except TimeoutError as exc:
-                        if scope.expired():
-                            raise _TimedOut(try_limit or 0.0) from exc
-                        raise
+            try:
+                # The first try runs bare: tenacity's machinery costs more than a
+                # typical handler, and most requests succeed the first time.
+                result = await call_once()
+            except Exception as first:
+                if policy.attempts < 2 or not in_process(first):
+                    raise
+                log.info("retrying %s.%s (correlation id %s)", self.name, message.action, cid)
+                retrying = AsyncRetrying(
+                    stop=stop_after_attempt(policy.attempts - 1) | _StopAtDeadline(deadline),
+                    # "Full jitter": a random wait up to initial * 2**n, capped.
+                    wait=wait_random_exponential(
+                        multiplier=policy.backoff_initial_s, max=policy.backoff_max_s
+                    ),
+                    retry=retry_if_exception(in_process),
+                    reraise=True,
+                )
+                pause = retrying.wait(_first_try_state(retrying))
+                if deadline is not None and time.monotonic() + pause >= deadline:
+                    raise
+                await asyncio.sleep(pause)
+                result = await retrying(call_once)
         except _TimedOut as exc:
             response = ActionTimeoutError(
                 f"action {message.action!r} took longer than {exc.limit_s:g}s"
@@ -342,6 +337,26 @@ class Agent:
         except Exception as exc:
             return Outcome(self._internal_error(message), retryable=policy.is_retryable(exc))
         return Outcome(AgentResponse.success(result, correlation_id=cid))
+
+    @staticmethod
+    async def _try(
+        method: Callable[..., Awaitable[Any]],
+        takes_payload: bool,
+        payload: Any,
+        limit: float | None,
+        deadline: float | None,
+    ) -> Any:
+        """One try, bounded by ``limit`` and the deadline; overrun raises ``_TimedOut``."""
+        if deadline is not None:
+            limit = _smallest(limit, max(deadline - time.monotonic(), 0.0))
+        scope = asyncio.timeout(limit)
+        try:
+            async with scope:
+                return await (method(payload) if takes_payload else method())
+        except TimeoutError as exc:
+            if scope.expired():
+                raise _TimedOut(limit or 0.0) from exc
+            raise
 
     def _internal_error(self, message: AgentMessage) -> AgentResponse:
         log.exception(
@@ -376,6 +391,11 @@ class _StopAtDeadline(stop_base):
         if self._deadline is None:
             return False
         return time.monotonic() + retry_state.upcoming_sleep >= self._deadline
+
+
+def _first_try_state(retrying: AsyncRetrying) -> RetryCallState:
+    """A retry state for the wait after the bare first try (attempt 1)."""
+    return RetryCallState(retrying, fn=None, args=(), kwargs={})
 
 
 def _smallest(a: float | None, b: float | None) -> float | None:

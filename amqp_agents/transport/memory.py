@@ -36,7 +36,6 @@ import itertools
 import logging
 import os
 import time
-import uuid
 from collections import deque
 from dataclasses import dataclass, field
 from enum import Enum
@@ -215,6 +214,7 @@ class InMemoryBroker:
         self._queues: dict[str, _Queue] = {}
         self._names = (f"amq.gen-{os.urandom(6).hex()}-{n}" for n in itertools.count(1))
         self._tags = itertools.count(1)
+        self._id_prefix = f"mem-{os.urandom(4).hex()}-"
 
     def statistics(self) -> BrokerStatistics:
         """Ready messages, consumers and unacked deliveries per queue."""
@@ -351,7 +351,7 @@ class InMemoryBroker:
             e.routing_key,
             e.content_type,
             e.type,
-            e.message_id or uuid.uuid4().hex,
+            e.message_id or f"{self._id_prefix}{next(self._tags)}",
             e.correlation_id,
             e.reply_to,
             e.priority,
@@ -370,7 +370,8 @@ class InMemoryBroker:
             # The same clock reading as expires_at: a zero TTL still reaches a consumer
             # that can take it right now, and expires otherwise.
             self._pump(queue, now)
-            self._schedule_expiry(queue)
+            if queue.ready:
+                self._schedule_expiry(queue)
 
     def _pump(self, queue: _Queue, now: float | None = None) -> None:
         """Deliver ready messages to consumers with room, round-robin."""
@@ -408,15 +409,17 @@ class InMemoryBroker:
         One timer per queue, for its earliest head: a queue full of requests with a TTL
         costs one timer, not one per message.
         """
+        if queue.expiry_timer is not None:
+            return  # it fires, expires what is due and re-arms for the next head
         when = queue.next_expiry()
-        timer = queue.expiry_timer
-        if when is None or (timer is not None and not timer.cancelled() and timer.when() <= when):
+        if when is None:
             return
-        if timer is not None:
-            timer.cancel()
-        loop = asyncio.get_running_loop()
-        # loop.time() is monotonic, like expires_at; a hair later so "< now" holds.
-        queue.expiry_timer = loop.call_at(when + 0.001, self._on_expiry_timer, queue)
+        # Relative to time.monotonic() (expires_at's clock; loop.time() may differ under
+        # uvloop), a hair late so that "expires_at < now" holds when it fires.
+        delay = max(when - time.monotonic(), 0.0) + 0.001
+        queue.expiry_timer = asyncio.get_running_loop().call_later(
+            delay, self._on_expiry_timer, queue
+        )
 
     def _on_expiry_timer(self, queue: _Queue) -> None:
         queue.expiry_timer = None
