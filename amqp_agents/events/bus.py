@@ -49,6 +49,7 @@ from amqp_agents.errors import (
     TransportError,
     UnroutableError,
 )
+from amqp_agents.metrics import Outcome as MetricOutcome
 from amqp_agents.models.messages import AgentResponse, ErrorCode, Event, IdSource
 from amqp_agents.models.schema import adapter_for, handler_argument, validate_payload
 from amqp_agents.models.topic import topic_matches, validate_pattern
@@ -73,6 +74,7 @@ from amqp_agents.transport.base import (
 from amqp_agents.transport.replies import ReplyQueue
 
 if TYPE_CHECKING:
+    from amqp_agents.metrics import Metrics
     from amqp_agents.models.envelope import Envelope
 
 __all__ = ["DeliveryGuard", "EventBus", "EventHandler", "Process", "Subscription"]
@@ -153,8 +155,10 @@ class EventBus:
         prefetch: int = 16,
         handler_timeout_s: float = 60.0,
         guard: DeliveryGuard | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self._transport = transport
+        self._metrics = metrics
         self._topology = topology or Topology()
         self._publish_timeout_s = publish_timeout_s
         self._max_bytes = max_message_bytes
@@ -226,6 +230,8 @@ class EventBus:
         """
         envelope = self._event(event_type, payload, correlation_id=None, reply_to=None)
         await self._transport.publish(envelope, timeout_s=self._publish_timeout_s)
+        if self._metrics is not None:
+            self._metrics.events_published.inc()
         return envelope.message_id or ""
 
     async def publish_and_wait(
@@ -482,7 +488,7 @@ class EventBus:
                 "undecodable event %r on %s: %s", envelope.routing_key, queue.queue, exc.message
             )
             await self._answer(envelope, [exc.to_response()])
-            await self._settle(delivery, envelope, failed=True)
+            await self._settle(delivery, envelope, failed=True, group=queue.group)
             return
         # Match on the routing key as published to the events exchange; a message that
         # arrives another way (a dead letter moved back by a shovel or the management UI
@@ -495,12 +501,12 @@ class EventBus:
         subscriptions = [s for s in queue.subscriptions if topic_matches(s.pattern, key)]
         if not subscriptions:
             log.warning("no handler on %s matches event %r", queue.queue, envelope.routing_key)
-            await self._settle(delivery, envelope, failed=True)
+            await self._settle(delivery, envelope, failed=True, group=queue.group)
             return
         responses = [await self._call(subscription, event) for subscription in subscriptions]
         await self._answer(envelope, [r for r in responses if r is not None])
         failed = any(r is not None and not r.ok for r in responses)
-        await self._settle(delivery, envelope, failed=failed)
+        await self._settle(delivery, envelope, failed=failed, group=queue.group)
 
     async def _call(self, subscription: Subscription, event: Event) -> AgentResponse | None:
         """Run one handler; its answer, an error response, or None (no answer)."""
@@ -549,10 +555,16 @@ class EventBus:
             except TransportError as exc:
                 log.warning("answer to %s not sent: %s", reply_to, exc)
 
-    async def _settle(self, delivery: Delivery, envelope: Envelope, *, failed: bool) -> None:
+    async def _settle(
+        self, delivery: Delivery, envelope: Envelope, *, failed: bool, group: str | None
+    ) -> None:
         # A question (reply_to) was answered, errors included: done. A failed plain
         # event goes to the dead-letter queue rather than back into the queue.
         if failed and not envelope.reply_to:
             await delivery.reject()
+            outcome = MetricOutcome.DEAD_LETTERED
         else:
             await delivery.ack()
+            outcome = MetricOutcome.ERROR if failed else MetricOutcome.OK
+        if self._metrics is not None:
+            self._metrics.events_consumed.labels(group or "private", outcome.value).inc()

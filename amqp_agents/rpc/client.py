@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import heapq
 import logging
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from enum import Enum
@@ -47,6 +48,7 @@ from amqp_agents.errors import (
     QueueNotFoundError,
     UnroutableError,
 )
+from amqp_agents.metrics import Metrics, code_label
 from amqp_agents.models.messages import AgentResponse, ErrorCode, IdSource, Priority
 from amqp_agents.models.wire import (
     MAX_PRIORITY,
@@ -111,8 +113,10 @@ class RpcClient:
         settings: RpcSettings | None = None,
         publish_timeout_s: float = 10.0,
         max_message_bytes: int = 1024 * 1024,
+        metrics: Metrics | None = None,
     ) -> None:
         self._transport = transport
+        self._metrics = metrics
         self._topology = topology or Topology()
         self._settings = settings or RpcSettings()
         self._publish_timeout_s = publish_timeout_s
@@ -188,6 +192,28 @@ class RpcClient:
             InvalidPayloadError: the payload is not JSON-serialisable.
             MessageTooLargeError: the encoded payload is over the size limit.
         """
+        metrics = self._metrics
+        if metrics is None:
+            return await self._send(agent, action, payload, priority, timeout_s)
+        started = time.perf_counter()
+        metrics.rpc_pending.inc()
+        try:
+            response = await self._send(agent, action, payload, priority, timeout_s)
+        finally:
+            metrics.rpc_pending.dec()
+        outcome = "ok" if response.error is None else code_label(response.error.code)
+        metrics.rpc_calls.labels(agent, action, outcome).inc()
+        metrics.rpc_duration.labels(agent, action).observe(time.perf_counter() - started)
+        return response
+
+    async def _send(
+        self,
+        agent: str,
+        action: str,
+        payload: Payload,
+        priority: int,
+        timeout_s: float | _Default,
+    ) -> AgentResponse:
         timeout = self._timeout(timeout_s)
         correlation_id = self._ids.next()
         envelope = self._request(

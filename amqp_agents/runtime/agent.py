@@ -169,6 +169,7 @@ class Agent:
     events: EventPublisher
     """Where :meth:`emit` publishes: the worker's event bus, or a recorder in tests."""
     _actions: ClassVar[dict[str, ActionSpec]] = {}
+    _action_names: ClassVar[frozenset[str]] = frozenset()
     _event_specs: ClassVar[tuple[EventHandlerSpec, ...]] = ()
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
@@ -199,6 +200,7 @@ class Agent:
                     retry=retry,
                 )
         cls._actions = actions
+        cls._action_names = frozenset(actions)
         cls._event_specs = tuple(events.values())
 
     def __init__(self, *, name: str | None = None) -> None:
@@ -214,6 +216,11 @@ class Agent:
     def is_running(self) -> bool:
         """True between :meth:`start` and :meth:`shutdown`."""
         return self._running
+
+    @property
+    def action_names(self) -> frozenset[str]:
+        """The names of the actions this agent serves (cheap; for label checks)."""
+        return self._action_names
 
     @classmethod
     def actions(cls) -> dict[str, ActionSpec]:
@@ -291,8 +298,8 @@ class Agent:
             return Outcome(exc.to_response(correlation_id=cid))
         limit = _smallest(spec.timeout_s, timeout_s)
 
-        def call_once() -> Awaitable[Any]:
-            return self._try(method, spec.payload is not None, payload, limit, deadline)
+        async def call_once() -> Any:  # async def: tenacity awaits only coroutine functions
+            return await self._try(method, spec.payload is not None, payload, limit, deadline)
 
         def in_process(error: BaseException) -> bool:
             timed_out = isinstance(error, _TimedOut)

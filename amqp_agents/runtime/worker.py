@@ -45,6 +45,8 @@ from amqp_agents.errors import (
     TransportError,
 )
 from amqp_agents.events.bus import EventBus
+from amqp_agents.metrics import Metrics, code_label
+from amqp_agents.metrics import Outcome as MetricOutcome
 from amqp_agents.models.messages import ErrorCode
 from amqp_agents.models.wire import (
     Topology,
@@ -67,6 +69,7 @@ if TYPE_CHECKING:
     from amqp_agents.models.envelope import Envelope
     from amqp_agents.models.messages import AgentResponse
     from amqp_agents.runtime.agent import Agent
+from amqp_agents.runtime.monitor import QueueMonitor
 
 __all__ = ["Worker", "WorkerStats"]
 
@@ -114,6 +117,8 @@ class Worker:
         settings: WorkerSettings | None = None,
         publish_timeout_s: float = 10.0,
         max_message_bytes: int = 1024 * 1024,
+        metrics: Metrics | None = None,
+        depth_interval_s: float = 5.0,
     ) -> None:
         if not agents:
             raise ConfigurationError("a worker needs at least one agent")
@@ -135,6 +140,12 @@ class Worker:
         self._lost = asyncio.Event()
         self._event_queues = 0
         self._retry_queues: set[str] = set()
+        self._metrics = metrics
+        self._monitor = (
+            None
+            if metrics is None
+            else QueueMonitor(transport, metrics, self.queues, interval_s=depth_interval_s)
+        )
         self.events = EventBus(
             transport,
             topology=self._topology,
@@ -143,6 +154,7 @@ class Worker:
             prefetch=self._settings.concurrency,
             handler_timeout_s=self._settings.action_timeout_s,
             guard=self._guarded,
+            metrics=metrics,
         )
         """The worker's event bus: agents emit through it, their handlers run on it."""
         self.stats = WorkerStats()
@@ -174,7 +186,9 @@ class Worker:
         if self._state is not _State.NEW:
             raise LifecycleError(f"worker is {self._state.value}; start() runs once")
         self._state = _State.RUNNING
-        self._transport.on_connection_lost(lambda _exc: self._lost.set())
+        self._transport.on_connection_lost(self._on_connection_lost)
+        if self._metrics is not None:
+            self._metrics.concurrency_limit.set(self._settings.concurrency)
         try:
             topology = self._topology
             await self._transport.declare_exchange(topology.requests_exchange, ExchangeKind.DIRECT)
@@ -202,9 +216,30 @@ class Worker:
                         f"group {spec.group}" if spec.group else "broadcast",
                     )
             self._event_queues = self.events.consumers
+            if self._monitor is not None:
+                self._monitor.start()
         except BaseException:
             await self.stop()
             raise
+
+    def queues(self) -> list[str]:
+        """Every queue this worker consumes or feeds: agent, dead-letter, retry, group."""
+        topology = self._topology
+        names = []
+        for agent in self._agents:
+            names += [
+                topology.agent_queue(agent.name),
+                topology.agent_dead_letter_queue(agent.name),
+            ]
+        names += sorted(self._retry_queues)
+        for group in sorted({sub.group for sub in self.events.subscriptions if sub.group}):
+            names += [topology.group_queue(group), topology.group_dead_letter_queue(group)]
+        return names
+
+    def _on_connection_lost(self, _reason: BaseException | None) -> None:
+        if self._metrics is not None:
+            self._metrics.connection_losses.inc()
+        self._lost.set()
 
     async def _declare_agent_queue(self, agent: Agent) -> str:
         topology = self._topology
@@ -250,6 +285,8 @@ class Worker:
         if self._state in (_State.STOPPING, _State.STOPPED):
             return
         self._state = _State.STOPPING
+        if self._monitor is not None:
+            await self._monitor.aclose()
         for consumer in self._consumers:
             with contextlib.suppress(TransportError):
                 await consumer.cancel()
@@ -278,7 +315,12 @@ class Worker:
         async def process(delivery: Delivery) -> None:
             await self._process(agent, delivery)
 
+        metrics = self._metrics
+        received = None if metrics is None else metrics.messages_received.labels(agent.name)
+
         async def on_delivery(delivery: Delivery) -> None:
+            if received is not None:
+                received.inc()
             await self._guarded(delivery, process)
 
         return on_delivery
@@ -308,6 +350,8 @@ class Worker:
             self._waiting.discard(task)
         self._running.add(task)
         self.stats.in_flight += 1
+        if self._metrics is not None:
+            self._metrics.in_flight.inc()
         try:
             await process(delivery)
         except asyncio.CancelledError:
@@ -315,8 +359,15 @@ class Worker:
             raise
         finally:
             self.stats.in_flight -= 1
+            if self._metrics is not None:
+                self._metrics.in_flight.dec()
             self._running.discard(task)
             self._slots.release()
+
+    def _count(self, agent: Agent, action: str | None, outcome: MetricOutcome) -> None:
+        if self._metrics is not None:
+            label = _action_label(agent, action)
+            self._metrics.messages_handled.labels(agent.name, label, outcome.value).inc()
 
     async def _requeue(self, delivery: Delivery) -> None:
         self.stats.requeued += 1
@@ -337,6 +388,7 @@ class Worker:
                     envelope.correlation_id,
                 )
                 await delivery.ack()
+                self._count(agent, envelope.type, MetricOutcome.EXPIRED)
                 return
             timeout_s = min(timeout_s, remaining)
         attempt = attempt_from(envelope)
@@ -365,12 +417,20 @@ class Worker:
             )
             await self._fail(agent, delivery, exc.to_response(), attempt, dead_letter=True)
             return
+        started = time.perf_counter()
         outcome = await agent.run(
             message,
             timeout_s=timeout_s,
             policy=policy,
             deadline=None if deadline is None else time.monotonic() + (deadline - time.time()),
         )
+        if self._metrics is not None:
+            action = _action_label(agent, message.action)
+            self._metrics.handler_duration.labels(agent.name, action).observe(
+                time.perf_counter() - started
+            )
+            if outcome.response.code == ErrorCode.TIMEOUT:
+                self._metrics.handler_timeouts.labels(agent.name, action).inc()
         if not outcome.retryable:
             crashed = outcome.response.code == ErrorCode.INTERNAL_ERROR
             await self._fail(agent, delivery, outcome.response, attempt, dead_letter=crashed)
@@ -403,6 +463,14 @@ class Worker:
         else:
             self.stats.acked_without_reply += 1
         await delivery.ack()
+        if self._metrics is not None:
+            action = _action_label(agent, envelope.type)
+            error = response.error
+            if error is None:
+                self._metrics.messages_handled.labels(agent.name, action, "ok").inc()
+            else:
+                self._metrics.messages_handled.labels(agent.name, action, "error").inc()
+                self._metrics.error_replies.labels(agent.name, action, code_label(error.code)).inc()
         return True
 
     async def _fail(
@@ -433,6 +501,8 @@ class Worker:
                 await self._requeue(delivery)
                 return
             self.stats.dead_lettered += 1
+            if self._metrics is not None:
+                self._metrics.dead_letters.labels(agent.name, code_label(error.code)).inc()
             log.warning(
                 "dead-lettered %s.%s after %d attempt(s): %s %s (correlation id %s)",
                 agent.name,
@@ -457,6 +527,10 @@ class Worker:
             await self._requeue(delivery)
             return
         self.stats.retried += 1
+        if self._metrics is not None:
+            action = _action_label(agent, delivery.envelope.type)
+            self._metrics.retries.labels(agent.name, action).inc()
+            self._metrics.messages_handled.labels(agent.name, action, "retried").inc()
         log.info(
             "retrying %s.%s in %d ms (attempt %d, correlation id %s)",
             agent.name,
@@ -523,6 +597,11 @@ class Worker:
             )
             return encode_reply(too_large.to_response(), reply_to, correlation_id)
         return reply
+
+
+def _action_label(agent: Agent, action: str | None) -> str:
+    """The action as a bounded label: declared actions only."""
+    return action if action is not None and action in agent.action_names else "other"
 
 
 async def _forever() -> None:

@@ -1,0 +1,196 @@
+"""Prometheus metrics, on an explicit registry (never the process-global default).
+
+Build one :class:`Metrics` per process and pass it to the worker, the RPC client and
+the event bus; serve ``metrics.registry`` at ``/metrics``. Labels are bounded: agent,
+action (only actions the agent declares; anything else is ``other``), queue, group,
+outcome and error code (the standard codes; anything else is ``OTHER``), never ids.
+
+Names (``amqp_agents_`` prefix)::
+
+    queue_depth{queue}                 messages ready in a queue (passive declare)
+    queue_consumers{queue}             consumers of a queue
+    queue_depth_errors_total{queue}    failed depth probes (missing queue, broker hiccup)
+    messages_received_total{agent}     deliveries taken from an agent queue
+    messages_handled_total{agent,action,outcome}
+    handler_duration_seconds{agent,action}   (histogram)
+    handler_timeouts_total{agent,action}
+    error_replies_total{agent,action,code}
+    retries_total{agent,action}        redeliveries scheduled
+    dead_letters_total{agent,code}
+    in_flight                          handlers running
+    concurrency_limit                  handlers allowed at once
+    connection_losses_total            broker connections lost
+    events_published_total             events published (this process)
+    events_consumed_total{group,outcome}
+    rpc_calls_total{agent,action,outcome}   outcome: ok or the error code
+    rpc_duration_seconds{agent,action}      (histogram, round trip)
+    rpc_pending_calls                  calls waiting for their reply
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Final
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from amqp_agents.models.messages import ErrorCode
+
+__all__ = ["CONTENT_TYPE", "Metrics", "Outcome", "code_label"]
+
+CONTENT_TYPE: Final = CONTENT_TYPE_LATEST
+_PREFIX: Final = "amqp_agents"
+_STANDARD_CODES: Final = frozenset(code.value for code in ErrorCode)
+# Latency buckets from 1 ms to 60 s: local RPC is around a millisecond.
+_BUCKETS: Final = (
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
+)
+
+
+class Outcome(StrEnum):
+    """How a delivery ended; the ``outcome`` label."""
+
+    OK = "ok"
+    """Handled and acked; the reply (if any) was successful."""
+    ERROR = "error"
+    """Handled and acked with an error reply (see ``error_replies_total``)."""
+    RETRIED = "retried"
+    """Sent to a retry queue for a later attempt."""
+    DEAD_LETTERED = "dead_lettered"
+    """Sent to the dead-letter queue."""
+    REQUEUED = "requeued"
+    """Given back unstarted or unfinished (shutdown, cancellation, failed reply)."""
+    EXPIRED = "expired"
+    """Dropped: the caller's deadline had passed."""
+
+
+def code_label(code: str | None) -> str:
+    """An error code as a bounded label value."""
+    if code is None:
+        return "none"
+    return code if code in _STANDARD_CODES else "OTHER"
+
+
+class Metrics:
+    """Every metric of the library, registered on ``registry`` (a new one by default)."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
+        r = self.registry
+
+        def name(suffix: str) -> str:
+            return f"{_PREFIX}_{suffix}"
+
+        self.queue_depth = Gauge(
+            name("queue_depth"), "Messages ready in the queue", ["queue"], registry=r
+        )
+        self.queue_consumers = Gauge(
+            name("queue_consumers"), "Consumers of the queue", ["queue"], registry=r
+        )
+        self.queue_depth_errors = Counter(
+            name("queue_depth_errors"), "Failed queue depth probes", ["queue"], registry=r
+        )
+        self.messages_received = Counter(
+            name("messages_received"), "Deliveries taken from agent queues", ["agent"], registry=r
+        )
+        self.messages_handled = Counter(
+            name("messages_handled"),
+            "Deliveries finished, by outcome",
+            ["agent", "action", "outcome"],
+            registry=r,
+        )
+        self.handler_duration = Histogram(
+            name("handler_duration_seconds"),
+            "Time spent in action handlers (all tries)",
+            ["agent", "action"],
+            buckets=_BUCKETS,
+            registry=r,
+        )
+        self.handler_timeouts = Counter(
+            name("handler_timeouts"),
+            "Handlers that ran out of time",
+            ["agent", "action"],
+            registry=r,
+        )
+        self.error_replies = Counter(
+            name("error_replies"), "Error replies sent", ["agent", "action", "code"], registry=r
+        )
+        self.retries = Counter(
+            name("retries"),
+            "Redeliveries scheduled through retry queues",
+            ["agent", "action"],
+            registry=r,
+        )
+        self.dead_letters = Counter(
+            name("dead_letters"),
+            "Requests sent to the dead-letter queue",
+            ["agent", "code"],
+            registry=r,
+        )
+        self.in_flight = Gauge(name("in_flight"), "Handlers running now", registry=r)
+        self.concurrency_limit = Gauge(
+            name("concurrency_limit"), "Handlers allowed to run at once", registry=r
+        )
+        self.connection_losses = Counter(
+            name("connection_losses"), "Broker connections lost", registry=r
+        )
+        self.events_published = Counter(
+            name("events_published"), "Events published by this process", registry=r
+        )
+        self.events_consumed = Counter(
+            name("events_consumed"),
+            "Events handled by subscribers, by group and outcome",
+            ["group", "outcome"],
+            registry=r,
+        )
+        self.rpc_calls = Counter(
+            name("rpc_calls"),
+            "RPC calls made, by outcome (ok or the error code)",
+            ["agent", "action", "outcome"],
+            registry=r,
+        )
+        self.rpc_duration = Histogram(
+            name("rpc_duration_seconds"),
+            "RPC round trip, send to reply",
+            ["agent", "action"],
+            buckets=_BUCKETS,
+            registry=r,
+        )
+        self.rpc_pending = Gauge(
+            name("rpc_pending_calls"), "RPC calls waiting for their reply", registry=r
+        )
+
+    def exposition(self) -> bytes:
+        """The text format for ``/metrics``."""
+        return generate_latest(self.registry)
+
+    @staticmethod
+    def names() -> frozenset[str]:
+        """Every metric name as Prometheus exposes it (``_total``, ``_bucket``...)."""
+        metrics = Metrics()
+        exposed: set[str] = set()
+        for family in metrics.registry.collect():
+            exposed.add(family.name)
+            if family.type == "counter":
+                exposed.add(f"{family.name}_total")
+                exposed.add(f"{family.name}_created")
+            elif family.type == "histogram":
+                exposed.update(
+                    f"{family.name}{suffix}" for suffix in ("_bucket", "_sum", "_count", "_created")
+                )
+        return frozenset(exposed)
