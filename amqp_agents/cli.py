@@ -20,20 +20,27 @@ from typing import TYPE_CHECKING, Any
 from pydantic import SecretStr, ValidationError
 
 from amqp_agents.config import Settings, redact_url
-from amqp_agents.errors import AmqpAgentsError, BrokerUnavailableError, ConfigurationError
+from amqp_agents.errors import (
+    AmqpAgentsError,
+    BrokerUnavailableError,
+    ConfigurationError,
+    QueueNotFoundError,
+)
 from amqp_agents.events.bus import DeliveryGuard, EventBus, Process
 from amqp_agents.examples.demo import run_demo
+from amqp_agents.metrics import CONTENT_TYPE, Metrics
 from amqp_agents.models.messages import Event, Priority
 from amqp_agents.rpc.client import RpcClient
 from amqp_agents.runtime.agent import Agent
 from amqp_agents.runtime.dead_letters import DeadLetters
-from amqp_agents.runtime.health import HealthServer, ProbeResult
+from amqp_agents.runtime.health import HealthServer, LoopWatch, ProbeResult
+from amqp_agents.runtime.monitor import QueueMonitor
 from amqp_agents.runtime.worker import Worker
 from amqp_agents.transport.factory import create_transport, is_memory_url
 from amqp_agents.transport.memory import InMemoryBroker
 
 if TYPE_CHECKING:
-    from collections.abc import Sequence
+    from collections.abc import Callable, Sequence
 
     from amqp_agents.transport.base import Delivery, Transport
 
@@ -111,6 +118,18 @@ def _parser() -> argparse.ArgumentParser:
     listen.add_argument("--count", type=int, help="exit after this many events")
     listen.add_argument("--duration", type=float, help="exit after this many seconds")
 
+    for name, text in (
+        ("queues", "print ready messages and consumers of agent and event queues"),
+        ("exporter", "serve only queue-depth metrics (for queues whose consumers are not ours)"),
+    ):
+        sub = commands.add_parser(name, help=text)
+        sub.add_argument("queue", nargs="*", metavar="QUEUE", help="queue names, as they are")
+        sub.add_argument("--agent", action="append", help="an agent: its queue and .dead")
+        sub.add_argument("--group", action="append", help="an event group: its queue and .dead")
+        sub.add_argument("--app", metavar="MODULE:ATTR", help="every agent of an app")
+        if name == "exporter":
+            sub.add_argument("--port", type=int, required=True, help="port for /metrics")
+
     dead = commands.add_parser(
         "dead-letters", help="list an agent's dead letters, or replay them to the agent"
     )
@@ -143,9 +162,29 @@ def _settings(args: argparse.Namespace) -> Settings:
     return Settings(**overrides)
 
 
+def _worker_probes(
+    worker: Worker, metrics: Metrics, watch: LoopWatch, limit_s: float
+) -> dict[str, Callable[[], ProbeResult]]:
+    def healthz() -> ProbeResult:
+        if watch.lag_s > limit_s:
+            return ProbeResult(503, f"event loop lagging {watch.lag_s:.1f}s\n".encode())
+        if worker.consumers_lost:
+            return ProbeResult(503, b"consumers lost while running\n")
+        return ProbeResult(200, b"ok\n")
+
+    def readyz() -> ProbeResult:
+        return ProbeResult(200, b"ready\n") if worker.is_ready else ProbeResult(503, b"not ready\n")
+
+    def metrics_page() -> ProbeResult:
+        return ProbeResult(200, metrics.exposition(), CONTENT_TYPE)
+
+    return {"/healthz": healthz, "/readyz": readyz, "/metrics": metrics_page}
+
+
 async def _run(args: argparse.Namespace, settings: Settings) -> int:
     agents = load_agents(args.target)
     transport = create_transport(settings.connection)
+    metrics = Metrics()
     worker = Worker(
         transport,
         agents,
@@ -153,26 +192,23 @@ async def _run(args: argparse.Namespace, settings: Settings) -> int:
         settings=settings.worker,
         publish_timeout_s=settings.connection.publish_timeout_s,
         max_message_bytes=settings.connection.max_message_bytes,
+        metrics=metrics,
+        depth_interval_s=settings.metrics.depth_interval_s,
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
+    watch = LoopWatch()
     # Probes first: liveness holds while connecting, readiness says 503 until consuming.
     probes: HealthServer | None = None
     if args.metrics_port is not None:
         probes = HealthServer(
-            {
-                "/healthz": lambda: ProbeResult(200, b"ok\n"),
-                "/readyz": lambda: (
-                    ProbeResult(200, b"ready\n")
-                    if worker.is_ready
-                    else ProbeResult(503, b"not ready\n")
-                ),
-            },
+            _worker_probes(worker, metrics, watch, settings.metrics.loop_lag_limit_s),
             port=args.metrics_port,
         )
         await probes.start()
+        watch.start()
     try:
         await transport.connect()
         log.info(
@@ -182,10 +218,93 @@ async def _run(args: argparse.Namespace, settings: Settings) -> int:
         )
         await worker.serve(shutdown_trigger=stop.wait)
     finally:
+        await watch.aclose()
         if probes is not None:
             await probes.aclose()
         await transport.aclose()
     log.info("worker stopped: %s", worker.stats)
+    return 0
+
+
+def _queue_names(args: argparse.Namespace, settings: Settings) -> list[str]:
+    topology = settings.topology
+    agents: list[str] = list(args.agent or [])
+    if args.app:
+        agents += [agent.name for agent in load_agents(args.app)]
+    names: list[str] = []
+    for agent in dict.fromkeys(agents):
+        names += [topology.agent_queue(agent), topology.agent_dead_letter_queue(agent)]
+    for group in dict.fromkeys(args.group or []):
+        names += [topology.group_queue(group), topology.group_dead_letter_queue(group)]
+    names += list(args.queue or [])
+    if not names:
+        raise ConfigurationError(
+            "name the queues: --agent A, --group G, --app MODULE:ATTR or QUEUE"
+        )
+    return names
+
+
+async def _queues(args: argparse.Namespace, settings: Settings) -> int:
+    names = _queue_names(args, settings)
+    transport = create_transport(settings.connection)
+    await transport.connect()
+    rows: list[tuple[str, str, str]] = []
+    try:
+        for name in names:
+            try:
+                info = await transport.queue_info(name)
+            except QueueNotFoundError:
+                rows.append((name, "-", "missing"))
+                continue
+            rows.append((name, str(info.messages), str(info.consumers)))
+    finally:
+        await transport.aclose()
+    width = max(len(name) for name, _, _ in rows)
+    print(f"{'queue':<{width}}  {'ready':>8}  {'consumers':>9}")
+    for name, ready, consumers in rows:
+        print(f"{name:<{width}}  {ready:>8}  {consumers:>9}")
+    return 0
+
+
+async def _exporter(args: argparse.Namespace, settings: Settings) -> int:
+    names = _queue_names(args, settings)
+    metrics = Metrics()
+    transport = create_transport(settings.connection)
+    monitor = QueueMonitor(
+        transport, metrics, lambda: names, interval_s=settings.metrics.depth_interval_s
+    )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    lost = asyncio.Event()
+    server = HealthServer(
+        {
+            "/metrics": lambda: ProbeResult(200, metrics.exposition(), CONTENT_TYPE),
+            "/healthz": lambda: (
+                ProbeResult(503, b"broker connection lost\n")
+                if lost.is_set()
+                else ProbeResult(200, b"ok\n")
+            ),
+        },
+        port=args.port,
+    )
+    await server.start()
+    try:
+        await transport.connect()
+        transport.on_connection_lost(lambda _exc: lost.set())
+        monitor.start()
+        log.info("exporting depth of %d queue(s) on :%d/metrics", len(names), server.port)
+        waits = {asyncio.ensure_future(stop.wait()), asyncio.ensure_future(lost.wait())}
+        _done, pending = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        for future in pending:
+            future.cancel()
+    finally:
+        await monitor.aclose()
+        await server.aclose()
+        await transport.aclose()
+    if lost.is_set():
+        raise BrokerUnavailableError("the broker connection was lost")
     return 0
 
 
@@ -373,6 +492,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             "listen": _listen,
             "demo": _demo,
             "dead-letters": _dead_letters,
+            "queues": _queues,
+            "exporter": _exporter,
         }
         return asyncio.run(command[args.command](args, settings))
     except (ConfigurationError, ValidationError) as exc:

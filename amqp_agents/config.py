@@ -28,6 +28,7 @@ __all__ = [
     "DEFAULT_URL",
     "NO_RETRY",
     "ConnectionSettings",
+    "MetricsSettings",
     "RetryPolicy",
     "RpcSettings",
     "Settings",
@@ -181,6 +182,17 @@ class WorkerSettings(BaseModel):
     """Default retry policy of actions (``@action(retry=...)`` overrides it)."""
 
 
+class MetricsSettings(BaseModel):
+    """Metrics and probes (served with ``--metrics-port``)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    depth_interval_s: float = Field(default=5.0, gt=0)
+    """How often queue depth and consumers are probed."""
+    loop_lag_limit_s: float = Field(default=5.0, gt=0)
+    """/healthz fails while the event loop lags behind by more than this."""
+
+
 class RpcSettings(BaseModel):
     """How the RPC client calls."""
 
@@ -210,6 +222,7 @@ class Settings(BaseSettings):
     connection: ConnectionSettings = ConnectionSettings()
     worker: WorkerSettings = WorkerSettings()
     rpc: RpcSettings = RpcSettings()
+    metrics: MetricsSettings = MetricsSettings()
     topology: Topology = Topology()
 
     @model_validator(mode="after")

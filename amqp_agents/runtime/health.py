@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from amqp_agents.errors import ConfigurationError
 
-__all__ = ["HealthServer", "Probe", "ProbeResult"]
+__all__ = ["HealthServer", "LoopWatch", "Probe", "ProbeResult"]
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +33,48 @@ class ProbeResult:
 
 
 Probe = Callable[[], ProbeResult]
+
+
+class LoopWatch:
+    """Measures how late the event loop wakes up: a blocked loop shows as lag.
+
+    A task sleeps ``tick_s`` at a time and records how much later than asked it woke.
+    ``/healthz`` reads :attr:`lag_s` (the worst of the last few seconds) so a loop that
+    was blocked long enough to starve consumers fails liveness once it can answer.
+    """
+
+    def __init__(self, *, tick_s: float = 0.25, window_s: float = 10.0) -> None:
+        self._tick_s = tick_s
+        self._window = max(1, int(window_s / tick_s))
+        self._lags: list[float] = []
+        self._task: asyncio.Task[None] | None = None
+
+    @property
+    def lag_s(self) -> float:
+        """The largest lag seen in the window."""
+        return max(self._lags, default=0.0)
+
+    def start(self) -> None:
+        """Start measuring."""
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def aclose(self) -> None:
+        """Stop measuring. Idempotent."""
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            asked = loop.time()
+            await asyncio.sleep(self._tick_s)
+            self._lags.append(max(loop.time() - asked - self._tick_s, 0.0))
+            del self._lags[: -self._window]
+
 
 _REASONS = {200: "OK", 404: "Not Found", 405: "Method Not Allowed", 503: "Service Unavailable"}
 

@@ -139,6 +139,7 @@ class Worker:
         self._state = _State.NEW
         self._lost = asyncio.Event()
         self._event_queues = 0
+        self._started = False
         self._retry_queues: set[str] = set()
         self._metrics = metrics
         self._monitor = (
@@ -173,6 +174,15 @@ class Worker:
             and len(self._consumers) == len(self._agents)
             and self.events.consumers == self._event_queues
         )
+
+    @property
+    def consumers_lost(self) -> bool:
+        """Running, yet not consuming everything: the link or a consumer died.
+
+        The failure mode of reconnecting clients that come back with no consumers;
+        liveness fails on it so the process gets restarted.
+        """
+        return self._started and self._state is _State.RUNNING and not self.is_ready
 
     @property
     def in_flight(self) -> int:
@@ -216,6 +226,7 @@ class Worker:
                         f"group {spec.group}" if spec.group else "broadcast",
                     )
             self._event_queues = self.events.consumers
+            self._started = True
             if self._monitor is not None:
                 self._monitor.start()
         except BaseException:
