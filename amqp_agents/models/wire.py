@@ -283,17 +283,22 @@ def decode_request(envelope: Envelope) -> AgentMessage:
     payload = _json_object(envelope)
     priority = envelope.priority or 0
     deadline = deadline_from(envelope)
-    return AgentMessage(
-        id=envelope.message_id or "",
-        action=action,
-        payload=payload,
-        correlation_id=envelope.correlation_id,
-        reply_to=envelope.reply_to,
-        priority=min(max(priority, 0), MAX_PRIORITY),
-        created_at=_datetime(envelope.timestamp),
-        deadline=None if deadline is None else _datetime(deadline),
-        redelivered=envelope.redelivered,
-    )
+    try:
+        return AgentMessage(
+            id=envelope.message_id or "",
+            action=action,
+            payload=payload,
+            correlation_id=envelope.correlation_id,
+            reply_to=envelope.reply_to,
+            priority=min(max(priority, 0), MAX_PRIORITY),
+            created_at=_datetime(envelope.timestamp),
+            deadline=None if deadline is None else _datetime(deadline),
+            redelivered=envelope.redelivered,
+        )
+    except ValidationError as exc:  # e.g. an action name over 255 characters
+        raise InvalidPayloadError(
+            f"the request's properties are invalid: {exc.errors()[0]['msg']}"
+        ) from None
 
 
 def encode_reply(response: AgentResponse, reply_to: str, correlation_id: str | None) -> Envelope:

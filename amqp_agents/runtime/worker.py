@@ -368,6 +368,12 @@ class Worker:
         except asyncio.CancelledError:
             await self._requeue(delivery)
             raise
+        except Exception:
+            # A bug of ours, not the handler's (those become replies): never leave the
+            # delivery unsettled. Requeued, it comes back redelivered, and redeliveries
+            # are counted, so it cannot loop forever.
+            log.exception("processing a delivery failed; requeued")
+            await self._requeue(delivery)
         finally:
             self.stats.in_flight -= 1
             if self._metrics is not None:
