@@ -28,6 +28,7 @@ from amqp_agents.errors import (
 )
 from amqp_agents.events.bus import DeliveryGuard, EventBus, Process
 from amqp_agents.examples.demo import run_demo
+from amqp_agents.logs import configure as configure_logging
 from amqp_agents.metrics import CONTENT_TYPE, Metrics
 from amqp_agents.models.messages import Event, Priority
 from amqp_agents.rpc.client import RpcClient
@@ -87,6 +88,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--url", help="broker URL (default: $AMQP_URL or amqp://guest:guest@localhost:5672/)"
+    )
+    parser.add_argument(
+        "--log-json", action="store_true", help="log one JSON object per line (to stderr)"
     )
     parser.add_argument(
         "--log-level", help="DEBUG, INFO, WARNING, ERROR (default INFO; WARNING for demo)"
@@ -475,10 +479,9 @@ async def _call(args: argparse.Namespace, settings: Settings) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``amqp-agents`` and ``python -m amqp_agents``."""
     args = _parser().parse_args(argv)
-    logging.basicConfig(
-        level=(args.log_level or ("WARNING" if args.command == "demo" else "INFO")).upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
+    configure_logging(
+        args.log_level or ("WARNING" if args.command == "demo" else "INFO"),
+        json_lines=args.log_json,
     )
     try:
         settings = _settings(args)

@@ -403,6 +403,7 @@ class Worker:
                     agent.name,
                     envelope.type,
                     envelope.correlation_id,
+                    extra=_fields(agent, envelope, "expired"),
                 )
                 await delivery.ack()
                 self._count(agent, envelope.type, MetricOutcome.EXPIRED)
@@ -431,6 +432,7 @@ class Worker:
                 agent.name,
                 envelope.correlation_id,
                 exc.message,
+                extra=_fields(agent, envelope, "invalid", exc.code),
             )
             await self._fail(agent, delivery, exc.to_response(), attempt, dead_letter=True)
             return
@@ -528,6 +530,7 @@ class Worker:
                 error.code,
                 error.message,
                 envelope.correlation_id,
+                extra=_fields(agent, envelope, "dead_lettered", error.code),
             )
         await self._reply_and_ack(agent, delivery, response)
 
@@ -555,6 +558,7 @@ class Worker:
             delay_ms,
             attempt,
             delivery.envelope.correlation_id,
+            extra=_fields(agent, delivery.envelope, "retried"),
         )
         await delivery.ack()
 
@@ -614,6 +618,19 @@ class Worker:
             )
             return encode_reply(too_large.to_response(), reply_to, correlation_id)
         return reply
+
+
+def _fields(
+    agent: Agent, envelope: Envelope, outcome: str, code: str | None = None
+) -> dict[str, str | None]:
+    """Structured log fields (JSON logs show them as keys)."""
+    return {
+        "agent": agent.name,
+        "action": _action_label(agent, envelope.type),
+        "correlation_id": envelope.correlation_id,
+        "outcome": outcome,
+        "code": code,
+    }
 
 
 def _action_label(agent: Agent, action: str | None) -> str:

@@ -291,11 +291,12 @@ class RabbitTransport:
             ) from None
         except (TimeoutError, aiormq.exceptions.AMQPError, *_LINK_ERRORS) as exc:
             # Never echo the URL: aiormq's messages can include it with the password.
-            hint = (
-                " (the broker closed the connection: is the vhost missing or not permitted?)"
-                if isinstance(exc, aiormq.exceptions.AMQPError)
-                else ""
-            )
+            if isinstance(exc, aiormq.exceptions.AMQPConnectionError | OSError):
+                hint = " (is the broker running and reachable?)"
+            elif isinstance(exc, aiormq.exceptions.AMQPError):
+                hint = " (the broker closed the connection: is the vhost missing or not permitted?)"
+            else:
+                hint = " (no answer in time)"
             raise BrokerUnavailableError(
                 f"cannot connect to {redact_url(url)}: {type(exc).__name__}{hint}"
             ) from None
