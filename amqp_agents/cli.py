@@ -36,6 +36,7 @@ from amqp_agents.runtime.agent import Agent
 from amqp_agents.runtime.dead_letters import DeadLetters
 from amqp_agents.runtime.health import HealthServer, LoopWatch, ProbeResult
 from amqp_agents.runtime.monitor import QueueMonitor
+from amqp_agents.runtime.supervisor import Supervisor
 from amqp_agents.runtime.worker import Worker
 from amqp_agents.transport.factory import create_transport, is_memory_url
 from amqp_agents.transport.memory import InMemoryBroker
@@ -167,17 +168,19 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 
 def _worker_probes(
-    worker: Worker, metrics: Metrics, watch: LoopWatch, limit_s: float
+    supervisor: Supervisor, metrics: Metrics, watch: LoopWatch, limit_s: float
 ) -> dict[str, Callable[[], ProbeResult]]:
     def healthz() -> ProbeResult:
         if watch.lag_s > limit_s:
             return ProbeResult(503, f"event loop lagging {watch.lag_s:.1f}s\n".encode())
-        if worker.consumers_lost:
+        if supervisor.consumers_lost:
             return ProbeResult(503, b"consumers lost while running\n")
         return ProbeResult(200, b"ok\n")
 
     def readyz() -> ProbeResult:
-        return ProbeResult(200, b"ready\n") if worker.is_ready else ProbeResult(503, b"not ready\n")
+        if supervisor.is_ready:
+            return ProbeResult(200, b"ready\n")
+        return ProbeResult(503, b"not ready\n")
 
     def metrics_page() -> ProbeResult:
         return ProbeResult(200, metrics.exposition(), CONTENT_TYPE)
@@ -187,17 +190,22 @@ def _worker_probes(
 
 async def _run(args: argparse.Namespace, settings: Settings) -> int:
     agents = load_agents(args.target)
-    transport = create_transport(settings.connection)
     metrics = Metrics()
-    worker = Worker(
-        transport,
-        agents,
-        topology=settings.topology,
-        settings=settings.worker,
-        publish_timeout_s=settings.connection.publish_timeout_s,
-        max_message_bytes=settings.connection.max_message_bytes,
-        metrics=metrics,
-        depth_interval_s=settings.metrics.depth_interval_s,
+
+    def build_worker(transport: Transport) -> Worker:
+        return Worker(
+            transport,
+            agents,
+            topology=settings.topology,
+            settings=settings.worker,
+            publish_timeout_s=settings.connection.publish_timeout_s,
+            max_message_bytes=settings.connection.max_message_bytes,
+            metrics=metrics,
+            depth_interval_s=settings.metrics.depth_interval_s,
+        )
+
+    supervisor = Supervisor(
+        lambda: create_transport(settings.connection), build_worker, metrics=metrics
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -208,25 +216,23 @@ async def _run(args: argparse.Namespace, settings: Settings) -> int:
     probes: HealthServer | None = None
     if args.metrics_port is not None:
         probes = HealthServer(
-            _worker_probes(worker, metrics, watch, settings.metrics.loop_lag_limit_s),
+            _worker_probes(supervisor, metrics, watch, settings.metrics.loop_lag_limit_s),
             port=args.metrics_port,
         )
         await probes.start()
         watch.start()
+    log.info(
+        "worker for %s on %s",
+        ", ".join(agent.name for agent in agents),
+        redact_url(settings.url.get_secret_value()),
+    )
     try:
-        await transport.connect()
-        log.info(
-            "worker for %s on %s",
-            ", ".join(agent.name for agent in agents),
-            redact_url(settings.url.get_secret_value()),
-        )
-        await worker.serve(shutdown_trigger=stop.wait)
+        await supervisor.run(stop)
     finally:
         await watch.aclose()
         if probes is not None:
             await probes.aclose()
-        await transport.aclose()
-    log.info("worker stopped: %s", worker.stats)
+    log.info("worker stopped (%d reconnect(s))", supervisor.reconnects)
     return 0
 
 

@@ -20,6 +20,7 @@ Names (``amqp_agents_`` prefix)::
     in_flight                          handlers running
     concurrency_limit                  handlers allowed at once
     connection_losses_total            broker connections lost
+    reconnects_total                   workers restarted on a new connection after a loss
     events_published_total             events published (this process)
     events_consumed_total{group,outcome}
     rpc_calls_total{agent,action,outcome}   outcome: ok or the error code
@@ -148,6 +149,9 @@ class Metrics:
         )
         self.connection_losses = Counter(
             name("connection_losses"), "Broker connections lost", registry=r
+        )
+        self.reconnects = Counter(
+            name("reconnects"), "Workers restarted on a new connection after a loss", registry=r
         )
         self.events_published = Counter(
             name("events_published"), "Events published by this process", registry=r

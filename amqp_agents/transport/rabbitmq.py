@@ -286,19 +286,24 @@ class RabbitTransport:
         try:
             connection: AbstractConnection = await aio_pika.connect(url, **kwargs)
         except aiormq.exceptions.ProbableAuthenticationError:
-            raise BrokerUnavailableError(
+            raise AccessRefusedError(
                 f"cannot connect to {redact_url(url)}: authentication failed"
             ) from None
         except (TimeoutError, aiormq.exceptions.AMQPError, *_LINK_ERRORS) as exc:
             # Never echo the URL: aiormq's messages can include it with the password.
+            name = type(exc).__name__
             if isinstance(exc, aiormq.exceptions.AMQPConnectionError | OSError):
-                hint = " (is the broker running and reachable?)"
-            elif isinstance(exc, aiormq.exceptions.AMQPError):
-                hint = " (the broker closed the connection: is the vhost missing or not permitted?)"
-            else:
-                hint = " (no answer in time)"
+                raise BrokerUnavailableError(
+                    f"cannot connect to {redact_url(url)}: {name} (is the broker running"
+                    " and reachable?)"
+                ) from None
+            if isinstance(exc, aiormq.exceptions.AMQPError):
+                raise AccessRefusedError(
+                    f"cannot connect to {redact_url(url)}: {name} (the broker closed the"
+                    " connection: is the vhost missing or not permitted?)"
+                ) from None
             raise BrokerUnavailableError(
-                f"cannot connect to {redact_url(url)}: {type(exc).__name__}{hint}"
+                f"cannot connect to {redact_url(url)}: no answer in time"
             ) from None
         connection.close_callbacks.add(self._on_close)
         return connection

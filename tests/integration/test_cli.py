@@ -205,12 +205,13 @@ def test_malformed_url_is_a_configuration_error(vhost_url: str) -> None:
 
 
 def test_unknown_vhost_fails_clearly(broker_url: str, unique: Callable[[str], str]) -> None:
-    """A vhost the broker refuses exits 1 with BrokerUnavailableError, not a traceback."""
+    """A vhost the broker refuses exits 1 with AccessRefusedError (no retry fixes it)."""
     url = url_for_vhost(broker_url, unique("no-such-vhost"))
     done = run_cli("--url", url, "call", "task_manager", "task_list", env=cli_env())
     assert done.returncode == 1
     assert "Traceback" not in done.stderr
-    assert "BrokerUnavailableError" in done.stderr
+    assert "AccessRefusedError" in done.stderr
+    assert "vhost" in done.stderr
 
 
 def test_amqp_url_env_is_used_without_url(tasks_worker: CliProcess, vhost_url: str) -> None:

@@ -1,0 +1,111 @@
+"""Keep a worker serving across broker restarts and dropped connections.
+
+Don't trust a robust connection to bring consumers back (it restores only what it
+still references, and never re-consumes after a server-sent ``basic.cancel``): after
+a lost connection the supervisor throws the transport and the worker away, then
+connects again with exponential backoff and full jitter, and starts a *fresh* worker
+that re-declares its topology and re-attaches every consumer. Deliveries of the dead
+connection were requeued by the broker; their settlements are dropped, not crashed on.
+
+Stops when ``stop`` is set (a graceful stop of the current worker), and gives up only
+on errors no retry can fix: refused credentials or vhost (``AccessRefusedError``), a
+topology mismatch, bad configuration. An unreachable broker is retried, at start too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+from typing import TYPE_CHECKING
+
+from amqp_agents.errors import BrokerUnavailableError
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from amqp_agents.metrics import Metrics
+    from amqp_agents.runtime.worker import Worker
+    from amqp_agents.transport.base import Transport
+
+__all__ = ["Supervisor"]
+
+log = logging.getLogger(__name__)
+
+
+class Supervisor:
+    """Runs ``build_worker(transport)`` on ``open_transport()``, reconnecting on loss."""
+
+    def __init__(
+        self,
+        open_transport: Callable[[], Transport],
+        build_worker: Callable[[Transport], Worker],
+        *,
+        backoff_initial_s: float = 0.5,
+        backoff_max_s: float = 30.0,
+        metrics: Metrics | None = None,
+    ) -> None:
+        self._open_transport = open_transport
+        self._build_worker = build_worker
+        self._backoff_initial_s = backoff_initial_s
+        self._backoff_max_s = backoff_max_s
+        self._metrics = metrics
+        self.worker: Worker | None = None
+        """The worker serving now (None while connecting)."""
+        self.reconnects = 0
+        """Connections re-established after a loss."""
+        self._connected_before = False
+
+    @property
+    def is_ready(self) -> bool:
+        """A worker is serving with every consumer attached."""
+        return self.worker is not None and self.worker.is_ready
+
+    @property
+    def consumers_lost(self) -> bool:
+        """The current worker runs without its consumers (liveness should fail)."""
+        return self.worker is not None and self.worker.consumers_lost
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Serve until ``stop`` is set; reconnect after every lost connection."""
+        failures = 0
+        while not stop.is_set():
+            transport = self._open_transport()
+            try:
+                await transport.connect()
+            except BrokerUnavailableError as exc:
+                failures += 1
+                delay = self._backoff(failures)
+                log.warning("broker unavailable (%s); retrying in %.1fs", exc, delay)
+                await _sleep_unless(stop, delay)
+                continue
+            if self._connected_before:
+                self.reconnects += 1
+                if self._metrics is not None:
+                    self._metrics.reconnects.inc()
+                log.info("reconnected to the broker (reconnect %d)", self.reconnects)
+            self._connected_before = True
+            failures = 0
+            worker = self._build_worker(transport)
+            self.worker = worker
+            try:
+                await worker.serve(shutdown_trigger=stop.wait)
+                return  # a graceful stop
+            except BrokerUnavailableError as exc:
+                log.warning("lost the broker connection (%s); reconnecting", exc)
+            finally:
+                self.worker = None
+                await transport.aclose()
+            await _sleep_unless(stop, self._backoff(1))
+
+    def _backoff(self, failures: int) -> float:
+        """Full jitter: uniform in [0, min(max, initial * 2**(failures-1))]."""
+        ceiling = min(self._backoff_max_s, self._backoff_initial_s * 2 ** max(failures - 1, 0))
+        return random.uniform(0, ceiling)  # noqa: S311  # jitter, not cryptography
+
+
+async def _sleep_unless(stop: asyncio.Event, delay_s: float) -> None:
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(delay_s):
+            await stop.wait()
