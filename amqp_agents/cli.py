@@ -18,6 +18,7 @@ import sys
 from typing import TYPE_CHECKING, Any
 
 from pydantic import SecretStr, ValidationError
+from pydantic_settings import SettingsError
 
 from amqp_agents.config import Settings, redact_url
 from amqp_agents.errors import (
@@ -505,7 +506,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "exporter": _exporter,
         }
         return asyncio.run(command[args.command](args, settings))
-    except (ConfigurationError, ValidationError) as exc:
+    except (ConfigurationError, ValidationError, SettingsError) as exc:
         print(f"amqp-agents: configuration error: {exc}", file=sys.stderr)
         return 2
     except AmqpAgentsError as exc:

@@ -573,7 +573,11 @@ class Worker:
             )
             await self._fail(agent, delivery, crashed.to_response(), attempt - 1, dead_letter=True)
             return
-        queue = self._topology.agent_queue(agent.name)
+        # Back through the first delay tier, not straight to the work queue: with
+        # concurrency above one the copy could otherwise be delivered (and crash the
+        # process again) before the ack of this delivery reached the broker, and both
+        # would come back: the crash count would multiply requests instead of ending them.
+        queue = await self._retry_queue(agent, policy.tiers_ms()[0])
         again = retry_envelope(delivery.envelope, queue=queue, attempt=attempt)
         try:
             await self._transport.publish(again, timeout_s=self._publish_timeout_s)

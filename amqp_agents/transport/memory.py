@@ -23,7 +23,7 @@ library relies on, the way RabbitMQ 3.10 does it, and the shared contract tests
 Known differences: nothing is persisted (durable only matters for redeclaration
 checks); there is no flow control, no memory alarm, and publishes never block;
 ``x-death`` is reduced to the ``x-first-death-*`` headers; queue arguments other than
-priority and dead-lettering (``x-max-length``, ``x-message-ttl``...) are checked on
+priority, dead-lettering and ``x-message-ttl`` (``x-max-length``...) are checked on
 redeclaration but not enforced.
 """
 
@@ -127,6 +127,7 @@ class _Queue:
         "expiry_timer",
         "had_consumer",
         "levels",
+        "message_ttl_s",
         "name",
         "next_consumer",
         "next_seq",
@@ -154,6 +155,8 @@ class _Queue:
         self.had_consumer = False
         self.next_seq = 0
         self.expiry_timer: asyncio.TimerHandle | None = None
+        ttl = spec.arguments.get("x-message-ttl")
+        self.message_ttl_s = ttl / 1000.0 if isinstance(ttl, int) and ttl >= 0 else None
 
     def push(self, message: _Message) -> None:
         """Append a new message to its priority level."""
@@ -366,7 +369,11 @@ class InMemoryBroker:
         expires_at = None if ttl is None else now + ttl / 1000.0
         priority = max(envelope.priority or 0, 0)
         for queue in queues:
-            queue.push(_Message(stored, priority, expires_at))
+            expiry = expires_at
+            if queue.message_ttl_s is not None:  # x-message-ttl: the shorter TTL wins
+                queue_expiry = now + queue.message_ttl_s
+                expiry = queue_expiry if expiry is None else min(expiry, queue_expiry)
+            queue.push(_Message(stored, priority, expiry))
             # The same clock reading as expires_at: a zero TTL still reaches a consumer
             # that can take it right now, and expires otherwise.
             self._pump(queue, now)
