@@ -101,7 +101,9 @@ def _parser() -> argparse.ArgumentParser:
 
     run = commands.add_parser("run", help="run a worker for the agents MODULE:ATTR names")
     run.add_argument("target", metavar="MODULE:ATTR")
-    run.add_argument("--metrics-port", type=int, help="serve /healthz and /readyz on this port")
+    run.add_argument(
+        "--metrics-port", type=int, help="serve /metrics, /healthz and /readyz on this port"
+    )
     run.add_argument("--concurrency", type=int, help="handlers running at once")
     run.add_argument("--grace-period", type=float, help="seconds in-flight work may finish on stop")
 
