@@ -64,8 +64,7 @@ class LoopWatch:
         task, self._task = self._task, None
         if task is not None:
             task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await asyncio.wait({task}, timeout=5)
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()

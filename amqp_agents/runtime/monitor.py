@@ -10,7 +10,6 @@ it never disturbs consuming, and never fails a scrape. Each probe is bounded.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from typing import TYPE_CHECKING
 
@@ -56,8 +55,8 @@ class QueueMonitor:
         task, self._task = self._task, None
         if task is not None:
             task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            # Bounded: a probe stuck in the client library must not hold up a shutdown.
+            await asyncio.wait({task}, timeout=5)
 
     async def probe(self) -> None:
         """Probe every queue once."""

@@ -229,6 +229,7 @@ class RabbitTransport:
         self._pub_conn: AbstractConnection | None = None
         self._sub_conn: AbstractConnection | None = None
         self._control: AbstractChannel | None = None
+        self._probe: AbstractChannel | None = None
         self._confirm_channel: AbstractChannel | None = None
         self._plain_channel: AbstractChannel | None = None
         self._confirm_underlay: aiormq.abc.AbstractChannel | None = None
@@ -400,20 +401,17 @@ class RabbitTransport:
     async def queue_info(self, queue: str) -> QueueInfo:
         self._require_connected()
         assert self._sub_conn is not None  # noqa: S101  # checked above
-        # A passive declare of a missing queue closes its channel: use a throw-away one.
+        # A passive declare of a missing queue closes its channel (404), so probes use a
+        # channel of their own, reopened after such a close; never the consumers' ones.
         try:
-            channel = await self._sub_conn.channel(publisher_confirms=False)
-        except (TimeoutError, *_LINK_ERRORS) as exc:
-            raise _topology_error(f"queue {queue!r}", exc) from None
-        try:
+            async with self._channel_lock:
+                if self._probe is None or self._probe.is_closed:
+                    self._probe = await self._sub_conn.channel(publisher_confirms=False)
+                channel = self._probe
             underlay = await channel.get_underlay_channel()
             ok = await underlay.queue_declare(queue, passive=True, timeout=10)
         except (TimeoutError, aiormq.exceptions.AMQPError, *_LINK_ERRORS) as exc:
             raise _topology_error(f"queue {queue!r}", exc) from None
-        finally:
-            if not channel.is_closed:
-                with contextlib.suppress(*_LINK_ERRORS, TimeoutError):
-                    await channel.close()
         return QueueInfo(
             name=queue, messages=ok.message_count or 0, consumers=ok.consumer_count or 0
         )
