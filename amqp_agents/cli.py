@@ -15,12 +15,13 @@ import logging
 import os
 import signal
 import sys
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pydantic import SecretStr, ValidationError
 from pydantic_settings import SettingsError
 
-from amqp_agents.config import Settings, redact_url
+from amqp_agents.config import Settings, load_settings, redact_url
 from amqp_agents.errors import (
     AmqpAgentsError,
     BrokerUnavailableError,
@@ -92,6 +93,12 @@ def _parser() -> argparse.ArgumentParser:
         "--url", help="broker URL (default: $AMQP_URL or amqp://guest:guest@localhost:5672/)"
     )
     parser.add_argument(
+        "--config",
+        type=Path,
+        metavar="FILE",
+        help="settings file (.json or .toml); environment variables override it",
+    )
+    parser.add_argument(
         "--log-json", action="store_true", help="log one JSON object per line (to stderr)"
     )
     parser.add_argument(
@@ -156,7 +163,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _settings(args: argparse.Namespace) -> Settings:
-    """Settings from the environment, with command-line options on top (same checks)."""
+    """Settings: file (--config), then environment, then command-line options on top."""
     overrides: dict[str, Any] = {}
     if args.url:
         overrides["url"] = SecretStr(args.url)
@@ -167,7 +174,7 @@ def _settings(args: argparse.Namespace) -> Settings:
         worker["grace_period_s"] = args.grace_period
     if worker:
         overrides["worker"] = worker
-    return Settings(**overrides)
+    return load_settings(args.config, **overrides)
 
 
 def _worker_probes(

@@ -7,7 +7,9 @@ tests and embedding applications never depend on process-global state. Secrets a
 
 from __future__ import annotations
 
-from typing import Self
+import os
+from pathlib import Path
+from typing import Any, Self
 from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import (
@@ -16,12 +18,19 @@ from pydantic import (
     ConfigDict,
     Field,
     SecretStr,
+    ValidationError,
     field_validator,
     model_validator,
 )
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import (
+    BaseSettings,
+    JsonConfigSettingsSource,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
 
-from amqp_agents.errors import AgentError, Retry, RetryableError
+from amqp_agents.errors import AgentError, ConfigurationError, Retry, RetryableError
 from amqp_agents.models.wire import Topology
 
 __all__ = [
@@ -33,6 +42,7 @@ __all__ = [
     "RpcSettings",
     "Settings",
     "WorkerSettings",
+    "load_settings",
     "redact_url",
 ]
 
@@ -239,3 +249,58 @@ class Settings(BaseSettings):
             {**self.connection.model_dump(), "url": self.url}
         )
         return self
+
+
+def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings:
+    """Settings from (lowest to highest precedence) defaults, ``config_file`` (JSON or
+    TOML), environment variables, then ``overrides`` (command-line options).
+
+    ``AMQP_URL_FILE`` names a file holding the broker URL (a mounted secret); it is read
+    when no URL is given otherwise.
+
+    Raises:
+        ConfigurationError: the file is missing or not JSON/TOML.
+        pydantic.ValidationError: a setting is invalid (the message names it).
+    """
+    if "url" not in overrides and not _url_in_environment():
+        secret_file = os.environ.get("AMQP_URL_FILE")
+        if secret_file:
+            try:
+                overrides["url"] = SecretStr(Path(secret_file).read_text().strip())
+            except OSError as exc:
+                raise ConfigurationError(f"cannot read AMQP_URL_FILE: {exc.strerror}") from None
+    if config_file is None:
+        return Settings(**overrides)
+    if not config_file.is_file():
+        raise ConfigurationError(f"no settings file at {config_file}")
+    suffix = config_file.suffix.lower()
+    if suffix not in (".json", ".toml"):
+        raise ConfigurationError(f"settings files are .json or .toml, not {suffix or 'no suffix'}")
+
+    class FileSettings(Settings):
+        @classmethod
+        def settings_customise_sources(
+            cls,
+            settings_cls: type[BaseSettings],
+            init_settings: PydanticBaseSettingsSource,
+            env_settings: PydanticBaseSettingsSource,
+            dotenv_settings: PydanticBaseSettingsSource,
+            file_secret_settings: PydanticBaseSettingsSource,
+        ) -> tuple[PydanticBaseSettingsSource, ...]:
+            file_source = (
+                JsonConfigSettingsSource(settings_cls, json_file=config_file)
+                if suffix == ".json"
+                else TomlConfigSettingsSource(settings_cls, toml_file=config_file)
+            )
+            return (init_settings, env_settings, file_source)
+
+    try:
+        return FileSettings(**overrides)
+    except (ValueError, OSError) as exc:
+        if isinstance(exc, ValidationError):
+            raise
+        raise ConfigurationError(f"cannot read {config_file}: {exc}") from None
+
+
+def _url_in_environment() -> bool:
+    return any(os.environ.get(name) for name in ("AMQP_URL", "AMQP_AGENTS_URL"))

@@ -1,6 +1,7 @@
 """Settings: URL redaction, validation, and reading the environment."""
 
 import os
+from pathlib import Path
 
 import pytest
 from pydantic import SecretStr, ValidationError
@@ -11,8 +12,10 @@ from amqp_agents.config import (
     RpcSettings,
     Settings,
     WorkerSettings,
+    load_settings,
     redact_url,
 )
+from amqp_agents.errors import ConfigurationError
 
 PASSWORD = "s3cr3t-pa55"
 
@@ -162,3 +165,38 @@ def test_settings_never_show_the_password(monkeypatch: pytest.MonkeyPatch) -> No
     ):
         assert PASSWORD not in shown
     assert connection.url.get_secret_value().endswith("@broker/")
+
+
+def test_settings_file_is_overridden_by_the_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--config FILE < environment < command line; a bad value names the setting."""
+    config = tmp_path / "settings.json"
+    config.write_text('{"worker": {"concurrency": 3, "grace_period_s": 4}}')
+    monkeypatch.delenv("AMQP_AGENTS_WORKER__CONCURRENCY", raising=False)
+    assert load_settings(config).worker.concurrency == 3
+    monkeypatch.setenv("AMQP_AGENTS_WORKER__CONCURRENCY", "7")
+    settings = load_settings(config)
+    assert (settings.worker.concurrency, settings.worker.grace_period_s) == (7, 4)
+    assert load_settings(config, worker={"concurrency": 9}).worker.concurrency == 9
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[worker]\nconcurrency = 0\n")
+    monkeypatch.delenv("AMQP_AGENTS_WORKER__CONCURRENCY")
+    with pytest.raises(ValidationError, match=r"worker\.concurrency"):
+        load_settings(bad)
+    with pytest.raises(ConfigurationError, match="no settings file"):
+        load_settings(tmp_path / "missing.json")
+
+
+def test_the_url_can_come_from_a_mounted_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """AMQP_URL_FILE (a mounted secret) provides the URL when none is set otherwise."""
+    secret = tmp_path / "url"
+    secret.write_text("amqp://app:s3cret@rabbit:5672/prod\n")
+    monkeypatch.delenv("AMQP_URL", raising=False)
+    monkeypatch.delenv("AMQP_AGENTS_URL", raising=False)
+    monkeypatch.setenv("AMQP_URL_FILE", str(secret))
+    settings = load_settings()
+    assert settings.url.get_secret_value() == "amqp://app:s3cret@rabbit:5672/prod"
+    assert settings.connection.url.get_secret_value() == "amqp://app:s3cret@rabbit:5672/prod"
