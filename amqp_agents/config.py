@@ -7,6 +7,7 @@ tests and embedding applications never depend on process-global state. Secrets a
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any, Self
@@ -276,8 +277,24 @@ def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings
     suffix = config_file.suffix.lower()
     if suffix not in (".json", ".toml"):
         raise ConfigurationError(f"settings files are .json or .toml, not {suffix or 'no suffix'}")
+    if suffix == ".json":
+        # The JSON source merges the top level into a dict: anything but an object
+        # ([1, 2], "x") would end in a TypeError traceback. (Empty means {}.)
+        try:
+            text = config_file.read_text(encoding="utf-8")
+            top = json.loads(text) if text.strip() else {}
+        except (OSError, ValueError) as exc:
+            raise ConfigurationError(f"cannot read {config_file}: {exc}") from None
+        if not isinstance(top, dict):
+            raise ConfigurationError(
+                f"cannot read {config_file}: the top level must be an object of setting"
+                f" groups, not {type(top).__name__}"
+            )
 
     class FileSettings(Settings):
+        # Validation errors say "for Settings", as they do without a file.
+        model_config = SettingsConfigDict(title="Settings")
+
         @classmethod
         def settings_customise_sources(
             cls,
