@@ -18,7 +18,7 @@ import pydantic_core
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from amqp_agents.errors import ConfigurationError, InvalidPayloadError, MessageTooLargeError
-from amqp_agents.models.envelope import Envelope
+from amqp_agents.models.envelope import Envelope, HeaderValue
 from amqp_agents.models.messages import AgentMessage, AgentResponse, ErrorCode, Event
 
 __all__ = [
@@ -165,44 +165,54 @@ def attempt_from(envelope: Envelope) -> int:
     return raw if isinstance(raw, int) and not isinstance(raw, bool) and raw >= 1 else 1
 
 
-def retry_envelope(envelope: Envelope, *, queue: str, attempt: int) -> Envelope:
-    """The request again, for the queue ``queue`` (via the default exchange), as ``attempt``.
-
-    Keeps body and properties (priority included) and the original routing in
-    headers; drops ``expiration`` (the deadline header still bounds it).
-    """
-    headers = dict(envelope.headers or {})
-    headers[HEADER_ATTEMPT] = attempt
-    headers.setdefault(HEADER_ORIGINAL_EXCHANGE, envelope.exchange)
-    headers.setdefault(HEADER_ORIGINAL_ROUTING_KEY, envelope.routing_key)
+def _rerouted(
+    envelope: Envelope,
+    *,
+    exchange: str,
+    routing_key: str,
+    attempt: int,
+    headers: dict[str, HeaderValue] | None = None,
+) -> Envelope:
+    """The request sent on (retry tier, dead letters) as ``attempt``, with the original
+    routing remembered in headers and no ``expiration`` (a per-message TTL would expire
+    it where it goes; the deadline header still bounds retries)."""
+    merged = dict(envelope.headers or {})
+    merged.setdefault(HEADER_ORIGINAL_EXCHANGE, envelope.exchange)
+    merged.setdefault(HEADER_ORIGINAL_ROUTING_KEY, envelope.routing_key)
+    merged[HEADER_ATTEMPT] = attempt
+    merged.update(headers or {})
     return dataclasses.replace(
         envelope,
-        exchange="",
-        routing_key=queue,
-        headers=headers,
+        exchange=exchange,
+        routing_key=routing_key,
+        headers=merged,
         expiration_ms=None,
         redelivered=False,
     )
+
+
+def retry_envelope(envelope: Envelope, *, queue: str, attempt: int) -> Envelope:
+    """The request again, for the queue ``queue`` (via the default exchange), as ``attempt``.
+
+    Keeps body and properties, priority included.
+    """
+    return _rerouted(envelope, exchange="", routing_key=queue, attempt=attempt)
 
 
 def dead_letter_envelope(
     envelope: Envelope, *, exchange: str, routing_key: str, code: str, message: str, attempt: int
 ) -> Envelope:
     """The request for a dead-letter queue, with headers saying why (see the protocol)."""
-    headers = dict(envelope.headers or {})
-    headers[HEADER_ATTEMPT] = attempt
-    headers.setdefault(HEADER_ORIGINAL_EXCHANGE, envelope.exchange)
-    headers.setdefault(HEADER_ORIGINAL_ROUTING_KEY, envelope.routing_key)
-    headers[HEADER_ERROR_CODE] = code
-    headers[HEADER_ERROR_MESSAGE] = message[:1000]
-    headers[HEADER_DEAD_LETTERED_AT] = int(time.time() * 1000)
-    return dataclasses.replace(
+    return _rerouted(
         envelope,
         exchange=exchange,
         routing_key=routing_key,
-        headers=headers,
-        expiration_ms=None,  # a per-message TTL would expire it in the dead-letter queue
-        redelivered=False,
+        attempt=attempt,
+        headers={
+            HEADER_ERROR_CODE: code,
+            HEADER_ERROR_MESSAGE: message[:1000],
+            HEADER_DEAD_LETTERED_AT: int(time.time() * 1000),
+        },
     )
 
 
