@@ -421,6 +421,8 @@ async def _listen(args: argparse.Namespace, settings: Settings) -> int:
 async def _dead_letters(args: argparse.Namespace, settings: Settings) -> int:
     if args.replay is not None and args.replay < 1:
         raise ConfigurationError("--replay must be at least 1")
+    if args.limit < 1:
+        raise ConfigurationError("--limit must be at least 1")
     transport = create_transport(settings.connection)
     await transport.connect()
     try:

@@ -26,7 +26,7 @@ from amqp_agents.models.wire import (
 
 if TYPE_CHECKING:
     from amqp_agents.models.envelope import Envelope
-    from amqp_agents.transport.base import Delivery, Transport
+    from amqp_agents.transport.base import ConsumerHandle, Delivery, Transport
 
 __all__ = ["DeadLetter", "DeadLetters"]
 
@@ -93,12 +93,14 @@ class DeadLetters:
 
     async def peek(self, agent: str, *, limit: int = 20) -> list[DeadLetter]:
         """The oldest ``limit`` dead letters, left in place."""
-        deliveries = await self._fetch(agent, limit)
+        consumer, deliveries = await self._fetch(agent, limit)
         try:
             return [DeadLetter.from_envelope(d.envelope) for d in deliveries]
         finally:
             for delivery in deliveries:
                 await delivery.nack(requeue=True)
+            if consumer is not None:
+                await consumer.close()  # after the nacks: same channel, so they land first
 
     async def replay(self, agent: str, *, limit: int) -> int:
         """Send the oldest ``limit`` dead letters back to work; returns how many went.
@@ -106,7 +108,7 @@ class DeadLetters:
         Each is republished to its original exchange and key as a first attempt, and
         removed from the dead-letter queue only once the broker confirmed it.
         """
-        deliveries = await self._fetch(agent, limit)
+        consumer, deliveries = await self._fetch(agent, limit)
         replayed = 0
         try:
             for delivery in deliveries:
@@ -118,6 +120,8 @@ class DeadLetters:
         finally:
             for delivery in deliveries[replayed:]:
                 await delivery.nack(requeue=True)
+            if consumer is not None:
+                await consumer.close()
         return replayed
 
     def _queue(self, agent: str) -> str:
@@ -127,13 +131,14 @@ class DeadLetters:
             raise ConfigurationError(str(exc)) from None
         return self._topology.agent_dead_letter_queue(agent)
 
-    async def _fetch(self, agent: str, limit: int) -> list[Delivery]:
+    async def _fetch(self, agent: str, limit: int) -> tuple[ConsumerHandle | None, list[Delivery]]:
+        """Up to ``limit`` unsettled deliveries, and the consumer to close once settled."""
         if limit < 1:
             raise ConfigurationError("limit must be at least 1")
         queue = self._queue(agent)
         wanted = min(limit, (await self._transport.queue_info(queue)).messages)
         if wanted == 0:
-            return []
+            return None, []
         got: list[Delivery] = []
         enough = asyncio.Event()
 
@@ -153,4 +158,4 @@ class DeadLetters:
             pass  # fewer than counted (another reader took some): return what came
         finally:
             await consumer.cancel()
-        return got
+        return consumer, got

@@ -599,6 +599,8 @@ class _Consumer:
         if self.closed:
             return
         self.closed = True
+        if self in self.transport._consumers:  # no longer the connection's
+            self.transport._consumers.remove(self)
         for task in list(self.tasks):
             task.cancel()
         unacked, self.unacked = self.unacked, {}
