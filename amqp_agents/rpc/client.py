@@ -202,6 +202,11 @@ class RpcClient:
         finally:
             metrics.rpc_pending.dec()
         outcome = "ok" if response.error is None else code_label(response.error.code)
+        # Bounded labels: a name the other side does not know is not a new series.
+        if outcome == ErrorCode.NO_ROUTE:
+            agent, action = "other", "other"
+        elif outcome == ErrorCode.UNKNOWN_ACTION:
+            action = "other"
         metrics.rpc_calls.labels(agent, action, outcome).inc()
         metrics.rpc_duration.labels(agent, action).observe(time.perf_counter() - started)
         return response

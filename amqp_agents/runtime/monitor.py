@@ -65,6 +65,11 @@ class QueueMonitor:
                 async with asyncio.timeout(self._probe_timeout_s):
                     info = await self._transport.queue_info(queue)
             except (AmqpAgentsError, TimeoutError) as exc:
+                task = asyncio.current_task()
+                if task is not None and task.cancelling():
+                    # We are being stopped; the client library turned the cancellation
+                    # into a link error. Don't keep probing a dead connection.
+                    raise asyncio.CancelledError from exc
                 self._metrics.queue_depth_errors.labels(queue).inc()
                 log.debug("depth probe of %s failed: %s", queue, exc)
                 continue
