@@ -39,6 +39,7 @@ from amqp_agents.errors import (
 )
 from amqp_agents.events.bus import EventBus, Subscription
 from amqp_agents.events.publisher import EventPublisher, RecordingPublisher
+from amqp_agents.metrics import Metrics
 from amqp_agents.models.messages import (
     AgentMessage,
     AgentResponse,
@@ -52,6 +53,7 @@ from amqp_agents.rpc.client import Request, RpcClient
 from amqp_agents.runtime.agent import Agent, action, on_event
 from amqp_agents.runtime.worker import Worker
 from amqp_agents.transport.factory import create_transport
+from amqp_agents.transport.memory import InMemoryBroker, InMemoryTransport
 from amqp_agents.transport.rabbitmq import RabbitTransport
 
 __version__ = "0.1.0"
@@ -73,10 +75,13 @@ __all__ = [
     "Event",
     "EventBus",
     "EventPublisher",
+    "InMemoryBroker",
+    "InMemoryTransport",
     "InternalError",
     "InvalidPayloadError",
     "LifecycleError",
     "MessageTooLargeError",
+    "Metrics",
     "NoRouteError",
     "NotFoundError",
     "Priority",
