@@ -222,6 +222,11 @@ class Agent:
         """The names of the actions this agent serves (cheap; for label checks)."""
         return self._action_names
 
+    def retry_policy(self, action: str | None, default: RetryPolicy) -> RetryPolicy:
+        """The retry policy of ``action``: its own (``@action(retry=...)``), else ``default``."""
+        spec = self._actions.get(action or "")
+        return spec.retry if spec is not None and spec.retry is not None else default
+
     @classmethod
     def actions(cls) -> dict[str, ActionSpec]:
         """The actions this agent serves, by name."""
@@ -288,7 +293,7 @@ class Agent:
                     f"agent {self.name!r} has no action {message.action!r} (known: {known})"
                 ).to_response(correlation_id=cid)
             )
-        policy = spec.retry or policy
+        policy = self.retry_policy(message.action, policy)
         method = getattr(self, spec.method)
         try:
             payload = (

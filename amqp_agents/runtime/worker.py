@@ -454,8 +454,7 @@ class Worker:
             crashed = outcome.response.code == ErrorCode.INTERNAL_ERROR
             await self._fail(agent, delivery, outcome.response, attempt, dead_letter=crashed)
             return
-        spec_policy = agent.actions().get(message.action)
-        policy = (spec_policy.retry if spec_policy else None) or policy
+        policy = agent.retry_policy(message.action, policy)
         if attempt < policy.max_deliveries:
             delay_ms = policy.redelivery_delay_ms(attempt, outcome.delay_s)
             if deadline is None or time.time() + delay_ms / 1000 < deadline:
@@ -563,10 +562,7 @@ class Worker:
         await delivery.ack()
 
     async def _count_redelivery(self, agent: Agent, delivery: Delivery, attempt: int) -> None:
-        policy = self._settings.retry
-        action = agent.actions().get(delivery.envelope.type or "")
-        if action is not None and action.retry is not None:
-            policy = action.retry
+        policy = agent.retry_policy(delivery.envelope.type, self._settings.retry)
         if attempt > policy.max_deliveries:
             crashed = InternalError(
                 f"delivered {attempt - 1} times without being settled: it may crash the worker"
