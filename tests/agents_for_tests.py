@@ -22,6 +22,7 @@ import contextlib
 import os
 import random
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -195,6 +196,13 @@ class CliProcess:
         finally:
             for file in self._files:
                 file.close()
+
+
+def free_port() -> int:
+    """A port nothing listens on right now (for a probe server)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 def run_cli(

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import re
-import socket
 import time
 import urllib.error
 import urllib.request
@@ -24,7 +23,7 @@ from typing import Any
 
 from amqp_agents.models.wire import Topology
 from amqp_agents.testing import BrokerAdmin, url_for_vhost
-from tests.agents_for_tests import CLI, CliProcess, cli_env, run_cli, wait_until
+from tests.agents_for_tests import CLI, CliProcess, cli_env, free_port, run_cli, wait_until
 from tests.deploy_kit import (
     EXAMPLE_APP,
     METRICS_PORT,
@@ -34,13 +33,6 @@ from tests.deploy_kit import (
     secret_env,
     worker_container,
 )
-
-
-def free_port() -> int:
-    """A TCP port nothing listens on right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def http_status(port: int, path: str) -> tuple[int, str] | None:

@@ -15,7 +15,7 @@ from amqp_agents.rpc.client import RpcClient
 from amqp_agents.runtime.health import HealthServer, ProbeResult
 from amqp_agents.runtime.worker import Worker
 from amqp_agents.transport.rabbitmq import RabbitTransport
-from tests.agents_for_tests import CliProcess, await_until, cli_env, read_ids, run_cli
+from tests.agents_for_tests import CliProcess, await_until, cli_env, free_port, read_ids, run_cli
 
 Connect = Callable[..., Awaitable[RabbitTransport]]
 
@@ -42,13 +42,6 @@ async def http_or_none(port: int, path: str) -> int | None:
         return await http(port, path)
     except OSError:
         return None
-
-
-def free_port() -> int:
-    """A port nothing listens on right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def readiness(is_ready: Callable[[], bool]) -> dict[str, Callable[[], ProbeResult]]:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import socket
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -23,7 +22,7 @@ from amqp_agents.runtime.agent import Agent, action
 from amqp_agents.runtime.worker import Worker
 from amqp_agents.testing import BrokerAdmin, url_for_vhost
 from amqp_agents.transport.rabbitmq import RabbitTransport
-from tests.agents_for_tests import CliProcess, await_until, cli_env, holds, run_cli
+from tests.agents_for_tests import CliProcess, await_until, cli_env, free_port, holds, run_cli
 
 pytestmark = pytest.mark.integration
 
@@ -56,13 +55,6 @@ class Hold(Agent):
 
 
 # -- helpers -------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    """A port nothing listens on right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 async def http_get(port: int, path: str, *, timeout_s: float = 2.0) -> tuple[int, str] | None:

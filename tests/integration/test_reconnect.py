@@ -8,7 +8,6 @@ broker again, even when it fails.
 
 from __future__ import annotations
 
-import socket
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,15 +15,9 @@ from pathlib import Path
 import pytest
 
 from amqp_agents.testing import BrokerAdmin, url_for_vhost
-from tests.agents_for_tests import CliProcess, cli_env, run_cli, wait_until
+from tests.agents_for_tests import CliProcess, cli_env, free_port, run_cli, wait_until
 
 APP = "amqp_agents.examples.tasks:app"
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _get(port: int, path: str) -> tuple[int, str]:
@@ -48,7 +41,7 @@ def worker(
 ) -> Iterator[tuple[CliProcess, int, str]]:
     """The example worker as a subprocess on a vhost of its own, with probes."""
     url = url_for_vhost(broker_url, fresh_vhost)
-    port = _free_port()
+    port = free_port()
     process = CliProcess(
         ["--url", url, "run", APP, "--metrics-port", str(port)],
         env=cli_env(AMQP_AGENTS_METRICS__DEPTH_INTERVAL_S="0.2"),
