@@ -190,6 +190,8 @@ def _worker_probes(
     def readyz() -> ProbeResult:
         if supervisor.is_ready:
             return ProbeResult(200, b"ready\n")
+        if supervisor.is_blocked:
+            return ProbeResult(503, b"the broker blocks publishing (memory or disk alarm)\n")
         return ProbeResult(503, b"not ready\n")
 
     def metrics_page() -> ProbeResult:
@@ -214,9 +216,9 @@ async def _run(args: argparse.Namespace, settings: Settings) -> int:
             depth_interval_s=settings.metrics.depth_interval_s,
         )
 
-    supervisor = Supervisor(
-        lambda: create_transport(settings.connection), build_worker, metrics=metrics
-    )
+    # The supervisor rebuilds transport and worker after a loss: no reconnecting inside.
+    once = settings.connection.model_copy(update={"reconnect": False})
+    supervisor = Supervisor(lambda: create_transport(once), build_worker, metrics=metrics)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -286,6 +288,13 @@ async def _queues(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def _exit_when_lost(transport: Transport, settings: Settings, lost: asyncio.Event) -> None:
+    """Set ``lost`` when the connection dies for good: a transport that reconnects by
+    itself (the default) comes back, and the command goes on."""
+    if not settings.connection.reconnect:
+        transport.on_connection_lost(lambda _exc: lost.set())
+
+
 async def _exporter(args: argparse.Namespace, settings: Settings) -> int:
     names = _queue_names(args, settings)
     metrics = Metrics()
@@ -302,9 +311,9 @@ async def _exporter(args: argparse.Namespace, settings: Settings) -> int:
         {
             "/metrics": lambda: ProbeResult(200, metrics.exposition(), CONTENT_TYPE),
             "/healthz": lambda: (
-                ProbeResult(503, b"broker connection lost\n")
-                if lost.is_set()
-                else ProbeResult(200, b"ok\n")
+                ProbeResult(200, b"ok\n")
+                if transport.is_connected
+                else ProbeResult(503, b"broker connection lost\n")
             ),
         },
         port=args.port,
@@ -312,7 +321,7 @@ async def _exporter(args: argparse.Namespace, settings: Settings) -> int:
     await server.start()
     try:
         await transport.connect()
-        transport.on_connection_lost(lambda _exc: lost.set())
+        _exit_when_lost(transport, settings, lost)
         monitor.start()
         log.info("exporting depth of %d queue(s) on :%d/metrics", len(names), server.port)
         waits = {asyncio.ensure_future(stop.wait()), asyncio.ensure_future(lost.wait())}
@@ -398,7 +407,7 @@ async def _listen(args: argparse.Namespace, settings: Settings) -> int:
     transport = create_transport(settings.connection)
     await transport.connect()
     lost = asyncio.Event()
-    transport.on_connection_lost(lambda _exc: lost.set())
+    _exit_when_lost(transport, settings, lost)
     try:
         bus = _event_bus(transport, settings, guard=until_stopped)
         await bus.start()

@@ -42,6 +42,7 @@ __all__ = [
     "RetryPolicy",
     "RpcSettings",
     "Settings",
+    "TlsSettings",
     "WorkerSettings",
     "load_settings",
     "redact_url",
@@ -63,6 +64,38 @@ def redact_url(url: str) -> str:
     return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
 
 
+class TlsSettings(BaseModel):
+    """TLS for ``amqps://`` URLs. Verification of the chain and the host name is on
+    unless explicitly turned off (``verify=False``, for test brokers only)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    ca_file: Path | None = None
+    """PEM file of the CA(s) that signed the broker's certificate (else the system's)."""
+    cert_file: Path | None = None
+    """Client certificate (PEM) for brokers that require one (mutual TLS)."""
+    key_file: Path | None = None
+    """The client certificate's private key (PEM); may be inside ``cert_file``."""
+    verify: bool = True
+    """Verify the broker's certificate chain and host name (the URL's host)."""
+
+    @field_validator("ca_file", "cert_file", "key_file", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: object) -> object:
+        # An empty environment variable (KEY=) means "not set", not the path "".
+        return None if value == "" else value
+
+    @model_validator(mode="after")
+    def _files_exist(self) -> Self:
+        for name in ("ca_file", "cert_file", "key_file"):
+            path: Path | None = getattr(self, name)
+            if path is not None and not path.is_file():
+                raise ValueError(f"tls.{name}: no file at {path}")
+        if self.key_file is not None and self.cert_file is None:
+            raise ValueError("tls.key_file is set without tls.cert_file")
+        return self
+
+
 class ConnectionSettings(BaseModel):
     """How to reach the broker."""
 
@@ -70,10 +103,20 @@ class ConnectionSettings(BaseModel):
 
     url: SecretStr = SecretStr(DEFAULT_URL)
     heartbeat_s: int = Field(default=10, ge=1, le=600)
+    """Seconds between heartbeats; a link silent for about 3x this is declared dead."""
     connect_timeout_s: float = Field(default=10.0, gt=0)
     publish_timeout_s: float = Field(default=10.0, gt=0)
     max_message_bytes: int = Field(default=1024 * 1024, ge=1024, le=128 * 1024 * 1024)
     client_name: str = "amqp-agents"
+    reconnect: bool = True
+    """Reconnect by itself after a lost connection (clients and event buses; a worker's
+    supervisor reconnects on its own terms)."""
+    reconnect_initial_s: float = Field(default=0.25, gt=0)
+    """First reconnect delay; doubles per failed attempt, with full jitter."""
+    reconnect_max_s: float = Field(default=15.0, gt=0)
+    """Ceiling of the reconnect delay."""
+    tls: TlsSettings = TlsSettings()
+    """Used for ``amqps://`` URLs."""
 
     @field_validator("url")
     @classmethod

@@ -31,7 +31,7 @@ Names (``amqp_agents_`` prefix)::
 from __future__ import annotations
 
 from enum import StrEnum
-from typing import Final
+from typing import Any, Final, TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
@@ -87,12 +87,16 @@ def code_label(code: str | None) -> str:
     return code if code in _STANDARD_CODES else "OTHER"
 
 
+_M = TypeVar("_M", Counter, Gauge, Histogram)
+
+
 class Metrics:
     """Every metric of the library, registered on ``registry`` (a new one by default)."""
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
         r = self.registry
+        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
 
         def name(suffix: str) -> str:
             return f"{_PREFIX}_{suffix}"
@@ -150,6 +154,11 @@ class Metrics:
         self.connection_losses = Counter(
             name("connection_losses"), "Broker connections lost", registry=r
         )
+        self.connection_blocked = Gauge(
+            name("connection_blocked"),
+            "1 while the broker blocks publishing (memory or disk alarm)",
+            registry=r,
+        )
         self.reconnects = Counter(
             name("reconnects"), "Workers restarted on a new connection after a loss", registry=r
         )
@@ -178,6 +187,16 @@ class Metrics:
         self.rpc_pending = Gauge(
             name("rpc_pending_calls"), "RPC calls waiting for their reply", registry=r
         )
+
+    def child(self, metric: _M, *values: str) -> _M:
+        """``metric.labels(*values)``, cached: the hot path labels every message, and
+        prometheus_client validates and locks on each ``labels()`` call. Label values
+        are bounded by design (agents, actions, outcomes, codes), so is the cache."""
+        key = (id(metric), values)
+        found = self._children.get(key)
+        if found is None:
+            found = self._children[key] = metric.labels(*values)
+        return found
 
     def exposition(self) -> bytes:
         """The text format for ``/metrics``."""

@@ -20,6 +20,11 @@ a lost connection: use ``Event.id`` to dedupe); order is kept per queue for a si
 consumer, never across groups. A group queue is durable: events published while no
 member runs wait for it. Private queues exist only while subscribed.
 
+After a lost connection (with a transport that reconnects by itself) the bus
+re-declares its group queues, binds every pattern again, gives the private
+subscriptions a new private queue and re-consumes all of them; events published to a
+group meanwhile waited in its durable queue, a private queue's are lost with it.
+
 Failures never loop: an event that is not JSON, fails a handler's schema, or makes a
 handler raise or time out is rejected to the group's dead-letter queue
 ``events.<group>.dead`` (private subscribers log and drop it). An event carrying
@@ -176,14 +181,12 @@ class EventBus:
     @property
     def consumers(self) -> int:
         """Queues this bus is consuming right now."""
-        queues = [*self._groups.values(), *([self._private] if self._private else [])]
-        return sum(1 for q in queues if q.attachment is not None)
+        return sum(1 for q in self._queues() if q.attachment is not None)
 
     @property
     def subscriptions(self) -> list[Subscription]:
         """Every active subscription."""
-        queues = [*self._groups.values(), *([self._private] if self._private else [])]
-        return [sub for q in queues for sub in q.subscriptions]
+        return [sub for q in self._queues() for sub in q.subscriptions]
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -192,15 +195,50 @@ class EventBus:
         if self._state is not _State.NEW:
             raise LifecycleError(f"event bus is {self._state.value}; start() runs once")
         self._state = _State.STARTED
+        self._transport.on_connection_lost(self._on_connection_lost)
+        self._transport.on_connection_restored(self._on_connection_restored)
+        await self._declare_exchanges()
+
+    async def _declare_exchanges(self) -> None:
         await self._transport.declare_exchange(self._topology.events_exchange, ExchangeKind.TOPIC)
         await self._transport.declare_exchange(
             self._topology.events_dead_letter_exchange, ExchangeKind.DIRECT
         )
 
+    def _queues(self) -> list[_QueueConsumer]:
+        return [*self._groups.values(), *([self._private] if self._private else [])]
+
+    def _on_connection_lost(self, _reason: BaseException | None) -> None:
+        # Every consumer died with the connection; its unsettled deliveries are
+        # requeued by the broker, and their settlements are dropped.
+        for queue in self._queues():
+            attachment, queue.attachment = queue.attachment, None
+            if attachment is not None:
+                attachment.cancelled = attachment.closed = True
+
+    async def _on_connection_restored(self) -> None:
+        async with self._lock:
+            if self._state is not _State.STARTED:
+                return
+            await self._declare_exchanges()
+            for queue in self._queues():
+                if queue.group is None:
+                    queue.queue = await self._declare_private()
+                else:
+                    await self._declare_group(queue.group)
+                for pattern in dict.fromkeys(s.pattern for s in queue.subscriptions):
+                    await self._transport.bind_queue(
+                        queue.queue, self._topology.events_exchange, pattern
+                    )
+                if queue.subscriptions and queue.attachment is None:
+                    await self._attach(queue)
+            if self._replies is not None:
+                await self._replies.restart()
+        log.info("event bus restored: %d queue(s) consumed again", self.consumers)
+
     async def stop_consuming(self) -> None:
         """Cancel every consumer (first step of a graceful stop); events stay queued."""
-        queues = [*self._groups.values(), *([self._private] if self._private else [])]
-        for queue in queues:
+        for queue in self._queues():
             await self._cancel(queue)
         # The private queue is auto-deleted with its consumer: it and its bindings are gone.
         self._private = None
@@ -361,12 +399,15 @@ class EventBus:
             await self._transport.bind_queue(queue.queue, self._topology.events_exchange, pattern)
             queue.subscriptions.append(subscription)
             if queue.attachment is None:
-                attachment = _Attachment()
-                attachment.handle = await self._transport.consume(
-                    queue.queue, self._handler_for(queue, attachment), prefetch=self._prefetch
-                )
-                queue.attachment = attachment
+                await self._attach(queue)
         return subscription
+
+    async def _attach(self, queue: _QueueConsumer) -> None:
+        attachment = _Attachment()
+        attachment.handle = await self._transport.consume(
+            queue.queue, self._handler_for(queue, attachment), prefetch=self._prefetch
+        )
+        queue.attachment = attachment
 
     async def unsubscribe(self, subscription: Subscription) -> None:
         """Remove a handler; when it was its queue's last one, stop consuming.
@@ -401,16 +442,18 @@ class EventBus:
     async def _queue_for(self, group: str | None) -> _QueueConsumer:
         if group is None:
             if self._private is None:
-                name = await self._transport.declare_queue(
-                    QueueSpec(name="", durable=False, exclusive=True, auto_delete=True)
-                )
-                self._private = _QueueConsumer(queue=name, group=None)
+                self._private = _QueueConsumer(queue=await self._declare_private(), group=None)
             return self._private
         queue = self._groups.get(group)
         if queue is None:
             queue = _QueueConsumer(queue=await self._declare_group(group), group=group)
             self._groups[group] = queue
         return queue
+
+    async def _declare_private(self) -> str:
+        return await self._transport.declare_queue(
+            QueueSpec(name="", durable=False, exclusive=True, auto_delete=True)
+        )
 
     async def _declare_group(self, group: str) -> str:
         topology = self._topology
@@ -567,4 +610,6 @@ class EventBus:
             await delivery.ack()
             outcome = MetricOutcome.ERROR if failed else MetricOutcome.OK
         if self._metrics is not None:
-            self._metrics.events_consumed.labels(group or "private", outcome.value).inc()
+            self._metrics.child(
+                self._metrics.events_consumed, group or "private", outcome.value
+            ).inc()

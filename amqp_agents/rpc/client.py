@@ -16,6 +16,12 @@ Guarantees:
   ``TIMEOUT``, ``NO_ROUTE`` (nobody serves the agent; known as soon as the broker
   returns the message), ``CONNECTION_LOST`` (every pending call, at once, when the
   connection dies) or ``SHUTTING_DOWN`` (pending calls when the client closes).
+* After a lost connection the transport reconnects by itself; the client then
+  declares a new reply queue and works again. A call made during the outage waits
+  for that (within its publish timeout and its own deadline), then fails with
+  ``CONNECTION_LOST``. A call marked ``idempotent=True`` is not failed by the loss:
+  it is sent again once the link is back, within its deadline (the agent may then
+  see it twice: only mark calls that are safe to repeat).
 * A request carries its deadline (header and AMQP ``expiration``), so the broker
   drops requests whose caller has stopped waiting.
 
@@ -26,6 +32,7 @@ JSON-serialisable or too large, a client that is not started.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import heapq
 import logging
 import time
@@ -90,12 +97,22 @@ class Request:
     payload: Payload = None
     priority: int = Priority.NORMAL
     timeout_s: float | None = None
+    idempotent: bool = False
 
 
 class _State(Enum):
     NEW = "new"
     STARTED = "started"
     CLOSED = "closed"
+
+
+class _Lost(Enum):
+    """What an idempotent call's future resolves to when the link dies: send again."""
+
+    RESEND = "resend"
+
+
+_RESEND: Final = _Lost.RESEND
 
 
 class RpcClient:
@@ -126,6 +143,10 @@ class RpcClient:
         self._ids = IdSource()
         self._state = _State.NEW
         self._lost: BaseException | None = None
+        self._restored = asyncio.Event()
+        self._idempotent: set[str] = set()
+        self.resent = 0
+        """Idempotent calls sent again after a lost connection."""
 
     @property
     def pending_calls(self) -> int:
@@ -149,14 +170,17 @@ class RpcClient:
         self._state = _State.STARTED
         transport = self._transport
         transport.on_connection_lost(self._on_connection_lost)
+        transport.on_connection_restored(self._on_connection_restored)
         await transport.declare_exchange(self._topology.requests_exchange, ExchangeKind.DIRECT)
         await self._replies.start()
+        self._restored.set()
 
     async def aclose(self) -> None:
         """Stop: pending calls end with ``SHUTTING_DOWN``. Idempotent."""
         if self._state is _State.CLOSED:
             return
         self._state = _State.CLOSED
+        self._restored.set()  # calls waiting for a reconnect stop waiting
         self._fail_pending(ErrorCode.SHUTTING_DOWN, "the RPC client is closing")
         self._deadlines.cancel()
         await self._replies.aclose()
@@ -183,8 +207,12 @@ class RpcClient:
         *,
         priority: int = Priority.NORMAL,
         timeout_s: float | _Default = DEFAULT,
+        idempotent: bool = False,
     ) -> AgentResponse:
         """Call ``agent.action(payload)`` and return its reply, or an error reply.
+
+        ``idempotent=True``: if the connection dies before the reply, send the request
+        again once it is back (within the deadline) instead of failing the call.
 
         Raises:
             LifecycleError: the client is not started, or closed.
@@ -194,11 +222,11 @@ class RpcClient:
         """
         metrics = self._metrics
         if metrics is None:
-            return await self._send(agent, action, payload, priority, timeout_s)
+            return await self._send(agent, action, payload, priority, timeout_s, idempotent)
         started = time.perf_counter()
         metrics.rpc_pending.inc()
         try:
-            response = await self._send(agent, action, payload, priority, timeout_s)
+            response = await self._send(agent, action, payload, priority, timeout_s, idempotent)
         finally:
             metrics.rpc_pending.dec()
         outcome = "ok" if response.error is None else code_label(response.error.code)
@@ -207,8 +235,8 @@ class RpcClient:
             agent, action = "other", "other"
         elif outcome == ErrorCode.UNKNOWN_ACTION:
             action = "other"
-        metrics.rpc_calls.labels(agent, action, outcome).inc()
-        metrics.rpc_duration.labels(agent, action).observe(time.perf_counter() - started)
+        metrics.child(metrics.rpc_calls, agent, action, outcome).inc()
+        metrics.child(metrics.rpc_duration, agent, action).observe(time.perf_counter() - started)
         return response
 
     async def _send(
@@ -218,40 +246,67 @@ class RpcClient:
         payload: Payload,
         priority: int,
         timeout_s: float | _Default,
+        idempotent: bool,
     ) -> AgentResponse:
         timeout = self._timeout(timeout_s)
         correlation_id = self._ids.next()
         envelope = self._request(
             agent, action, payload, priority, timeout, correlation_id, self._replies.name
         )
-        if self._lost is not None:
-            return _failure(
-                ErrorCode.CONNECTION_LOST, "the broker connection is lost", correlation_id
-            )
         loop = asyncio.get_running_loop()
-        future: asyncio.Future[Envelope | AgentResponse | None] = loop.create_future()
-        self._replies.expect(correlation_id, future)
-        self._deadlines.arm(loop.time() + timeout, correlation_id)
+        deadline = loop.time() + timeout
+        if self._lost is not None:
+            lost = await self._await_restored(deadline, correlation_id)
+            if lost is not None:
+                return lost
+            envelope.reply_to = self._replies.name
+        # A pending call keeps only its future (memory per pending call), unless it
+        # may have to be sent again.
+        resend = envelope if idempotent else None
+        if idempotent:
+            self._idempotent.add(correlation_id)
+        self._deadlines.arm(deadline, correlation_id)
         try:
-            try:
-                await self._transport.publish(
-                    envelope, mandatory=True, timeout_s=min(self._publish_timeout_s, timeout)
-                )
-            except (UnroutableError, QueueNotFoundError):
-                return _failure(
-                    ErrorCode.NO_ROUTE, f"no agent {agent!r} is being served", correlation_id
-                )
-            except PublishTimeoutError as exc:
-                return _failure(ErrorCode.TIMEOUT, str(exc), correlation_id)
-            except PublishRejectedError as exc:
-                return _failure(ErrorCode.REJECTED, str(exc), correlation_id)
-            except BrokerUnavailableError as exc:
-                return _failure(ErrorCode.CONNECTION_LOST, str(exc), correlation_id)
-            del envelope  # a pending call keeps only its future (memory per pending call)
-            reply = await future
+            while True:
+                future: asyncio.Future[Envelope | AgentResponse | _Lost | None]
+                future = loop.create_future()
+                self._replies.expect(correlation_id, future)
+                try:
+                    await self._transport.publish(
+                        envelope,
+                        mandatory=True,
+                        timeout_s=min(self._publish_timeout_s, deadline - loop.time()),
+                    )
+                except (UnroutableError, QueueNotFoundError):
+                    return _failure(
+                        ErrorCode.NO_ROUTE, f"no agent {agent!r} is being served", correlation_id
+                    )
+                except PublishTimeoutError as exc:
+                    return _failure(ErrorCode.TIMEOUT, str(exc), correlation_id)
+                except PublishRejectedError as exc:
+                    return _failure(ErrorCode.REJECTED, str(exc), correlation_id)
+                except BrokerUnavailableError as exc:
+                    if resend is None:
+                        return _failure(ErrorCode.CONNECTION_LOST, str(exc), correlation_id)
+                    future = loop.create_future()
+                    future.set_result(_RESEND)
+                del envelope
+                reply = await future
+                if reply is not _RESEND or resend is None:
+                    break
+                # The link died before the reply: send it again once it is back.
+                lost = await self._await_restored(deadline, correlation_id)
+                if lost is not None:
+                    return lost
+                envelope = resend
+                envelope.reply_to = self._replies.name
+                envelope.expiration_ms = max(1, int((deadline - loop.time()) * 1000))
+                self.resent += 1
         finally:
             # Also on cancellation: a late reply then finds nothing and is dropped.
             self._replies.forget(correlation_id)
+            if idempotent:
+                self._idempotent.discard(correlation_id)
         if reply is None:  # the deadline sweeper's verdict
             return _failure(
                 ErrorCode.TIMEOUT,
@@ -260,7 +315,28 @@ class RpcClient:
             )
         if isinstance(reply, AgentResponse):  # failed locally: connection lost, closing
             return reply
+        if reply is _RESEND:  # not reached: only idempotent calls get it, and they loop
+            return _failure(ErrorCode.CONNECTION_LOST, "the connection was lost", correlation_id)
         return decode_reply(reply)
+
+    async def _await_restored(self, deadline: float, correlation_id: str) -> AgentResponse | None:
+        """Wait for the reply queue to be back after a lost connection, within the
+        publish timeout and the call's deadline; ``None`` when it is back."""
+        loop = asyncio.get_running_loop()
+        bound = min(self._publish_timeout_s, deadline - loop.time())
+        if bound > 0:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(bound):
+                    await self._restored.wait()
+        if self._state is not _State.STARTED:
+            return _failure(ErrorCode.SHUTTING_DOWN, "the RPC client is closing", correlation_id)
+        if self._lost is None:
+            return None
+        return _failure(
+            ErrorCode.CONNECTION_LOST,
+            f"the broker connection is lost and was not restored within {max(bound, 0):g}s",
+            correlation_id,
+        )
 
     async def call(
         self,
@@ -270,6 +346,7 @@ class RpcClient:
         *,
         priority: int = Priority.NORMAL,
         timeout_s: float | _Default = DEFAULT,
+        idempotent: bool = False,
     ) -> Any:
         """Like :meth:`send`, but return the reply's data or raise its error.
 
@@ -277,7 +354,9 @@ class RpcClient:
             AgentError: the matching subclass for the reply's error code
                 (``NotFoundError``, ``ActionTimeoutError``, ``NoRouteError``...).
         """
-        response = await self.send(agent, action, payload, priority=priority, timeout_s=timeout_s)
+        response = await self.send(
+            agent, action, payload, priority=priority, timeout_s=timeout_s, idempotent=idempotent
+        )
         if response.error is not None:
             raise AgentError.from_info(response.error)
         return response.data
@@ -325,6 +404,7 @@ class RpcClient:
                     request.payload,
                     priority=request.priority,
                     timeout_s=DEFAULT if request.timeout_s is None else request.timeout_s,
+                    idempotent=request.idempotent,
                 )
 
         async with asyncio.TaskGroup() as group:
@@ -374,12 +454,25 @@ class RpcClient:
 
     def _on_connection_lost(self, reason: BaseException | None) -> None:
         self._lost = reason or BrokerUnavailableError("connection closed")
+        self._restored.clear()
         self._fail_pending(ErrorCode.CONNECTION_LOST, "the broker connection was lost")
 
+    async def _on_connection_restored(self) -> None:
+        if self._state is not _State.STARTED:
+            return
+        await self._replies.restart()
+        self._lost = None
+        self._restored.set()
+        log.info("RPC client restored: replies now arrive on %s", self._replies.name)
+
     def _fail_pending(self, code: ErrorCode, message: str) -> None:
+        resend = code is ErrorCode.CONNECTION_LOST
         for correlation_id, waiter in self._replies.drain().items():
             if isinstance(waiter, asyncio.Future) and not waiter.done():
-                waiter.set_result(_failure(code, message, correlation_id))
+                if resend and correlation_id in self._idempotent:
+                    waiter.set_result(_RESEND)
+                else:
+                    waiter.set_result(_failure(code, message, correlation_id))
 
 
 class _Deadlines:

@@ -63,6 +63,11 @@ class Supervisor:
         return self.worker is not None and self.worker.is_ready
 
     @property
+    def is_blocked(self) -> bool:
+        """The broker blocks the current worker's publishing (a resource alarm)."""
+        return self.worker is not None and self.worker.is_blocked
+
+    @property
     def consumers_lost(self) -> bool:
         """The current worker runs without its consumers (liveness should fail)."""
         return self.worker is not None and self.worker.consumers_lost

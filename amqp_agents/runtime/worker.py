@@ -167,22 +167,31 @@ class Worker:
 
     @property
     def is_ready(self) -> bool:
-        """Connected and consuming every agent queue (the readiness probe)."""
-        return (
-            self._state is _State.RUNNING
-            and self._transport.is_connected
-            and len(self._consumers) == len(self._agents)
-            and self.events.consumers == self._event_queues
-        )
+        """Consuming every queue, and the broker takes our publishes (readiness)."""
+        return self._consuming() and not self._transport.is_blocked
+
+    @property
+    def is_blocked(self) -> bool:
+        """The broker blocks publishing (a resource alarm): replies and retries wait."""
+        return self._transport.is_blocked
 
     @property
     def consumers_lost(self) -> bool:
         """Running, yet not consuming everything: the link or a consumer died.
 
         The failure mode of reconnecting clients that come back with no consumers;
-        liveness fails on it so the process gets restarted.
+        liveness fails on it so the process gets restarted. (A blocked connection is
+        not: it is the broker's alarm, and restarting would not clear it.)
         """
-        return self._started and self._state is _State.RUNNING and not self.is_ready
+        return self._started and self._state is _State.RUNNING and not self._consuming()
+
+    def _consuming(self) -> bool:
+        return (
+            self._state is _State.RUNNING
+            and self._transport.is_connected
+            and len(self._consumers) == len(self._agents)
+            and self.events.consumers == self._event_queues
+        )
 
     @property
     def in_flight(self) -> int:
@@ -199,6 +208,8 @@ class Worker:
         self._transport.on_connection_lost(self._on_connection_lost)
         if self._metrics is not None:
             self._metrics.concurrency_limit.set(self._settings.concurrency)
+            transport = self._transport
+            self._metrics.connection_blocked.set_function(lambda: float(transport.is_blocked))
         try:
             topology = self._topology
             await self._transport.declare_exchange(topology.requests_exchange, ExchangeKind.DIRECT)
@@ -327,7 +338,7 @@ class Worker:
             await self._process(agent, delivery)
 
         metrics = self._metrics
-        received = None if metrics is None else metrics.messages_received.labels(agent.name)
+        received = None if metrics is None else metrics.child(metrics.messages_received, agent.name)
 
         async def on_delivery(delivery: Delivery) -> None:
             if received is not None:
@@ -384,7 +395,9 @@ class Worker:
     def _count(self, agent: Agent, action: str | None, outcome: MetricOutcome) -> None:
         if self._metrics is not None:
             label = _action_label(agent, action)
-            self._metrics.messages_handled.labels(agent.name, label, outcome.value).inc()
+            self._metrics.child(
+                self._metrics.messages_handled, agent.name, label, outcome.value
+            ).inc()
 
     async def _requeue(self, delivery: Delivery) -> None:
         self.stats.requeued += 1
@@ -445,11 +458,11 @@ class Worker:
         )
         if self._metrics is not None:
             action = _action_label(agent, message.action)
-            self._metrics.handler_duration.labels(agent.name, action).observe(
+            self._metrics.child(self._metrics.handler_duration, agent.name, action).observe(
                 time.perf_counter() - started
             )
             if outcome.response.code == ErrorCode.TIMEOUT:
-                self._metrics.handler_timeouts.labels(agent.name, action).inc()
+                self._metrics.child(self._metrics.handler_timeouts, agent.name, action).inc()
         if not outcome.retryable:
             crashed = outcome.response.code == ErrorCode.INTERNAL_ERROR
             await self._fail(agent, delivery, outcome.response, attempt, dead_letter=crashed)
@@ -485,10 +498,14 @@ class Worker:
             action = _action_label(agent, envelope.type)
             error = response.error
             if error is None:
-                self._metrics.messages_handled.labels(agent.name, action, "ok").inc()
+                self._metrics.child(self._metrics.messages_handled, agent.name, action, "ok").inc()
             else:
-                self._metrics.messages_handled.labels(agent.name, action, "error").inc()
-                self._metrics.error_replies.labels(agent.name, action, code_label(error.code)).inc()
+                self._metrics.child(
+                    self._metrics.messages_handled, agent.name, action, "error"
+                ).inc()
+                self._metrics.child(
+                    self._metrics.error_replies, agent.name, action, code_label(error.code)
+                ).inc()
         return True
 
     async def _fail(
@@ -520,7 +537,9 @@ class Worker:
                 return
             self.stats.dead_lettered += 1
             if self._metrics is not None:
-                self._metrics.dead_letters.labels(agent.name, code_label(error.code)).inc()
+                self._metrics.child(
+                    self._metrics.dead_letters, agent.name, code_label(error.code)
+                ).inc()
             log.warning(
                 "dead-lettered %s.%s after %d attempt(s): %s %s (correlation id %s)",
                 agent.name,
@@ -548,8 +567,8 @@ class Worker:
         self.stats.retried += 1
         if self._metrics is not None:
             action = _action_label(agent, delivery.envelope.type)
-            self._metrics.retries.labels(agent.name, action).inc()
-            self._metrics.messages_handled.labels(agent.name, action, "retried").inc()
+            self._metrics.child(self._metrics.retries, agent.name, action).inc()
+            self._metrics.child(self._metrics.messages_handled, agent.name, action, "retried").inc()
         log.info(
             "retrying %s.%s in %d ms (attempt %d, correlation id %s)",
             agent.name,

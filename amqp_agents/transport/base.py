@@ -15,7 +15,13 @@ Guarantees every implementation gives (checked by the shared tests):
   unsettled deliveries are requeued by the broker when the consumer's channel closes.
   Settling on a channel that has since died is a no-op (the broker redelivers anyway).
 * **Loss of the connection** cancels every consumer and is reported once to the
-  callbacks registered with :meth:`Transport.on_connection_lost`.
+  callbacks registered with :meth:`Transport.on_connection_lost`. A transport that
+  reconnects by itself then awaits the :meth:`Transport.on_connection_restored`
+  callbacks (owners re-declare and re-consume) before publishes flow again; a publish
+  made meanwhile waits within its timeout, then raises ``BrokerUnavailableError``.
+* **Flow control**: while the broker blocks publishing (a resource alarm),
+  :attr:`Transport.is_blocked` is true and publishes wait within their timeout, then
+  raise ``PublishTimeoutError`` saying the message was not sent.
 
 Raises (only from :mod:`amqp_agents.errors`): ``BrokerUnavailableError`` (also for
 any operation after the connection was lost), ``PublishTimeoutError``,
@@ -125,6 +131,11 @@ class Transport(Protocol):
         """True while the connection is open."""
         ...
 
+    @property
+    def is_blocked(self) -> bool:
+        """True while the broker blocks publishing (memory or disk alarm)."""
+        ...
+
     async def connect(self) -> None:
         """Open the connection; raises ``BrokerUnavailableError`` within the timeout."""
         ...
@@ -135,6 +146,11 @@ class Transport(Protocol):
 
     def on_connection_lost(self, callback: Callable[[BaseException | None], None]) -> None:
         """Call ``callback(reason)`` once when the connection dies (not on ``aclose``)."""
+        ...
+
+    def on_connection_restored(self, callback: Callable[[], Awaitable[None]]) -> None:
+        """Await ``callback()`` after the transport reconnected by itself, before
+        publishes resume. A callback that raises makes the transport reconnect again."""
         ...
 
     async def declare_exchange(

@@ -45,6 +45,7 @@ from amqp_agents.errors import (
     AccessRefusedError,
     BrokerUnavailableError,
     LifecycleError,
+    PublishTimeoutError,
     QueueNotFoundError,
     ResourceLockedError,
     TopologyMismatchError,
@@ -61,7 +62,7 @@ from amqp_agents.transport.base import (
 )
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Awaitable, Callable
 
     from amqp_agents.models.envelope import HeaderValue
 
@@ -635,6 +636,12 @@ class InMemoryTransport:
         self._state = _State.NEW
         self._consumers: list[_Consumer] = []
         self._lost_callbacks: list[Callable[[BaseException | None], None]] = []
+        self._restored_callbacks: list[Callable[[], Awaitable[None]]] = []
+        self._usable = asyncio.Event()
+        self._coming_back = False
+        self._blocked = False
+        self.reconnects = 0
+        """Connections re-established after a loss (:meth:`simulate_reconnect`)."""
 
     def __repr__(self) -> str:
         return f"<InMemoryTransport {self._state.value}>"
@@ -643,16 +650,22 @@ class InMemoryTransport:
     def is_connected(self) -> bool:
         return self._state is _State.CONNECTED
 
+    @property
+    def is_blocked(self) -> bool:
+        return self._blocked
+
     async def connect(self) -> None:
         if self._state is not _State.NEW:
             raise LifecycleError(f"transport is {self._state.value}; connect() runs once")
         self._state = _State.CONNECTED
+        self._usable.set()
 
     async def aclose(self) -> None:
         if self._state is _State.CLOSED:
             return
         was_connected = self._state is _State.CONNECTED
         self._state = _State.CLOSED
+        self._usable.set()  # wake waiting publishes: they fail at once
         if was_connected:
             self._drop_connection()
 
@@ -666,22 +679,54 @@ class InMemoryTransport:
     def on_connection_lost(self, callback: Callable[[BaseException | None], None]) -> None:
         self._lost_callbacks.append(callback)
 
-    def simulate_connection_loss(self, reason: BaseException | None = None) -> None:
+    def on_connection_restored(self, callback: Callable[[], Awaitable[None]]) -> None:
+        self._restored_callbacks.append(callback)
+
+    def simulate_connection_loss(
+        self, reason: BaseException | None = None, *, will_reconnect: bool = False
+    ) -> None:
         """Drop this connection like a cut TCP link (for fault-injection tests).
 
         Its consumers vanish, their unacked deliveries return to their queues as
         redelivered, its exclusive queues are deleted, and the connection-lost
-        callbacks run once. Every later operation raises ``BrokerUnavailableError``.
+        callbacks run once. Other operations then raise ``BrokerUnavailableError``;
+        publishes do too, unless ``will_reconnect`` says a :meth:`simulate_reconnect`
+        is coming: then they wait for it within their timeout (as a reconnecting
+        RabbitMQ transport does).
         """
         if self._state is not _State.CONNECTED:
             return
         self._state = _State.LOST
+        self._coming_back = will_reconnect
+        self._usable.clear()
         self._drop_connection()
         for callback in list(self._lost_callbacks):
             try:
                 callback(reason)
             except Exception:
                 log.exception("connection-lost callback failed")
+
+    async def simulate_reconnect(self) -> None:
+        """Come back after :meth:`simulate_connection_loss`: the restored callbacks run
+        (owners re-declare and re-consume), then waiting publishes go on."""
+        if self._state is not _State.LOST:
+            raise LifecycleError(f"transport is {self._state.value}, not lost")
+        self._state = _State.CONNECTED
+        for callback in list(self._restored_callbacks):
+            try:
+                await callback()
+            except Exception:
+                log.exception("restoring after a reconnect failed")
+        self.reconnects += 1
+        self._usable.set()
+
+    def simulate_blocked(self, blocked: bool) -> None:
+        """Start or end a broker resource alarm: publishes wait while blocked."""
+        self._blocked = blocked
+        if blocked:
+            self._usable.clear()
+        elif self._state is _State.CONNECTED:
+            self._usable.set()
 
     def _drop_connection(self) -> None:
         consumers, self._consumers = self._consumers, []
@@ -735,9 +780,30 @@ class InMemoryTransport:
         confirm: bool = True,
         timeout_s: float,
     ) -> None:
+        if not self._usable.is_set():
+            await self._wait_usable(timeout_s)
         self._require_connected()
         # Like the RabbitMQ transport, a return is only reported on confirmed publishes.
         self.broker._publish(envelope, mandatory=mandatory and confirm, confirm=confirm)
+
+    async def _wait_usable(self, timeout_s: float) -> None:
+        if self._state is _State.LOST and not self._coming_back:
+            raise BrokerUnavailableError("the broker connection is lost")
+        if self._state is not _State.LOST and not self._blocked:
+            return
+        try:
+            async with asyncio.timeout(timeout_s):
+                await self._usable.wait()
+        except TimeoutError:
+            if self._blocked:
+                raise PublishTimeoutError(
+                    "the broker blocks publishing (resource alarm: memory or disk) and did"
+                    f" not unblock within {timeout_s:g}s; the message was not sent"
+                ) from None
+            raise BrokerUnavailableError(
+                f"the broker connection is lost and was not restored within {timeout_s:g}s;"
+                " the message was not sent"
+            ) from None
 
     async def consume(
         self,

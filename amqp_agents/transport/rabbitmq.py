@@ -6,10 +6,12 @@ publishes wait (with a bound). aio-pika manages connections and channels; the ho
 path (publish, deliver, ack) talks to the underlying aiormq channel directly so that
 no per-message wrapper objects are built.
 
-Reconnecting is not done here: when a connection dies, every consumer is gone, the
-callbacks registered with :meth:`RabbitTransport.on_connection_lost` run once, and
-the owner decides (the RPC client fails its pending calls; the worker exits so its
-supervisor restarts it).
+When a connection dies, every consumer is gone and the callbacks registered with
+:meth:`RabbitTransport.on_connection_lost` run once (the RPC client fails its pending
+calls). Then, unless ``reconnect`` is off, the transport reconnects by itself and the
+:meth:`RabbitTransport.on_connection_restored` callbacks re-declare and re-consume
+(the RPC client's reply queue, the event bus's subscriptions). A worker's supervisor
+turns ``reconnect`` off and rebuilds the whole worker instead.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
+import ssl
 from datetime import UTC, datetime
 from enum import Enum
 from typing import TYPE_CHECKING, Any, Self
@@ -47,10 +51,10 @@ from amqp_agents.transport.base import (
     QueueInfo,
     QueueSpec,
 )
+from amqp_agents.transport.tls import client_context
 
 if TYPE_CHECKING:
-    import ssl
-    from collections.abc import Callable
+    from collections.abc import Awaitable, Callable
 
     from aio_pika.abc import AbstractChannel, AbstractConnection
 
@@ -113,6 +117,9 @@ class _RabbitDelivery:
                 await channel.basic_nack(self._tag, requeue=requeue, wait=False)
             else:
                 await channel.basic_reject(self._tag, requeue=False, wait=False)
+        except asyncio.CancelledError as exc:
+            _stray(exc)
+            log.debug("dropping %s of tag %d: its connection closed", how, self._tag)
         except _LINK_ERRORS as exc:
             log.debug("dropping %s of tag %d: %s", how, self._tag, exc)
 
@@ -193,6 +200,38 @@ def _to_envelope(message: aiormq.abc.DeliveredMessage) -> Envelope:
     )
 
 
+def _stray(exc: asyncio.CancelledError) -> BrokerUnavailableError:
+    """Re-raise a real cancellation; turn a stray one into a link error.
+
+    When a connection dies, aiormq cancels the futures of everything pending on it
+    (confirms, RPC frames). That CancelledError reaches callers whose task nobody
+    cancelled: passed on, it would end their task silently (a TaskGroup even ignores
+    a child that ends cancelled), and a caller would vanish instead of getting an error.
+    """
+    task = asyncio.current_task()
+    if task is None or task.cancelling():
+        raise exc
+    return BrokerUnavailableError("the broker connection closed during the operation")
+
+
+def _is_tls(settings: ConnectionSettings) -> bool:
+    return settings.url.get_secret_value().lower().startswith("amqps://")
+
+
+def _underlay(connection: AbstractConnection | None) -> aiormq.abc.AbstractConnection | None:
+    return getattr(getattr(connection, "transport", None), "connection", None)
+
+
+def _blocked(connection: AbstractConnection | None) -> bool:
+    """Whether the broker sent ``connection.blocked`` (and no unblock yet).
+
+    aiormq tracks it (its writer and ``ready()`` honour it) but exposes no flag; read
+    its event, and treat a future aiormq without it as never blocked.
+    """
+    unblocked = getattr(_underlay(connection), "_Connection__connection_unblocked", None)
+    return isinstance(unblocked, asyncio.Event) and not unblocked.is_set()
+
+
 def _topology_error(what: str, exc: BaseException) -> TransportError:
     reason = str(exc)
     if isinstance(exc, aiormq.exceptions.ChannelPreconditionFailed):
@@ -215,7 +254,14 @@ def _topology_error(what: str, exc: BaseException) -> TransportError:
 
 
 class RabbitTransport:
-    """:class:`~amqp_agents.transport.base.Transport` on a real RabbitMQ broker."""
+    """:class:`~amqp_agents.transport.base.Transport` on a real RabbitMQ broker.
+
+    With ``settings.reconnect`` (the default), a lost connection is re-opened in the
+    background with exponential backoff and full jitter; then the callbacks registered
+    with :meth:`on_connection_restored` run (owners re-declare their queues and
+    re-consume), and only then do publishes flow again. A publish made while the link
+    is down waits for it, within its own timeout, then fails clearly.
+    """
 
     def __init__(
         self,
@@ -225,6 +271,8 @@ class RabbitTransport:
     ) -> None:
         self._settings = settings or ConnectionSettings()
         self._ssl_context = ssl_context
+        if self._ssl_context is None and _is_tls(self._settings):
+            self._ssl_context = client_context(self._settings.tls)
         self._state = _State.NEW
         self._pub_conn: AbstractConnection | None = None
         self._sub_conn: AbstractConnection | None = None
@@ -235,8 +283,15 @@ class RabbitTransport:
         self._confirm_underlay: aiormq.abc.AbstractChannel | None = None
         self._plain_underlay: aiormq.abc.AbstractChannel | None = None
         self._lost_callbacks: list[Callable[[BaseException | None], None]] = []
+        self._restored_callbacks: list[Callable[[], Awaitable[None]]] = []
         self._lost_reported = False
+        self._usable = asyncio.Event()
+        """Set while publishes may flow: connected, and restored after a loss."""
+        self._reconnector: asyncio.Task[None] | None = None
         self._channel_lock = asyncio.Lock()
+        self._blocked_logged = False
+        self.reconnects = 0
+        """Connections re-established after a loss."""
 
     @property
     def settings(self) -> ConnectionSettings:
@@ -256,6 +311,18 @@ class RabbitTransport:
             and not self._sub_conn.is_closed
         )
 
+    @property
+    def is_blocked(self) -> bool:
+        """The broker has blocked publishing (a memory or disk alarm)."""
+        blocked = self._state is _State.CONNECTED and _blocked(self._pub_conn)
+        if blocked != self._blocked_logged:
+            self._blocked_logged = blocked
+            if blocked:
+                log.warning("the broker blocked publishing (resource alarm: memory or disk)")
+            else:
+                log.info("the broker unblocked publishing")
+        return blocked
+
     def __repr__(self) -> str:
         url = redact_url(self._settings.url.get_secret_value())
         return f"<RabbitTransport {url} {self._state.value}>"
@@ -267,12 +334,16 @@ class RabbitTransport:
             raise LifecycleError(f"transport is {self._state.value}; connect() runs once")
         self._state = _State.CONNECTED
         try:
-            self._sub_conn = await self._open("consume")
-            self._pub_conn = await self._open("publish")
-            self._control = await self._sub_conn.channel(publisher_confirms=False)
+            await self._open_both()
         except BaseException:
             await self.aclose()
             raise
+        self._usable.set()
+
+    async def _open_both(self) -> None:
+        self._sub_conn = await self._open("consume")
+        self._pub_conn = await self._open("publish")
+        self._control = await self._sub_conn.channel(publisher_confirms=False)
 
     async def _open(self, role: str) -> AbstractConnection:
         s = self._settings
@@ -290,9 +361,18 @@ class RabbitTransport:
             raise AccessRefusedError(
                 f"cannot connect to {redact_url(url)}: authentication failed"
             ) from None
+        except asyncio.CancelledError as exc:
+            raise _stray(exc) from None
         except (TimeoutError, aiormq.exceptions.AMQPError, *_LINK_ERRORS) as exc:
             # Never echo the URL: aiormq's messages can include it with the password.
             name = type(exc).__name__
+            tls_error = exc if isinstance(exc, ssl.SSLError) else exc.__cause__
+            if isinstance(tls_error, ssl.SSLError):
+                raise BrokerUnavailableError(
+                    f"cannot connect to {redact_url(url)}: the TLS handshake failed"
+                    f" ({tls_error.reason or type(tls_error).__name__}); check tls.ca_file,"
+                    " the broker's certificate and its host name"
+                ) from None
             if isinstance(exc, aiormq.exceptions.AMQPConnectionError | OSError):
                 raise BrokerUnavailableError(
                     f"cannot connect to {redact_url(url)}: {name} (is the broker running"
@@ -309,28 +389,93 @@ class RabbitTransport:
         connection.close_callbacks.add(self._on_close)
         return connection
 
-    def _on_close(self, _sender: object, exc: BaseException | None = None) -> None:
+    def _on_close(self, sender: object, exc: BaseException | None = None) -> None:
         if self._state is _State.CLOSED or self._lost_reported:
             return
+        if sender not in (self._pub_conn, self._sub_conn):
+            return  # a connection already replaced by a reconnect
         self._lost_reported = True
+        self._usable.clear()
         log.warning("broker connection lost: %s", type(exc).__name__ if exc else "closed")
         for callback in list(self._lost_callbacks):
             try:
                 callback(exc)
             except Exception:
                 log.exception("connection-lost callback failed")
+        if self._settings.reconnect and (self._reconnector is None or self._reconnector.done()):
+            self._reconnector = asyncio.get_running_loop().create_task(
+                self._reconnect(), name="amqp-agents-reconnect"
+            )
 
     def on_connection_lost(self, callback: Callable[[BaseException | None], None]) -> None:
         self._lost_callbacks.append(callback)
+
+    def on_connection_restored(self, callback: Callable[[], Awaitable[None]]) -> None:
+        self._restored_callbacks.append(callback)
+
+    async def _reconnect(self) -> None:
+        """Re-open both connections until it works, then let owners restore their state."""
+        s = self._settings
+        failures = 0
+        while self._open_for_use():
+            await self._close_connections()  # the survivor too: every consumer restarts
+            failures += 1
+            ceiling = min(s.reconnect_max_s, s.reconnect_initial_s * 2 ** (failures - 1))
+            await asyncio.sleep(random.uniform(0, ceiling))  # noqa: S311  # jitter
+            if not self._open_for_use():
+                return
+            try:
+                await self._open_both()
+            except (BrokerUnavailableError, AccessRefusedError) as exc:
+                log.warning("reconnect attempt %d failed: %s", failures, exc)
+                continue
+            self._forget_channels()
+            self._lost_reported = False
+            for callback in list(self._restored_callbacks):
+                try:
+                    await callback()
+                except Exception:
+                    log.exception("restoring after a reconnect failed")
+                    self._lost_reported = True
+                    break
+            if self._lost_reported or not self.is_connected:
+                self._lost_reported = True
+                continue  # lost again while restoring: start over
+            self.reconnects += 1
+            log.info("reconnected to the broker after %d attempt(s)", failures)
+            self._usable.set()
+            return
+
+    def _open_for_use(self) -> bool:
+        """Connected once and not closed by its owner (a method: the state changes
+        across awaits, which type narrowing would not see)."""
+        return self._state is _State.CONNECTED
+
+    def _forget_channels(self) -> None:
+        self._probe = None
+        self._confirm_channel = self._plain_channel = None
+        self._confirm_underlay = self._plain_underlay = None
+
+    async def _close_connections(self) -> None:
+        connections = (self._sub_conn, self._pub_conn)
+        self._sub_conn = self._pub_conn = self._control = None
+        self._forget_channels()
+        for connection in connections:
+            if connection is not None and not connection.is_closed:
+                with contextlib.suppress(*_LINK_ERRORS, TimeoutError, aiormq.exceptions.AMQPError):
+                    await asyncio.wait_for(connection.close(), timeout=5)
 
     async def aclose(self) -> None:
         if self._state is _State.CLOSED:
             return
         self._state = _State.CLOSED
-        for connection in (self._sub_conn, self._pub_conn):
-            if connection is not None and not connection.is_closed:
-                with contextlib.suppress(*_LINK_ERRORS, TimeoutError):
-                    await asyncio.wait_for(connection.close(), timeout=5)
+        self._usable.set()  # wake publishes waiting for a reconnect: they fail at once
+        reconnector, self._reconnector = self._reconnector, None
+        if reconnector is not None and reconnector is not asyncio.current_task():
+            reconnector.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await reconnector
+        await self._close_connections()
 
     async def __aenter__(self) -> Self:
         await self.connect()
@@ -364,6 +509,8 @@ class RabbitTransport:
             await channel.declare_exchange(
                 name, aio_pika.ExchangeType(kind.value), durable=durable, timeout=10
             )
+        except asyncio.CancelledError as exc:
+            raise _stray(exc) from None
         except (TimeoutError, aiormq.exceptions.AMQPError, *_LINK_ERRORS) as exc:
             raise _topology_error(f"exchange {name!r}", exc) from None
 
@@ -378,6 +525,8 @@ class RabbitTransport:
                 arguments=dict(spec_.arguments) or None,
                 timeout=10,
             )
+        except asyncio.CancelledError as exc:
+            raise _stray(exc) from None
         except (TimeoutError, aiormq.exceptions.AMQPError, *_LINK_ERRORS) as exc:
             raise _topology_error(f"queue {spec_.name!r}", exc) from None
         return queue.name
@@ -387,6 +536,8 @@ class RabbitTransport:
         try:
             underlay = await channel.get_underlay_channel()
             await underlay.queue_bind(queue, exchange, routing_key=routing_key, timeout=10)
+        except asyncio.CancelledError as exc:
+            raise _stray(exc) from None
         except (TimeoutError, aiormq.exceptions.AMQPError, *_LINK_ERRORS) as exc:
             raise _topology_error(f"binding of {queue!r} to {exchange!r}", exc) from None
 
@@ -395,6 +546,8 @@ class RabbitTransport:
         try:
             underlay = await channel.get_underlay_channel()
             await underlay.queue_unbind(queue, exchange, routing_key=routing_key, timeout=10)
+        except asyncio.CancelledError as exc:
+            raise _stray(exc) from None
         except (TimeoutError, aiormq.exceptions.AMQPError, *_LINK_ERRORS) as exc:
             raise _topology_error(f"binding of {queue!r} to {exchange!r}", exc) from None
 
@@ -410,6 +563,8 @@ class RabbitTransport:
                 channel = self._probe
             underlay = await channel.get_underlay_channel()
             ok = await underlay.queue_declare(queue, passive=True, timeout=10)
+        except asyncio.CancelledError as exc:
+            raise _stray(exc) from None
         except (TimeoutError, aiormq.exceptions.AMQPError, *_LINK_ERRORS) as exc:
             raise _topology_error(f"queue {queue!r}", exc) from None
         return QueueInfo(
@@ -460,10 +615,25 @@ class RabbitTransport:
     ) -> None:
         if self._state is not _State.CONNECTED:
             raise LifecycleError(f"transport is {self._state.value}, not connected")
-        if self._lost_reported:
-            raise BrokerUnavailableError("the broker connection is lost")
+        waiting_for = ""
         try:
             async with asyncio.timeout(timeout_s):
+                if not self._usable.is_set():
+                    if not self._settings.reconnect:
+                        raise BrokerUnavailableError("the broker connection is lost")
+                    waiting_for = "link"
+                    await self._usable.wait()
+                    if self._state is not _State.CONNECTED:
+                        raise LifecycleError("transport closed while waiting to reconnect")
+                if _blocked(self._pub_conn):
+                    # Waiting here, not after writing, keeps the outcome certain: a
+                    # publish that times out while blocked was never sent.
+                    waiting_for = "unblock"
+                    self.is_blocked  # noqa: B018  # logs the change of state
+                    underlay = _underlay(self._pub_conn)
+                    if underlay is not None:
+                        await underlay.ready()
+                waiting_for = ""
                 channel = await self._publish_channel(confirm)
                 await channel.basic_publish(
                     envelope.body,
@@ -477,12 +647,24 @@ class RabbitTransport:
         except aiormq.exceptions.DeliveryError as exc:
             raise PublishRejectedError(f"the broker refused the message: {exc.frame}") from None
         except TimeoutError:
+            if waiting_for == "link":
+                raise BrokerUnavailableError(
+                    f"the broker connection is lost and was not restored within {timeout_s:g}s;"
+                    " the message was not sent"
+                ) from None
+            if waiting_for == "unblock":
+                raise PublishTimeoutError(
+                    "the broker blocks publishing (resource alarm: memory or disk) and did"
+                    f" not unblock within {timeout_s:g}s; the message was not sent"
+                ) from None
             raise PublishTimeoutError(
                 f"no confirm from the broker within {timeout_s:g}s; the message may or may"
                 " not have been enqueued"
             ) from None
         except aiormq.exceptions.ChannelNotFoundEntity as exc:
             raise QueueNotFoundError(f"cannot publish: {exc}") from None
+        except asyncio.CancelledError as exc:
+            raise _stray(exc) from None
         except (aiormq.exceptions.AMQPError, *_LINK_ERRORS) as exc:
             raise BrokerUnavailableError(f"publish failed: {type(exc).__name__}: {exc}") from None
 
@@ -503,6 +685,8 @@ class RabbitTransport:
             underlay = await channel.get_underlay_channel()
             if not no_ack:
                 await underlay.basic_qos(prefetch_count=prefetch, timeout=10)
+        except asyncio.CancelledError as exc:
+            raise _stray(exc) from None
         except (TimeoutError, aiormq.exceptions.AMQPError, *_LINK_ERRORS) as exc:
             raise _topology_error(f"consumer channel for {queue!r}", exc) from None
 
@@ -519,6 +703,8 @@ class RabbitTransport:
 
         try:
             ok = await underlay.basic_consume(queue, on_message, no_ack=no_ack, timeout=10)
+        except asyncio.CancelledError as exc:
+            raise _stray(exc) from None
         except (TimeoutError, aiormq.exceptions.AMQPError, *_LINK_ERRORS) as exc:
             with contextlib.suppress(*_LINK_ERRORS, TimeoutError):
                 await channel.close()

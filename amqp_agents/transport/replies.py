@@ -59,6 +59,17 @@ class ReplyQueue:
             self._name, self._on_reply, prefetch=0, no_ack=True
         )
 
+    async def restart(self) -> None:
+        """After a reconnect: a new queue (the old one died with its connection).
+
+        Registrations stay; replies sent to the old name are lost, which is why the
+        RPC client fails (or re-sends) its pending calls when the link dies.
+        """
+        old, self._consumer = self._consumer, None
+        if old is not None:
+            await old.close()  # a no-op on a dead channel; frees it otherwise
+        await self.start()
+
     async def aclose(self) -> None:
         """Stop consuming (the broker deletes the queue). Idempotent."""
         consumer, self._consumer = self._consumer, None

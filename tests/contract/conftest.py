@@ -142,6 +142,15 @@ class Backend(abc.ABC):
         """Drop the transport's link like a network failure; return once it noticed."""
 
     @abc.abstractmethod
+    def reconnecting_transport(self) -> Transport:
+        """A transport (not connected yet) that comes back by itself after a loss."""
+
+    @abc.abstractmethod
+    async def come_back(self, transport: Transport) -> None:
+        """After :meth:`lose_connection` of a reconnecting transport: let it reconnect
+        and return once its owners' state is restored."""
+
+    @abc.abstractmethod
     async def aclose(self) -> None:
         """Close every transport opened."""
 
@@ -206,19 +215,41 @@ class RabbitBackend(Backend):
         self._url = url
         self._admin = admin
         self._opened: list[RabbitTransport] = []
+        self._reconnects: dict[RabbitTransport, int] = {}
 
-    def new_transport(self) -> RabbitTransport:
+    def new_transport(self, *, reconnect: bool = False) -> RabbitTransport:
+        # Not reconnecting by default, like the in-memory transport: a lost
+        # connection stays lost unless a test asks for a reconnecting one.
         settings = ConnectionSettings.model_validate(
-            {"url": self._url, "client_name": self.unique("client")}
+            {
+                "url": self._url,
+                "client_name": self.unique("client"),
+                "reconnect": reconnect,
+                "reconnect_initial_s": 0.05,
+            }
         )
         transport = RabbitTransport(settings)
         self._opened.append(transport)
         return transport
 
+    def reconnecting_transport(self) -> RabbitTransport:
+        return self.new_transport(reconnect=True)
+
+    async def come_back(self, transport: Transport) -> None:
+        assert isinstance(transport, RabbitTransport)
+        before = self._reconnects.get(transport, 0)
+
+        async def restored() -> bool:
+            # Counted once every owner's restore callback has run.
+            return transport.reconnects > before
+
+        await self.wait_until(restored, "the transport reconnected and restored its owners")
+
     async def lose_connection(self, transport: Transport) -> None:
         assert isinstance(transport, RabbitTransport)
         lost = asyncio.Event()
         transport.on_connection_lost(lambda _reason: lost.set())
+        self._reconnects[transport] = transport.reconnects
         marker = f'"{transport.settings.client_name}/'
         listing = await self._admin.arun(
             "list_connections", "--no-table-headers", "pid", "client_properties"
@@ -244,6 +275,7 @@ class MemoryBackend(Backend):
     def __init__(self) -> None:
         self.broker = InMemoryBroker()
         self._opened: list[InMemoryTransport] = []
+        self._reconnecting: list[InMemoryTransport] = []
 
     def new_transport(self) -> InMemoryTransport:
         transport = InMemoryTransport(self.broker)
@@ -254,8 +286,17 @@ class MemoryBackend(Backend):
         assert isinstance(transport, InMemoryTransport)
         lost = asyncio.Event()
         transport.on_connection_lost(lambda _reason: lost.set())
-        transport.simulate_connection_loss()
+        transport.simulate_connection_loss(will_reconnect=transport in self._reconnecting)
         await asyncio.wait_for(lost.wait(), self.timeout_s)
+
+    def reconnecting_transport(self) -> InMemoryTransport:
+        transport = self.new_transport()
+        self._reconnecting.append(transport)
+        return transport
+
+    async def come_back(self, transport: Transport) -> None:
+        assert isinstance(transport, InMemoryTransport)
+        await transport.simulate_reconnect()
 
     async def aclose(self) -> None:
         for transport in self._opened:
