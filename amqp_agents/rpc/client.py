@@ -176,13 +176,13 @@ class RpcClient:
         self._restored.set()
 
     async def aclose(self) -> None:
-        """Stop: pending calls end with ``SHUTTING_DOWN``. Idempotent."""
-        if self._state is _State.CLOSED:
-            return
-        self._state = _State.CLOSED
-        self._restored.set()  # calls waiting for a reconnect stop waiting
-        self._fail_pending(ErrorCode.SHUTTING_DOWN, "the RPC client is closing")
-        self._deadlines.cancel()
+        """Stop: pending calls end with ``SHUTTING_DOWN``. Idempotent; a cancelled
+        ``aclose()`` is finished by calling it again."""
+        if self._state is not _State.CLOSED:
+            self._state = _State.CLOSED
+            self._restored.set()  # calls waiting for a reconnect stop waiting
+            self._fail_pending(ErrorCode.SHUTTING_DOWN, "the RPC client is closing")
+            self._deadlines.cancel()
         await self._replies.aclose()
 
     async def __aenter__(self) -> Self:

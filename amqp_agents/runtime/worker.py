@@ -138,6 +138,8 @@ class Worker:
         self._running: set[asyncio.Task[object]] = set()
         self._state = _State.NEW
         self._lost = asyncio.Event()
+        self._stopping: asyncio.Future[None] | None = None
+        self._grace_cut = asyncio.Event()
         self._event_queues = 0
         self._started = False
         self._retry_queues: set[str] = set()
@@ -184,6 +186,10 @@ class Worker:
         not: it is the broker's alarm, and restarting would not clear it.)
         """
         return self._started and self._state is _State.RUNNING and not self._consuming()
+
+    def _accepting(self) -> bool:
+        """Still running (a method: the state changes across awaits)."""
+        return self._state is _State.RUNNING
 
     def _consuming(self) -> bool:
         return (
@@ -298,14 +304,37 @@ class Worker:
         finally:
             for future in (trigger, lost):
                 future.cancel()
-            await self.stop()
+            await self._stop_shielded()
         if self._lost.is_set():
             raise BrokerUnavailableError("the broker connection was lost; worker stopped")
 
+    async def _stop_shielded(self) -> None:
+        """Stop even if cancelled meanwhile: a second cancellation (nested timeouts, a
+        task group) cuts the grace period short, never the stop itself, so no handler
+        is left running with its delivery unsettled."""
+        stopping = asyncio.ensure_future(self.stop())
+        try:
+            await asyncio.shield(stopping)
+        except asyncio.CancelledError:
+            self._grace_cut.set()
+            await asyncio.wait({stopping}, timeout=30)
+            raise
+
     async def stop(self) -> None:
-        """Stop gracefully (see the module docstring for the order). Idempotent."""
-        if self._state in (_State.STOPPING, _State.STOPPED):
+        """Stop gracefully (see the module docstring for the order). Idempotent: a
+        second call while stopping waits for the first one to finish."""
+        if self._state is _State.STOPPED:
             return
+        if self._stopping is not None:
+            await asyncio.shield(self._stopping)
+            return
+        self._stopping = asyncio.get_running_loop().create_future()
+        try:
+            await self._stop()
+        finally:
+            self._stopping.set_result(None)
+
+    async def _stop(self) -> None:
         self._state = _State.STOPPING
         if self._monitor is not None:
             await self._monitor.aclose()
@@ -316,9 +345,16 @@ class Worker:
         for task in list(self._waiting):
             task.cancel()
         if self._running:
-            _done, pending = await asyncio.wait(
-                set(self._running), timeout=self._settings.grace_period_s
+            finished = asyncio.ensure_future(asyncio.wait(set(self._running)))
+            grace_cut = asyncio.ensure_future(self._grace_cut.wait())
+            await asyncio.wait(
+                {finished, grace_cut},
+                timeout=self._settings.grace_period_s,
+                return_when=asyncio.FIRST_COMPLETED,
             )
+            finished.cancel()  # cancels the wait, never the handlers
+            grace_cut.cancel()
+            pending = {task for task in self._running if not task.done()}
             for task in pending:
                 task.cancel()
             if pending:
@@ -370,6 +406,11 @@ class Worker:
             raise
         finally:
             self._waiting.discard(task)
+        if not self._accepting():
+            # A slot freed while stopping: not started yet, so it goes back.
+            self._slots.release()
+            await self._requeue(delivery)
+            return
         self._running.add(task)
         self.stats.in_flight += 1
         if self._metrics is not None:

@@ -23,7 +23,7 @@ import random
 import ssl
 from datetime import UTC, datetime
 from enum import Enum
-from typing import TYPE_CHECKING, Any, Self
+from typing import TYPE_CHECKING, Any, Self, TypeVar
 
 import aio_pika
 import aiormq
@@ -61,6 +61,8 @@ if TYPE_CHECKING:
 __all__ = ["RabbitTransport"]
 
 log = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
 
 # Failures of the link or the channel, as aiormq and asyncio raise them.
 _LINK_ERRORS = (
@@ -127,29 +129,40 @@ class _RabbitDelivery:
 class _RabbitConsumer:
     """A consumer on a channel of its own (so prefetch and failures stay per queue)."""
 
-    __slots__ = ("_channel", "_queue", "_tag")
+    __slots__ = ("_channel", "_closing", "_queue", "_tag")
 
     def __init__(self, queue: str, channel: AbstractChannel, tag: str) -> None:
         self._queue = queue
         self._channel = channel
         self._tag = tag
+        self._closing: asyncio.Task[None] | None = None
 
     @property
     def queue(self) -> str:
         return self._queue
 
     async def cancel(self) -> None:
-        if self._channel.is_closed:
+        if self._channel.is_closed or self._closing is not None:
             return
         with contextlib.suppress(*_LINK_ERRORS, TimeoutError):
             underlay = await self._channel.get_underlay_channel()
             await underlay.basic_cancel(self._tag, timeout=5)
 
     async def close(self) -> None:
-        if self._channel.is_closed:
-            return
-        with contextlib.suppress(*_LINK_ERRORS, TimeoutError):
-            await asyncio.wait_for(self._channel.close(), timeout=5)
+        # The close runs in a task of its own, shielded: a caller cancelled halfway
+        # must not leave the channel (and its consumer) half-closed, and a second
+        # close() waits for the same one (two Channel.Close frames would make the
+        # broker close the whole connection).
+        if self._closing is None:
+            if self._channel.is_closed:
+                return
+            self._closing = asyncio.get_running_loop().create_task(_close_channel(self._channel))
+        await asyncio.shield(self._closing)
+
+
+async def _close_channel(channel: AbstractChannel) -> None:
+    with contextlib.suppress(*_LINK_ERRORS, TimeoutError, aiormq.exceptions.AMQPError):
+        await asyncio.wait_for(channel.close(), timeout=5)
 
 
 def _field_table(headers: dict[str, HeaderValue] | None) -> dict[str, Any] | None:
@@ -198,6 +211,11 @@ def _to_envelope(message: aiormq.abc.DeliveredMessage) -> Envelope:
         persistent=props.delivery_mode == 2,
         redelivered=bool(getattr(delivery, "redelivered", False)),
     )
+
+
+def _cancelling() -> int:
+    task = asyncio.current_task()
+    return 0 if task is None else task.cancelling()
 
 
 def _stray(exc: asyncio.CancelledError) -> BrokerUnavailableError:
@@ -288,6 +306,7 @@ class RabbitTransport:
         self._usable = asyncio.Event()
         """Set while publishes may flow: connected, and restored after a loss."""
         self._reconnector: asyncio.Task[None] | None = None
+        self._background: set[asyncio.Task[None]] = set()
         self._channel_lock = asyncio.Lock()
         self._blocked_logged = False
         self.reconnects = 0
@@ -501,75 +520,100 @@ class RabbitTransport:
                 self._control = await self._sub_conn.channel(publisher_confirms=False)
             return self._control
 
+    async def _probe_channel(self) -> AbstractChannel:
+        # A passive declare of a missing queue closes its channel (404), so probes use a
+        # channel of their own, reopened after such a close; never the consumers' ones.
+        self._require_connected()
+        async with self._channel_lock:
+            if self._probe is None or self._probe.is_closed:
+                assert self._sub_conn is not None  # noqa: S101  # checked above
+                self._probe = await self._sub_conn.channel(publisher_confirms=False)
+            return self._probe
+
+    def _drop_channel(self, channel: AbstractChannel) -> None:
+        # aiormq closes a channel whose request was cancelled; it is not is_closed until
+        # the broker answers, and reusing it meanwhile fails the next request.
+        if self._control is channel:
+            self._control = None
+        if self._probe is channel:
+            self._probe = None
+
+    async def _control_op(
+        self,
+        what: str,
+        operation: Callable[[AbstractChannel], Awaitable[_T]],
+        *,
+        probe: bool = False,
+    ) -> _T:
+        """Run one topology request with the error mapping and cancellation rules.
+
+        On Python 3.11 aiormq's ``wait_for`` can swallow a cancellation that arrives
+        with the answer (CPython gh-86296): the cancellation is noticed here and raised,
+        so a cancelled caller never carries on as if nothing happened.
+        """
+        mark = _cancelling()
+        channel = await (self._probe_channel() if probe else self._control_channel())
+        try:
+            result = await operation(channel)
+        except asyncio.CancelledError as exc:
+            self._drop_channel(channel)
+            raise _stray(exc) from None
+        except (TimeoutError, aiormq.exceptions.AMQPError, *_LINK_ERRORS) as exc:
+            if _cancelling() > mark:
+                self._drop_channel(channel)
+                raise asyncio.CancelledError from None
+            raise _topology_error(what, exc) from None
+        if _cancelling() > mark:
+            raise asyncio.CancelledError
+        return result
+
     async def declare_exchange(
         self, name: str, kind: ExchangeKind, *, durable: bool = True
     ) -> None:
-        channel = await self._control_channel()
-        try:
-            await channel.declare_exchange(
+        await self._control_op(
+            f"exchange {name!r}",
+            lambda channel: channel.declare_exchange(
                 name, aio_pika.ExchangeType(kind.value), durable=durable, timeout=10
-            )
-        except asyncio.CancelledError as exc:
-            raise _stray(exc) from None
-        except (TimeoutError, aiormq.exceptions.AMQPError, *_LINK_ERRORS) as exc:
-            raise _topology_error(f"exchange {name!r}", exc) from None
+            ),
+        )
 
     async def declare_queue(self, spec_: QueueSpec) -> str:
-        channel = await self._control_channel()
-        try:
-            queue = await channel.declare_queue(
+        queue = await self._control_op(
+            f"queue {spec_.name!r}",
+            lambda channel: channel.declare_queue(
                 spec_.name or None,
                 durable=spec_.durable,
                 exclusive=spec_.exclusive,
                 auto_delete=spec_.auto_delete,
                 arguments=dict(spec_.arguments) or None,
                 timeout=10,
-            )
-        except asyncio.CancelledError as exc:
-            raise _stray(exc) from None
-        except (TimeoutError, aiormq.exceptions.AMQPError, *_LINK_ERRORS) as exc:
-            raise _topology_error(f"queue {spec_.name!r}", exc) from None
+            ),
+        )
         return queue.name
 
     async def bind_queue(self, queue: str, exchange: str, routing_key: str) -> None:
-        channel = await self._control_channel()
-        try:
+        async def bind(channel: AbstractChannel) -> None:
             underlay = await channel.get_underlay_channel()
             await underlay.queue_bind(queue, exchange, routing_key=routing_key, timeout=10)
-        except asyncio.CancelledError as exc:
-            raise _stray(exc) from None
-        except (TimeoutError, aiormq.exceptions.AMQPError, *_LINK_ERRORS) as exc:
-            raise _topology_error(f"binding of {queue!r} to {exchange!r}", exc) from None
+
+        await self._control_op(f"binding of {queue!r} to {exchange!r}", bind)
 
     async def unbind_queue(self, queue: str, exchange: str, routing_key: str) -> None:
-        channel = await self._control_channel()
-        try:
+        async def unbind(channel: AbstractChannel) -> None:
             underlay = await channel.get_underlay_channel()
             await underlay.queue_unbind(queue, exchange, routing_key=routing_key, timeout=10)
-        except asyncio.CancelledError as exc:
-            raise _stray(exc) from None
-        except (TimeoutError, aiormq.exceptions.AMQPError, *_LINK_ERRORS) as exc:
-            raise _topology_error(f"binding of {queue!r} to {exchange!r}", exc) from None
+
+        await self._control_op(f"binding of {queue!r} to {exchange!r}", unbind)
 
     async def queue_info(self, queue: str) -> QueueInfo:
-        self._require_connected()
-        assert self._sub_conn is not None  # noqa: S101  # checked above
-        # A passive declare of a missing queue closes its channel (404), so probes use a
-        # channel of their own, reopened after such a close; never the consumers' ones.
-        try:
-            async with self._channel_lock:
-                if self._probe is None or self._probe.is_closed:
-                    self._probe = await self._sub_conn.channel(publisher_confirms=False)
-                channel = self._probe
+        async def probe(channel: AbstractChannel) -> QueueInfo:
             underlay = await channel.get_underlay_channel()
             ok = await underlay.queue_declare(queue, passive=True, timeout=10)
-        except asyncio.CancelledError as exc:
-            raise _stray(exc) from None
-        except (TimeoutError, aiormq.exceptions.AMQPError, *_LINK_ERRORS) as exc:
-            raise _topology_error(f"queue {queue!r}", exc) from None
-        return QueueInfo(
-            name=queue, messages=ok.message_count or 0, consumers=ok.consumer_count or 0
-        )
+            return QueueInfo(
+                name=queue, messages=ok.message_count or 0, consumers=ok.consumer_count or 0
+            )
+
+        return await self._control_op(f"queue {queue!r}", probe, probe=True)
 
     # -- publishing ------------------------------------------------------------------
 
@@ -680,36 +724,47 @@ class RabbitTransport:
     ) -> ConsumerHandle:
         self._require_connected()
         assert self._sub_conn is not None  # noqa: S101  # checked above
+        mark = _cancelling()
+        channel: AbstractChannel | None = None
         try:
             channel = await self._sub_conn.channel(publisher_confirms=False)
             underlay = await channel.get_underlay_channel()
             if not no_ack:
                 await underlay.basic_qos(prefetch_count=prefetch, timeout=10)
-        except asyncio.CancelledError as exc:
-            raise _stray(exc) from None
-        except (TimeoutError, aiormq.exceptions.AMQPError, *_LINK_ERRORS) as exc:
-            raise _topology_error(f"consumer channel for {queue!r}", exc) from None
 
-        if no_ack:
+            if no_ack:
 
-            async def on_message(message: aiormq.abc.DeliveredMessage) -> None:
-                await handler(_NoAckDelivery(_to_envelope(message)))
+                async def on_message(message: aiormq.abc.DeliveredMessage) -> None:
+                    await handler(_NoAckDelivery(_to_envelope(message)))
 
-        else:
+            else:
 
-            async def on_message(message: aiormq.abc.DeliveredMessage) -> None:
-                tag = getattr(message.delivery, "delivery_tag", 0) or 0
-                await handler(_RabbitDelivery(_to_envelope(message), underlay, tag))
+                async def on_message(message: aiormq.abc.DeliveredMessage) -> None:
+                    tag = getattr(message.delivery, "delivery_tag", 0) or 0
+                    await handler(_RabbitDelivery(_to_envelope(message), underlay, tag))
 
-        try:
             ok = await underlay.basic_consume(queue, on_message, no_ack=no_ack, timeout=10)
         except asyncio.CancelledError as exc:
+            self._abandon(channel)
             raise _stray(exc) from None
         except (TimeoutError, aiormq.exceptions.AMQPError, *_LINK_ERRORS) as exc:
-            with contextlib.suppress(*_LINK_ERRORS, TimeoutError):
-                await channel.close()
+            self._abandon(channel)
+            if _cancelling() > mark:
+                raise asyncio.CancelledError from None
             raise _topology_error(f"queue {queue!r}", exc) from None
+        if _cancelling() > mark:  # swallowed by aiormq (see _control_op)
+            self._abandon(channel)
+            raise asyncio.CancelledError
         return _RabbitConsumer(queue, channel, str(ok.consumer_tag))
+
+    def _abandon(self, channel: AbstractChannel | None) -> None:
+        """Close a half-made consumer's channel in the background (its consumer, if the
+        broker made one, must not outlive a failed or cancelled ``consume``)."""
+        if channel is None or channel.is_closed:
+            return
+        task = asyncio.get_running_loop().create_task(_close_channel(channel))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
 
 class _NoAckDelivery:

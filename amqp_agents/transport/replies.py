@@ -72,9 +72,10 @@ class ReplyQueue:
 
     async def aclose(self) -> None:
         """Stop consuming (the broker deletes the queue). Idempotent."""
-        consumer, self._consumer = self._consumer, None
+        consumer = self._consumer
         if consumer is not None:
-            await consumer.close()
+            await consumer.close()  # forgotten only once closed: a cancelled aclose
+            self._consumer = None  # can be finished by calling it again
 
     def expect(self, correlation_id: str, waiter: Waiter) -> None:
         """Route replies with this id to ``waiter`` until :meth:`forget`.
