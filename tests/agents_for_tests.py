@@ -363,6 +363,19 @@ def crasher() -> list[Agent]:
     return [Crasher(name=os.environ["AAT_AGENT_NAME"], record_path=os.environ["AAT_RECORD_PATH"])]
 
 
+@dataclass
+class Journal:
+    """What the handlers of a cancellation test did (shared by its agents and workers)."""
+
+    finished: list[int] = field(default_factory=list)
+    """Ids of ``work``/``hold`` requests whose handler returned, in order."""
+    started: list[int] = field(default_factory=list)
+    cancelled: list[int] = field(default_factory=list)
+    gate: asyncio.Event = field(default_factory=asyncio.Event)
+    """``hold`` waits for it."""
+    on_finish: Callable[[int], None] | None = None
+
+
 class Tap:
     """A transport that records every delivery it hands to a consumer, then passes it on.
 

@@ -14,7 +14,7 @@ import re
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Coroutine
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, cast
 
 import pytest
@@ -28,7 +28,7 @@ from amqp_agents.runtime.agent import Agent, action
 from amqp_agents.runtime.worker import Worker
 from amqp_agents.transport.base import ExchangeKind, Transport
 from amqp_agents.transport.rabbitmq import RabbitTransport
-from tests.agents_for_tests import Tap, Work, await_until, holds
+from tests.agents_for_tests import Journal, Tap, Work, await_until, holds
 
 Connect = Callable[..., Awaitable[RabbitTransport]]
 TOPOLOGY = Topology()
@@ -39,16 +39,6 @@ DELAYS = [None, 0.0, *(n * 0.0001 for n in range(1, 31)), 0.004, 0.006, 0.008, 0
 """When to cancel: before the task ran (None), after one loop step (0), every 0.1 ms up
 to 3 ms (a call to a local broker takes about 1 ms), then sparser up to 50 ms, by which
 time every call has long been answered, even on a loaded machine."""
-
-
-@dataclass
-class Journal:
-    """What the handlers of one test did (shared by successive workers)."""
-
-    finished: list[int] = field(default_factory=list)
-    started: list[int] = field(default_factory=list)
-    gate: asyncio.Event = field(default_factory=asyncio.Event)
-    on_finish: Callable[[int], None] | None = None
 
 
 class Paced(Agent):

@@ -257,11 +257,14 @@ async def load(system: System, running: asyncio.Event) -> None:
             if outcome != "ok":
                 await asyncio.sleep(0.05)  # a failing caller backs off, as a real one would
 
-    async def notifier() -> None:
+    async def confirmer(
+        send: Callable[[int], Awaitable[object]], confirmed: set[int], unknown: set[int]
+    ) -> None:
+        """Publish ids one after another, each classified confirmed or unknown."""
         while running.is_set():
             n = next(ids)
             try:
-                await system.client.notify(system.agent.name, "work", {"id": n}, timeout_s=120)
+                await send(n)
             except NoRouteError:
                 raise
             except asyncio.CancelledError:
@@ -269,31 +272,22 @@ async def load(system: System, running: asyncio.Event) -> None:
                     raise
                 ledger.vanished += 1
             except AmqpAgentsError:
-                ledger.notify_unknown.add(n)
+                unknown.add(n)
                 await asyncio.sleep(0.05)
             else:
-                ledger.notify_confirmed.add(n)
+                confirmed.add(n)
 
-    async def eventer() -> None:
-        while running.is_set():
-            n = next(ids)
-            try:
-                await system.publisher.publish(system.event_type, {"id": n})
-            except asyncio.CancelledError:
-                if _really_cancelled():
-                    raise
-                ledger.vanished += 1
-            except AmqpAgentsError:
-                ledger.events_unknown.add(n)
-                await asyncio.sleep(0.05)
-            else:
-                ledger.events_confirmed.add(n)
+    def notify(n: int) -> Awaitable[None]:
+        return system.client.notify(system.agent.name, "work", {"id": n}, timeout_s=120)
+
+    def publish(n: int) -> Awaitable[str]:
+        return system.publisher.publish(system.event_type, {"id": n})
 
     async with asyncio.TaskGroup() as group:
         for _ in range(CALLERS):
             group.create_task(caller())
-        group.create_task(notifier())
-        group.create_task(eventer())
+        group.create_task(confirmer(notify, ledger.notify_confirmed, ledger.notify_unknown))
+        group.create_task(confirmer(publish, ledger.events_confirmed, ledger.events_unknown))
 
 
 def _really_cancelled() -> bool:

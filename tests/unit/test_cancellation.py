@@ -18,7 +18,7 @@ import asyncio
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import pytest
@@ -41,7 +41,7 @@ from amqp_agents.transport.base import (
     QueueSpec,
 )
 from amqp_agents.transport.memory import InMemoryBroker, InMemoryTransport
-from tests.agents_for_tests import Work
+from tests.agents_for_tests import Journal, Work
 
 TOPOLOGY = Topology()
 POLICY = RetryPolicy(attempts=1, redelivery_delays_s=(0.001,), max_deliveries=50)
@@ -222,19 +222,6 @@ class _LatentConsumer:
 
 
 # -- agents, steps, leaks ------------------------------------------------------------------
-
-
-@dataclass
-class Journal:
-    """What the handlers of one test did (shared by agents and by successive workers)."""
-
-    finished: list[int] = field(default_factory=list)
-    """Ids of ``work``/``hold`` requests whose handler returned, in order."""
-    started: list[int] = field(default_factory=list)
-    cancelled: list[int] = field(default_factory=list)
-    gate: asyncio.Event = field(default_factory=asyncio.Event)
-    """``hold`` waits for it."""
-    on_finish: Callable[[int], None] | None = None
 
 
 class Stepper(Agent):
