@@ -444,3 +444,46 @@ async def test_a_broker_restart_loses_nothing(
 
         figures = await run_fault(system, restart, settle_s=5.0)
     assert figures["worker reconnects"] >= 1
+
+
+async def test_calls_during_a_long_outage_fail_in_time_then_work_again(
+    broker_url: str, fresh_vhost: str, proxy: FaultProxy, unique: Callable[[str], str]
+) -> None:
+    """The broker unreachable (proxy refusing, links cut): a call waits for the
+    reconnect only within its publish timeout, then fails CONNECTION_LOST; once the
+    broker is reachable again the same client answers calls, with no restart."""
+    agent = Recorder(name=unique("outage"))
+    direct = RabbitTransport(settings(url_for_vhost(broker_url, fresh_vhost), reconnect=False))
+    client_transport = RabbitTransport(settings(proxy.url(fresh_vhost)))
+    async with direct, client_transport:
+        worker = Worker(direct, [agent])
+        await worker.start()
+        try:
+            async with RpcClient(client_transport, publish_timeout_s=1.0) as client:
+                assert (await client.send(agent.name, "work", {"id": 1}, timeout_s=5)).ok
+                proxy.refuse()
+                proxy.cut()
+
+                async def noticed() -> bool:
+                    return not client_transport.is_connected
+
+                await await_until(noticed, timeout_s=5, what="the client noticing the cut")
+                began = time.monotonic()
+                response = await client.send(agent.name, "work", {"id": 2}, timeout_s=10)
+                elapsed = time.monotonic() - began
+                assert response.error is not None
+                assert response.error.code == ErrorCode.CONNECTION_LOST
+                assert 0.5 < elapsed < 3, elapsed
+                assert proxy.refused_total >= 1  # it kept trying to reconnect
+
+                proxy.accept()
+
+                async def answered() -> bool:
+                    reply = await client.send(agent.name, "work", {"id": 3}, timeout_s=2)
+                    return reply.ok
+
+                await await_until(answered, timeout_s=15, what="calls answered again")
+                assert client_transport.reconnects == 1
+        finally:
+            await worker.stop()
+    assert 2 not in agent.handled  # never sent: the caller was told so
