@@ -334,13 +334,17 @@ class RabbitTransport:
     def is_blocked(self) -> bool:
         """The broker has blocked publishing (a memory or disk alarm)."""
         blocked = self._state is _State.CONNECTED and _blocked(self._pub_conn)
+        self._note_blocked(blocked)
+        return blocked
+
+    def _note_blocked(self, blocked: bool) -> None:
+        """Log each change of the blocked state once."""
         if blocked != self._blocked_logged:
             self._blocked_logged = blocked
             if blocked:
                 log.warning("the broker blocked publishing (resource alarm: memory or disk)")
             else:
                 log.info("the broker unblocked publishing")
-        return blocked
 
     def __repr__(self) -> str:
         url = redact_url(self._settings.url.get_secret_value())
@@ -673,7 +677,7 @@ class RabbitTransport:
                     # Waiting here, not after writing, keeps the outcome certain: a
                     # publish that times out while blocked was never sent.
                     waiting_for = "unblock"
-                    self.is_blocked  # noqa: B018  # logs the change of state
+                    self._note_blocked(True)
                     underlay = _underlay(self._pub_conn)
                     if underlay is not None:
                         await underlay.ready()
