@@ -45,6 +45,7 @@ from amqp_agents.errors import (
     TopologyMismatchError,
 )
 from amqp_agents.models.envelope import Envelope
+from amqp_agents.models.messages import AgentResponse
 from amqp_agents.models.wire import Topology, decode_reply
 from amqp_agents.rpc.client import RpcClient
 from amqp_agents.runtime.agent import Agent, action
@@ -374,6 +375,16 @@ class Journal:
     gate: asyncio.Event = field(default_factory=asyncio.Event)
     """``hold`` waits for it."""
     on_finish: Callable[[int], None] | None = None
+
+
+def data_of(result: object) -> object:
+    """A call's data: a reply's (which must be ok), or each one's of a batch."""
+    if isinstance(result, AgentResponse):
+        assert result.ok, result
+        return result.data
+    if isinstance(result, list):
+        return [data_of(item) for item in result]
+    return result
 
 
 class Tap:

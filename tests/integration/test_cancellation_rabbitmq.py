@@ -21,14 +21,13 @@ import pytest
 
 from amqp_agents.config import RetryPolicy, WorkerSettings
 from amqp_agents.errors import QueueNotFoundError, TransportError
-from amqp_agents.models.messages import AgentResponse
 from amqp_agents.models.wire import Topology
 from amqp_agents.rpc.client import Request, RpcClient
 from amqp_agents.runtime.agent import Agent, action
 from amqp_agents.runtime.worker import Worker
 from amqp_agents.transport.base import ExchangeKind, Transport
 from amqp_agents.transport.rabbitmq import RabbitTransport
-from tests.agents_for_tests import Journal, Tap, Work, await_until, holds
+from tests.agents_for_tests import Journal, Tap, Work, await_until, data_of, holds
 
 Connect = Callable[..., Awaitable[RabbitTransport]]
 TOPOLOGY = Topology()
@@ -147,15 +146,6 @@ KINDS = [
         lambda n: [100 * n + i for i in range(3)],
     ),
 ]
-
-
-def data_of(result: object) -> object:
-    if isinstance(result, AgentResponse):
-        assert result.ok, result
-        return result.data
-    if isinstance(result, list):
-        return [data_of(item) for item in result]
-    return result
 
 
 @pytest.mark.parametrize("kind", KINDS, ids=lambda kind: kind.name)

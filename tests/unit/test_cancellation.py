@@ -41,7 +41,7 @@ from amqp_agents.transport.base import (
     QueueSpec,
 )
 from amqp_agents.transport.memory import InMemoryBroker, InMemoryTransport
-from tests.agents_for_tests import Journal, Work
+from tests.agents_for_tests import Journal, Work, data_of
 
 TOPOLOGY = Topology()
 POLICY = RetryPolicy(attempts=1, redelivery_delays_s=(0.001,), max_deliveries=50)
@@ -401,15 +401,6 @@ def expected_result(kind: Kind, k: int) -> object:
     if kind.name == "notify":
         return None
     return data
-
-
-def data_of(result: object) -> object:
-    if isinstance(result, AgentResponse):
-        assert result.ok, result
-        return result.data
-    if isinstance(result, list):
-        return [data_of(item) for item in result]
-    return result
 
 
 @pytest.mark.parametrize("kind", KINDS, ids=lambda kind: kind.name)
