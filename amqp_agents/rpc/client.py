@@ -142,8 +142,9 @@ class RpcClient:
         self._deadlines = _Deadlines(self._replies)
         self._ids = IdSource()
         self._state = _State.NEW
-        self._lost: BaseException | None = None
         self._restored = asyncio.Event()
+        """Set while the reply queue is live: cleared on a lost connection, set again
+        once restored (and on close, so nobody waits)."""
         self._idempotent: set[str] = set()
         self.resent = 0
         """Idempotent calls sent again after a lost connection."""
@@ -255,7 +256,7 @@ class RpcClient:
         )
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
-        if self._lost is not None:
+        if not self._restored.is_set():
             lost = await self._await_restored(deadline, correlation_id)
             if lost is not None:
                 return lost
@@ -330,7 +331,7 @@ class RpcClient:
                     await self._restored.wait()
         if self._state is not _State.STARTED:
             return _failure(ErrorCode.SHUTTING_DOWN, "the RPC client is closing", correlation_id)
-        if self._lost is None:
+        if self._restored.is_set():
             return None
         return _failure(
             ErrorCode.CONNECTION_LOST,
@@ -452,8 +453,7 @@ class RpcClient:
             max_bytes=self._max_bytes,
         )
 
-    def _on_connection_lost(self, reason: BaseException | None) -> None:
-        self._lost = reason or BrokerUnavailableError("connection closed")
+    def _on_connection_lost(self, _reason: BaseException | None) -> None:
         self._restored.clear()
         self._fail_pending(ErrorCode.CONNECTION_LOST, "the broker connection was lost")
 
@@ -461,7 +461,6 @@ class RpcClient:
         if self._state is not _State.STARTED:
             return
         await self._replies.restart()
-        self._lost = None
         self._restored.set()
         log.info("RPC client restored: replies now arrive on %s", self._replies.name)
 

@@ -37,6 +37,8 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import TYPE_CHECKING, Protocol
 
+from amqp_agents.errors import BrokerUnavailableError, PublishTimeoutError
+
 if TYPE_CHECKING:
     from amqp_agents.models.envelope import Envelope, HeaderValue
 
@@ -48,7 +50,25 @@ __all__ = [
     "QueueInfo",
     "QueueSpec",
     "Transport",
+    "blocked_too_long",
+    "not_restored_in_time",
 ]
+
+
+def blocked_too_long(timeout_s: float) -> PublishTimeoutError:
+    """The error of a publish that waited in vain for the broker's alarm to end."""
+    return PublishTimeoutError(
+        "the broker blocks publishing (resource alarm: memory or disk) and did not"
+        f" unblock within {timeout_s:g}s; the message was not sent"
+    )
+
+
+def not_restored_in_time(timeout_s: float) -> BrokerUnavailableError:
+    """The error of a publish that waited in vain for a reconnect."""
+    return BrokerUnavailableError(
+        f"the broker connection is lost and was not restored within {timeout_s:g}s;"
+        " the message was not sent"
+    )
 
 
 class ExchangeKind(StrEnum):

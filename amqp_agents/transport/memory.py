@@ -45,7 +45,6 @@ from amqp_agents.errors import (
     AccessRefusedError,
     BrokerUnavailableError,
     LifecycleError,
-    PublishTimeoutError,
     QueueNotFoundError,
     ResourceLockedError,
     TopologyMismatchError,
@@ -59,6 +58,8 @@ from amqp_agents.transport.base import (
     ExchangeKind,
     QueueInfo,
     QueueSpec,
+    blocked_too_long,
+    not_restored_in_time,
 )
 
 if TYPE_CHECKING:
@@ -718,7 +719,8 @@ class InMemoryTransport:
             except Exception:
                 log.exception("restoring after a reconnect failed")
         self.reconnects += 1
-        self._usable.set()
+        if not self._blocked:
+            self._usable.set()
 
     def simulate_blocked(self, blocked: bool) -> None:
         """Start or end a broker resource alarm: publishes wait while blocked."""
@@ -796,14 +798,8 @@ class InMemoryTransport:
                 await self._usable.wait()
         except TimeoutError:
             if self._blocked:
-                raise PublishTimeoutError(
-                    "the broker blocks publishing (resource alarm: memory or disk) and did"
-                    f" not unblock within {timeout_s:g}s; the message was not sent"
-                ) from None
-            raise BrokerUnavailableError(
-                f"the broker connection is lost and was not restored within {timeout_s:g}s;"
-                " the message was not sent"
-            ) from None
+                raise blocked_too_long(timeout_s) from None
+            raise not_restored_in_time(timeout_s) from None
 
     async def consume(
         self,

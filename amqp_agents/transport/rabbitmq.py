@@ -50,6 +50,8 @@ from amqp_agents.transport.base import (
     ExchangeKind,
     QueueInfo,
     QueueSpec,
+    blocked_too_long,
+    not_restored_in_time,
 )
 from amqp_agents.transport.tls import client_context
 
@@ -696,15 +698,9 @@ class RabbitTransport:
             raise PublishRejectedError(f"the broker refused the message: {exc.frame}") from None
         except TimeoutError:
             if waiting_for == "link":
-                raise BrokerUnavailableError(
-                    f"the broker connection is lost and was not restored within {timeout_s:g}s;"
-                    " the message was not sent"
-                ) from None
+                raise not_restored_in_time(timeout_s) from None
             if waiting_for == "unblock":
-                raise PublishTimeoutError(
-                    "the broker blocks publishing (resource alarm: memory or disk) and did"
-                    f" not unblock within {timeout_s:g}s; the message was not sent"
-                ) from None
+                raise blocked_too_long(timeout_s) from None
             raise PublishTimeoutError(
                 f"no confirm from the broker within {timeout_s:g}s; the message may or may"
                 " not have been enqueued"
