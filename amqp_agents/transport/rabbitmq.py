@@ -242,14 +242,19 @@ def _underlay(connection: AbstractConnection | None) -> aiormq.abc.AbstractConne
     return getattr(getattr(connection, "transport", None), "connection", None)
 
 
-def _blocked(connection: AbstractConnection | None) -> bool:
-    """Whether the broker sent ``connection.blocked`` (and no unblock yet).
+_NEVER_BLOCKED = asyncio.Event()
+_NEVER_BLOCKED.set()
 
-    aiormq tracks it (its writer and ``ready()`` honour it) but exposes no flag; read
-    its event, and treat a future aiormq without it as never blocked.
+
+def _unblocked_event(connection: AbstractConnection | None) -> asyncio.Event:
+    """The event aiormq clears on ``connection.blocked`` and sets on unblock.
+
+    aiormq tracks the state (its writer and ``ready()`` honour it) but exposes no
+    flag: read its event once per connection, and treat an aiormq without it as never
+    blocked.
     """
     unblocked = getattr(_underlay(connection), "_Connection__connection_unblocked", None)
-    return isinstance(unblocked, asyncio.Event) and not unblocked.is_set()
+    return unblocked if isinstance(unblocked, asyncio.Event) else _NEVER_BLOCKED
 
 
 def _topology_error(what: str, exc: BaseException) -> TransportError:
@@ -311,6 +316,7 @@ class RabbitTransport:
         self._background: set[asyncio.Task[None]] = set()
         self._channel_lock = asyncio.Lock()
         self._blocked_logged = False
+        self._pub_unblocked = _NEVER_BLOCKED
         self.reconnects = 0
         """Connections re-established after a loss."""
 
@@ -335,7 +341,7 @@ class RabbitTransport:
     @property
     def is_blocked(self) -> bool:
         """The broker has blocked publishing (a memory or disk alarm)."""
-        blocked = self._state is _State.CONNECTED and _blocked(self._pub_conn)
+        blocked = self._state is _State.CONNECTED and not self._pub_unblocked.is_set()
         self._note_blocked(blocked)
         return blocked
 
@@ -368,6 +374,7 @@ class RabbitTransport:
     async def _open_both(self) -> None:
         self._sub_conn = await self._open("consume")
         self._pub_conn = await self._open("publish")
+        self._pub_unblocked = _unblocked_event(self._pub_conn)
         self._control = await self._sub_conn.channel(publisher_confirms=False)
 
     async def _open(self, role: str) -> AbstractConnection:
@@ -675,7 +682,7 @@ class RabbitTransport:
                     await self._usable.wait()
                     if self._state is not _State.CONNECTED:
                         raise LifecycleError("transport closed while waiting to reconnect")
-                if _blocked(self._pub_conn):
+                if not self._pub_unblocked.is_set():
                     # Waiting here, not after writing, keeps the outcome certain: a
                     # publish that times out while blocked was never sent.
                     waiting_for = "unblock"
