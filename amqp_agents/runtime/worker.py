@@ -75,6 +75,9 @@ __all__ = ["Worker", "WorkerStats"]
 
 log = logging.getLogger(__name__)
 
+_ANSWER_RESERVE_S = 0.05
+"""Time kept back from a caller's deadline (at most a tenth of it) for the answer."""
+
 ShutdownTrigger = Callable[[], Awaitable[object]]
 
 
@@ -462,7 +465,11 @@ class Worker:
                 await delivery.ack()
                 self._count(agent, envelope.type, MetricOutcome.EXPIRED)
                 return
+            # Work stops a little before the caller's deadline: the answer (and a
+            # dead letter) must still be published and travel back in time.
+            remaining -= min(_ANSWER_RESERVE_S, remaining / 10)
             timeout_s = min(timeout_s, remaining)
+        work_until = None if deadline is None else time.monotonic() + remaining
         attempt = attempt_from(envelope)
         if envelope.redelivered:
             # Delivered before and never settled: maybe it crashed the worker. Count it
@@ -495,7 +502,7 @@ class Worker:
             message,
             timeout_s=timeout_s,
             policy=policy,
-            deadline=None if deadline is None else time.monotonic() + (deadline - time.time()),
+            deadline=work_until,
         )
         if self._metrics is not None:
             action = _action_label(agent, message.action)

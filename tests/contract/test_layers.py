@@ -110,6 +110,22 @@ async def test_rpc_call_without_a_reply_in_time_is_timeout(backend: Backend) -> 
             assert client.pending_calls == 0
 
 
+async def test_a_handler_cut_off_at_the_deadline_answers_before_it(backend: Backend) -> None:
+    """The worker stops a handler a little before the caller's deadline, so the caller
+    gets the worker's TIMEOUT reply (naming the action) rather than its own verdict of
+    no reply, and no reply arrives late."""
+    agent = Gate(name=backend.unique("gate"))
+    async with running(await backend.connect(), [agent]) as worker:
+        async with client_on(await backend.connect()) as client:
+            response = await client.send(agent.name, "hold", {"n": 1}, timeout_s=1.0)
+            assert response.error is not None
+            assert response.error.code == ErrorCode.TIMEOUT
+            assert "action 'hold' took longer than" in response.error.message
+            await backend.wait_until(_async(lambda: worker.in_flight == 0), "the handler ends")
+            assert client.late_replies == 0
+            assert client.pending_calls == 0
+
+
 async def test_pending_rpc_calls_fail_with_connection_lost(backend: Backend) -> None:
     """When the client's connection dies every pending call ends at once."""
     agent = Gate(name=backend.unique("gate"))
