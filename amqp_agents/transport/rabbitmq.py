@@ -21,6 +21,7 @@ import contextlib
 import logging
 import random
 import ssl
+from collections import deque
 from datetime import UTC, datetime
 from enum import Enum
 from typing import TYPE_CHECKING, Any, Self, TypeVar
@@ -733,6 +734,11 @@ class RabbitTransport:
         assert self._sub_conn is not None  # noqa: S101  # checked above
         mark = _cancelling()
         channel: AbstractChannel | None = None
+        # Deliveries can arrive before consume() returns (with the consume-ok, in the
+        # same read): they wait for its outcome. Otherwise a handler would do work whose
+        # ack dies with the channel of a cancelled consume(), and the message would be
+        # handled twice.
+        admission = _Admission()
         try:
             channel = await self._sub_conn.channel(publisher_confirms=False)
             underlay = await channel.get_underlay_channel()
@@ -742,36 +748,94 @@ class RabbitTransport:
             if no_ack:
 
                 async def on_message(message: aiormq.abc.DeliveredMessage) -> None:
-                    await handler(_NoAckDelivery(_to_envelope(message)))
+                    if admission.open or await admission.admitted():
+                        await handler(_NoAckDelivery(_to_envelope(message)))
 
             else:
 
                 async def on_message(message: aiormq.abc.DeliveredMessage) -> None:
-                    tag = getattr(message.delivery, "delivery_tag", 0) or 0
-                    await handler(_RabbitDelivery(_to_envelope(message), underlay, tag))
+                    if admission.open or await admission.admitted():
+                        tag = getattr(message.delivery, "delivery_tag", 0) or 0
+                        await handler(_RabbitDelivery(_to_envelope(message), underlay, tag))
 
             ok = await underlay.basic_consume(queue, on_message, no_ack=no_ack, timeout=10)
         except asyncio.CancelledError as exc:
-            self._abandon(channel)
+            self._abandon(channel, admission)
             raise _stray(exc) from None
         except (TimeoutError, aiormq.exceptions.AMQPError, *_LINK_ERRORS) as exc:
-            self._abandon(channel)
+            self._abandon(channel, admission)
             if _cancelling() > mark:
                 raise asyncio.CancelledError from None
             raise _topology_error(f"queue {queue!r}", exc) from None
         if _cancelling() > mark:  # swallowed by aiormq (see _control_op)
-            self._abandon(channel)
+            self._abandon(channel, admission)
             raise asyncio.CancelledError
+        admission.decide(admit=True)
         return _RabbitConsumer(queue, channel, str(ok.consumer_tag))
 
-    def _abandon(self, channel: AbstractChannel | None) -> None:
+    def _abandon(self, channel: AbstractChannel | None, admission: _Admission) -> None:
         """Close a half-made consumer's channel in the background (its consumer, if the
-        broker made one, must not outlive a failed or cancelled ``consume``)."""
+        broker made one, must not outlive a failed or cancelled ``consume``), and drop
+        the deliveries that reached it meanwhile unhandled."""
+        admission.decide(admit=False)
         if channel is None or channel.is_closed:
             return
         task = asyncio.get_running_loop().create_task(_close_channel(channel))
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+
+
+class _Admission:
+    """Holds a new consumer's first deliveries until ``consume()`` has returned.
+
+    Admitted, they run in arrival order (later ones queue behind the held ones); refused
+    (consume failed or was cancelled), none runs: the abandoned channel's close makes
+    the broker requeue them.
+    """
+
+    __slots__ = ("_held", "_verdict", "open")
+
+    def __init__(self) -> None:
+        self.open = False
+        """Admitted and nothing held: the hot path's only check."""
+        self._verdict: bool | None = None
+        self._held: deque[asyncio.Future[bool]] = deque()
+
+    async def admitted(self) -> bool:
+        """Wait for the verdict, behind the deliveries that arrived earlier."""
+        if self._verdict is False:
+            return False
+        turn: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self._held.append(turn)
+        if self._verdict and len(self._held) == 1:
+            turn.set_result(True)
+        try:
+            return await turn
+        finally:
+            self._held.remove(turn)
+            self._next()
+
+    def decide(self, *, admit: bool) -> None:
+        """Admit or refuse the held deliveries (the first verdict stands)."""
+        if self._verdict is not None:
+            return
+        self._verdict = admit
+        if admit:
+            self._next()
+        else:
+            for turn in self._held:
+                if not turn.done():
+                    turn.set_result(False)
+
+    def _next(self) -> None:
+        if self._verdict is None:
+            return
+        if self._held:
+            head = self._held[0]
+            if not head.done():
+                head.set_result(self._verdict)
+        else:
+            self.open = self._verdict
 
 
 class _NoAckDelivery:

@@ -21,11 +21,12 @@ import pytest
 
 from amqp_agents.config import RetryPolicy, WorkerSettings
 from amqp_agents.errors import QueueNotFoundError, TransportError
+from amqp_agents.models.envelope import Envelope
 from amqp_agents.models.wire import Topology
 from amqp_agents.rpc.client import Request, RpcClient
 from amqp_agents.runtime.agent import Agent, action
 from amqp_agents.runtime.worker import Worker
-from amqp_agents.transport.base import ExchangeKind, Transport
+from amqp_agents.transport.base import Delivery, ExchangeKind, QueueSpec, Transport
 from amqp_agents.transport.rabbitmq import RabbitTransport
 from tests.agents_for_tests import Journal, Tap, Work, await_until, data_of, holds
 
@@ -498,3 +499,53 @@ async def test_a_worker_cancelled_while_it_starts_ends_cancelled(
         if wrong:
             break
     assert wrong == []
+
+
+async def test_a_cancelled_consume_handles_nothing(
+    connect: Connect, unique: Callable[[str], str]
+) -> None:
+    """consume() cancelled after k loop steps, k = 0..29, on a queue holding messages:
+    when it ends cancelled, its handler never ran, even for deliveries that arrived with
+    the consume-ok (their acks would die with the abandoned channel, and the messages
+    would be handled twice); when it returned, what it handled was acked. Either way
+    every message is handled at most once and the rest stay queued."""
+    transport = await connect()
+    queue = await transport.declare_queue(QueueSpec(name=unique("cancel-consume")))
+    total = 40
+    for i in range(total):
+        await transport.publish(Envelope(str(i).encode(), routing_key=queue), timeout_s=WAIT_S)
+    handled: list[bytes] = []
+    wrong: list[str] = []
+    outcomes = Counter[str]()
+    for k in range(30):
+        before = len(handled)
+
+        async def handler(delivery: Delivery) -> None:
+            handled.append(delivery.envelope.body)
+            await delivery.ack()
+
+        task = asyncio.create_task(transport.consume(queue, handler, prefetch=3))
+        for _ in range(k):
+            await asyncio.sleep(0)
+        task.cancel()
+        await asyncio.wait({task}, timeout=WAIT_S)
+        assert task.done(), f"consume() cancelled after {k} steps did not end"
+        if task.cancelled():
+            outcomes["cancelled"] += 1
+        else:
+            outcomes["returned"] += 1
+            await task.result().close()
+
+        async def released() -> bool:
+            info = await transport.queue_info(queue)
+            return info.consumers == 0 and info.messages + len(set(handled)) >= total
+
+        await await_until(released, timeout_s=WAIT_S, what=f"the queue released (k={k})")
+        if task.cancelled() and len(handled) > before:
+            wrong.append(f"k={k}: a cancelled consume handled {handled[before:]}")
+        queued = (await transport.queue_info(queue)).messages
+        if queued + len(set(handled)) != total:
+            wrong.append(f"k={k}: {queued} queued + {len(set(handled))} handled != {total}")
+    assert outcomes["cancelled"] > 0, outcomes
+    assert wrong == []
+    assert len(handled) == len(set(handled)), "a message handled twice"
