@@ -25,6 +25,7 @@ __all__ = [
     "CONTENT_TYPE_JSON",
     "HEADER_DEADLINE",
     "MAX_PRIORITY",
+    "RequestParts",
     "Topology",
     "check_name",
     "deadline_from",
@@ -33,6 +34,7 @@ __all__ = [
     "dump_json",
     "encode_reply",
     "encode_request",
+    "read_request",
 ]
 
 CONTENT_TYPE_JSON: Final = "application/json"
@@ -280,32 +282,62 @@ def encode_request(
     )
 
 
-def decode_request(envelope: Envelope) -> AgentMessage:
-    """The request in a delivery.
+@dataclasses.dataclass(frozen=True, slots=True)
+class RequestParts:
+    """What a worker needs of a request to run it (no model built on the hot path).
+
+    :func:`decode_request` turns it into the public :class:`AgentMessage`.
+    """
+
+    action: str
+    payload: dict[str, Any]
+    correlation_id: str | None
+
+
+_MAX_ACTION_LENGTH: Final = 255
+
+
+def read_request(envelope: Envelope) -> RequestParts:
+    """The action, JSON object and correlation id of a request in a delivery.
 
     Raises:
-        InvalidPayloadError: no ``type`` (action), a content type other than JSON,
-            malformed JSON, or a body that is not a JSON object.
+        InvalidPayloadError: no ``type`` (action) or one over 255 characters, a
+            content type other than JSON, malformed JSON, or a body that is not a
+            JSON object.
     """
     action = envelope.type
     if not action:
         raise InvalidPayloadError("the request has no 'type' property naming the action")
-    payload = _json_object(envelope)
+    if len(action) > _MAX_ACTION_LENGTH:
+        raise InvalidPayloadError(
+            "the request's properties are invalid: the action ('type') is over"
+            f" {_MAX_ACTION_LENGTH} characters"
+        )
+    return RequestParts(action, _json_object(envelope), envelope.correlation_id)
+
+
+def decode_request(envelope: Envelope) -> AgentMessage:
+    """The request in a delivery, as the public model.
+
+    Raises:
+        InvalidPayloadError: as :func:`read_request`.
+    """
+    parts = read_request(envelope)
     priority = envelope.priority or 0
     deadline = deadline_from(envelope)
     try:
         return AgentMessage(
             id=envelope.message_id or "",
-            action=action,
-            payload=payload,
-            correlation_id=envelope.correlation_id,
+            action=parts.action,
+            payload=parts.payload,
+            correlation_id=parts.correlation_id,
             reply_to=envelope.reply_to,
             priority=min(max(priority, 0), MAX_PRIORITY),
             created_at=_datetime(envelope.timestamp),
             deadline=None if deadline is None else _datetime(deadline),
             redelivered=envelope.redelivered,
         )
-    except ValidationError as exc:  # e.g. an action name over 255 characters
+    except ValidationError as exc:  # not reached: read_request checks what can fail
         raise InvalidPayloadError(
             f"the request's properties are invalid: {exc.errors()[0]['msg']}"
         ) from None

@@ -51,7 +51,8 @@ from amqp_agents.events.publisher import EventPublisher, RecordingPublisher
 from amqp_agents.models.messages import AgentMessage, AgentResponse, ErrorCode
 from amqp_agents.models.schema import adapter_for, handler_argument, validate_payload
 from amqp_agents.models.topic import validate_pattern
-from amqp_agents.models.wire import check_name
+from amqp_agents.models.wire import RequestParts, check_name
+from amqp_agents.runtime.bounds import TimeLimits
 
 if TYPE_CHECKING:
     from pydantic import BaseModel, TypeAdapter
@@ -210,6 +211,7 @@ class Agent:
             raise ConfigurationError(f"{type(self).__qualname__} must set a class attribute 'name'")
         check_name("agent", self.name)
         self._running = False
+        self._limits = TimeLimits()
         self.events = RecordingPublisher()
 
     @property
@@ -273,7 +275,7 @@ class Agent:
 
     async def run(
         self,
-        message: AgentMessage,
+        message: AgentMessage | RequestParts,
         *,
         timeout_s: float | None = None,
         policy: RetryPolicy = NO_RETRY,
@@ -293,48 +295,33 @@ class Agent:
                     f"agent {self.name!r} has no action {message.action!r} (known: {known})"
                 ).to_response(correlation_id=cid)
             )
-        policy = self.retry_policy(message.action, policy)
-        method = getattr(self, spec.method)
+        if spec.retry is not None:
+            policy = spec.retry
+        adapter = spec.payload
         try:
-            payload = (
-                None if spec.payload is None else validate_payload(spec.payload, message.payload)
-            )
+            payload = None if adapter is None else validate_payload(adapter, message.payload)
         except InvalidPayloadError as exc:
             return Outcome(exc.to_response(correlation_id=cid))
         limit = _smallest(spec.timeout_s, timeout_s)
-
-        async def call_once() -> Any:  # async def: tenacity awaits only coroutine functions
-            return await self._try(method, spec.payload is not None, payload, limit, deadline)
-
-        def in_process(error: BaseException) -> bool:
-            timed_out = isinstance(error, _TimedOut)
-            return policy.is_retryable(error, timed_out=timed_out) and (
-                policy.retries_in_process(error)
-            )
-
+        method = getattr(self, spec.method)
+        takes_payload = adapter is not None
         try:
             try:
                 # The first try runs bare: tenacity's machinery costs more than a
                 # typical handler, and most requests succeed the first time.
-                result = await call_once()
+                result = await self._try(method, takes_payload, payload, limit, deadline)
             except Exception as first:
-                if policy.attempts < 2 or not in_process(first):
+                if policy.attempts < 2 or not _in_process(policy, first):
                     raise
                 log.info("retrying %s.%s (correlation id %s)", self.name, message.action, cid)
-                retrying = AsyncRetrying(
-                    stop=stop_after_attempt(policy.attempts - 1) | _StopAtDeadline(deadline),
-                    # "Full jitter": a random wait up to initial * 2**n, capped.
-                    wait=wait_random_exponential(
-                        multiplier=policy.backoff_initial_s, max=policy.backoff_max_s
-                    ),
-                    retry=retry_if_exception(in_process),
-                    reraise=True,
-                )
-                pause = retrying.wait(_first_try_state(retrying))
-                if deadline is not None and time.monotonic() + pause >= deadline:
-                    raise
-                await asyncio.sleep(pause)
-                result = await retrying(call_once)
+
+                async def call_once() -> Any:  # async def: tenacity awaits coroutine functions
+                    return await self._try(method, takes_payload, payload, limit, deadline)
+
+                try:
+                    result = await _retry(policy, deadline, call_once)
+                except _NoTimeToRetry:
+                    raise first from None
         except _TimedOut as exc:
             response = ActionTimeoutError(
                 f"action {message.action!r} took longer than {exc.limit_s:g}s"
@@ -350,8 +337,8 @@ class Agent:
             return Outcome(self._internal_error(message), retryable=policy.is_retryable(exc))
         return Outcome(AgentResponse.success(result, correlation_id=cid))
 
-    @staticmethod
     async def _try(
+        self,
         method: Callable[..., Awaitable[Any]],
         takes_payload: bool,
         payload: Any,
@@ -361,16 +348,19 @@ class Agent:
         """One try, bounded by ``limit`` and the deadline; overrun raises ``_TimedOut``."""
         if deadline is not None:
             limit = _smallest(limit, max(deadline - time.monotonic(), 0.0))
-        scope = asyncio.timeout(limit)
+        if limit is None:
+            return await (method(payload) if takes_payload else method())
+        guard = self._limits.arm(limit)
         try:
-            async with scope:
-                return await (method(payload) if takes_payload else method())
-        except TimeoutError as exc:
-            if scope.expired():
-                raise _TimedOut(limit or 0.0) from exc
+            result = await (method(payload) if takes_payload else method())
+        except BaseException as exc:
+            if guard.end(exc):
+                raise _TimedOut(limit) from exc
             raise
+        guard.end(None)
+        return result
 
-    def _internal_error(self, message: AgentMessage) -> AgentResponse:
+    def _internal_error(self, message: AgentMessage | RequestParts) -> AgentResponse:
         log.exception(
             "action %s.%s failed (correlation id %s)",
             self.name,
@@ -383,6 +373,35 @@ class Agent:
             f" (correlation id {message.correlation_id})",
             correlation_id=message.correlation_id,
         )
+
+
+def _in_process(policy: RetryPolicy, error: BaseException) -> bool:
+    """Whether ``error`` is retried within the delivery under ``policy``."""
+    timed_out = isinstance(error, _TimedOut)
+    return policy.is_retryable(error, timed_out=timed_out) and policy.retries_in_process(error)
+
+
+async def _retry(
+    policy: RetryPolicy, deadline: float | None, call_once: Callable[[], Awaitable[Any]]
+) -> Any:
+    """The tries after a failed first one: tenacity, backoff with full jitter, bounded by
+    the policy's attempts and the deadline; the last failure is raised."""
+    retrying = AsyncRetrying(
+        stop=stop_after_attempt(policy.attempts - 1) | _StopAtDeadline(deadline),
+        # "Full jitter": a random wait up to initial * 2**n, capped.
+        wait=wait_random_exponential(multiplier=policy.backoff_initial_s, max=policy.backoff_max_s),
+        retry=retry_if_exception(lambda error: _in_process(policy, error)),
+        reraise=True,
+    )
+    pause = retrying.wait(_first_try_state(retrying))
+    if deadline is not None and time.monotonic() + pause >= deadline:
+        raise _NoTimeToRetry
+    await asyncio.sleep(pause)
+    return await retrying(call_once)
+
+
+class _NoTimeToRetry(Exception):
+    """The backoff before the next try would end past the deadline."""
 
 
 class _TimedOut(Exception):

@@ -53,8 +53,8 @@ from amqp_agents.models.wire import (
     attempt_from,
     dead_letter_envelope,
     deadline_from,
-    decode_request,
     encode_reply,
+    read_request,
     retry_envelope,
 )
 from amqp_agents.transport.base import (
@@ -69,6 +69,7 @@ if TYPE_CHECKING:
     from amqp_agents.models.envelope import Envelope
     from amqp_agents.models.messages import AgentResponse
     from amqp_agents.runtime.agent import Agent
+from amqp_agents.runtime.bounds import Slots
 from amqp_agents.runtime.monitor import QueueMonitor
 
 __all__ = ["Worker", "WorkerStats"]
@@ -135,7 +136,7 @@ class Worker:
         self._settings = settings or WorkerSettings()
         self._publish_timeout_s = publish_timeout_s
         self._max_bytes = max_message_bytes
-        self._slots = asyncio.Semaphore(self._settings.concurrency)
+        self._slots = Slots(self._settings.concurrency)
         self._consumers: list[ConsumerHandle] = []
         self._waiting: set[asyncio.Task[object]] = set()
         self._running: set[asyncio.Task[object]] = set()
@@ -401,14 +402,15 @@ class Worker:
             return
         task = asyncio.current_task()
         assert task is not None  # noqa: S101  # always inside a task
-        self._waiting.add(task)
-        try:
-            await self._slots.acquire()
-        except asyncio.CancelledError:
-            await self._requeue(delivery)
-            raise
-        finally:
-            self._waiting.discard(task)
+        if not self._slots.try_take():
+            self._waiting.add(task)
+            try:
+                await self._slots.take()
+            except asyncio.CancelledError:
+                await self._requeue(delivery)
+                raise
+            finally:
+                self._waiting.discard(task)
         if not self._accepting():
             # A slot freed while stopping: not started yet, so it goes back.
             self._slots.release()
@@ -485,7 +487,7 @@ class Worker:
             await self._fail(agent, delivery, too_large.to_response(), attempt, dead_letter=True)
             return
         try:
-            message = decode_request(envelope)
+            message = read_request(envelope)
         except InvalidPayloadError as exc:
             self.stats.invalid += 1
             log.warning(

@@ -81,6 +81,10 @@ class _Message:
     redelivered: bool = False
 
 
+_ROUTE_CACHE_SIZE = 4096
+"""Routing keys remembered per exchange before the cache starts over."""
+
+
 def _seq(message: _Message) -> int:
     return message.seq
 
@@ -113,6 +117,9 @@ class _Exchange:
     kind: ExchangeKind
     durable: bool
     bindings: list[tuple[str, str]] = field(default_factory=list)  # (queue, key)
+    routes: dict[str, tuple[_Queue, ...]] = field(default_factory=dict)
+    """Routing key -> matching queues, in binding order; cleared when bindings or
+    queues change (routing is then a dict lookup, topic matching included)."""
 
 
 class _Queue:
@@ -302,11 +309,13 @@ class InMemoryBroker:
         self._queue(queue)
         if (queue, key) not in target.bindings:
             target.bindings.append((queue, key))
+            target.routes.clear()
 
     def _unbind(self, queue: str, exchange: str, key: str) -> None:
         target = self._exchanges.get(exchange)
         if target is not None and (queue, key) in target.bindings:
             target.bindings.remove((queue, key))
+            target.routes.clear()
 
     def _delete_queue(self, queue: _Queue) -> None:
         self._queues.pop(queue.name, None)
@@ -314,14 +323,24 @@ class InMemoryBroker:
             queue.expiry_timer.cancel()
         for exchange in self._exchanges.values():
             exchange.bindings = [b for b in exchange.bindings if b[0] != queue.name]
+            exchange.routes.clear()
 
     # -- routing and delivery ----------------------------------------------------------
 
-    def _route(self, exchange_name: str, key: str) -> list[_Queue]:
+    def _route(self, exchange_name: str, key: str) -> tuple[_Queue, ...]:
         if exchange_name == "":
             direct = self._queues.get(key)
-            return [] if direct is None else [direct]
+            return () if direct is None else (direct,)
         exchange = self._exchange(exchange_name)
+        routed = exchange.routes.get(key)
+        if routed is None:
+            routed = self._match(exchange, key)
+            if len(exchange.routes) >= _ROUTE_CACHE_SIZE:  # keys may be unbounded (events)
+                exchange.routes.clear()
+            exchange.routes[key] = routed
+        return routed
+
+    def _match(self, exchange: _Exchange, key: str) -> tuple[_Queue, ...]:
         names: dict[str, None] = {}  # each queue once, in binding order
         if exchange.kind is ExchangeKind.DIRECT:
             for queue, bound in exchange.bindings:
@@ -334,7 +353,7 @@ class InMemoryBroker:
         else:
             for queue, _bound in exchange.bindings:
                 names[queue] = None
-        return [self._queues[name] for name in names if name in self._queues]
+        return tuple(self._queues[name] for name in names if name in self._queues)
 
     def _publish(self, envelope: Envelope, *, mandatory: bool, confirm: bool = True) -> None:
         try:
@@ -369,7 +388,9 @@ class InMemoryBroker:
         now = time.monotonic()
         ttl = envelope.expiration_ms
         expires_at = None if ttl is None else now + ttl / 1000.0
-        priority = max(envelope.priority or 0, 0)
+        priority = envelope.priority or 0
+        if priority < 0:
+            priority = 0
         for queue in queues:
             expiry = expires_at
             if queue.message_ttl_s is not None:  # x-message-ttl: the shorter TTL wins
@@ -378,32 +399,39 @@ class InMemoryBroker:
             queue.push(_Message(stored, priority, expiry))
             # The same clock reading as expires_at: a zero TTL still reaches a consumer
             # that can take it right now, and expires otherwise.
-            self._pump(queue, now)
+            if queue.consumers:
+                self._pump(queue, now)
             if queue.ready:
                 self._schedule_expiry(queue)
 
     def _pump(self, queue: _Queue, now: float | None = None) -> None:
         """Deliver ready messages to consumers with room, round-robin."""
-        if not queue.consumers or not queue.ready:
+        consumers = queue.consumers
+        if not consumers or not queue.ready:
             return
         now = time.monotonic() if now is None else now
         expired: list[_Message] = []
-        consumers = queue.consumers
         while queue.ready and consumers:
+            count = len(consumers)
             consumer = None
-            for offset in range(len(consumers)):
-                candidate = consumers[(queue.next_consumer + offset) % len(consumers)]
-                if candidate.has_room():
-                    consumer = candidate
-                    queue.next_consumer = (queue.next_consumer + offset + 1) % len(consumers)
-                    break
+            if count == 1:  # the common case: no round-robin arithmetic
+                if consumers[0].has_room():
+                    consumer = consumers[0]
+            else:
+                for offset in range(count):
+                    candidate = consumers[(queue.next_consumer + offset) % count]
+                    if candidate.has_room():
+                        consumer = candidate
+                        queue.next_consumer = (queue.next_consumer + offset + 1) % count
+                        break
             if consumer is None:
                 break
             message = queue.pop(now, expired)
             if message is None:
                 break
             consumer.deliver(message)
-        self._dead_letter_all(queue, expired, "expired")
+        if expired:
+            self._dead_letter_all(queue, expired, "expired")
         if queue.ready:  # a new head may expire sooner than the timer set before
             self._schedule_expiry(queue)
 
@@ -533,6 +561,7 @@ class _Consumer:
         "cancelled",
         "closed",
         "handler",
+        "loop",
         "no_ack",
         "prefetch",
         "queue_name",
@@ -556,7 +585,9 @@ class _Consumer:
         self.prefetch = prefetch
         self.no_ack = no_ack
         self.unacked: dict[int, _Message] = {}
-        self.tasks: set[asyncio.Task[None]] = set()
+        self.tasks: dict[int, asyncio.Task[None]] = {}
+        """Running deliveries by tag (each removes itself: no done callback to schedule)."""
+        self.loop = asyncio.get_running_loop()
         self.cancelled = False
         self.closed = False
 
@@ -572,15 +603,15 @@ class _Consumer:
         if not self.no_ack:
             self.unacked[tag] = message
         delivery = _MemoryDelivery(self, message, tag)
-        task = asyncio.get_running_loop().create_task(self._run(delivery))
-        self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
+        self.tasks[tag] = self.loop.create_task(self._run(delivery, tag))
 
-    async def _run(self, delivery: _MemoryDelivery) -> None:
+    async def _run(self, delivery: _MemoryDelivery, tag: int) -> None:
         try:
             await self.handler(delivery)
         except Exception:
             log.exception("consumer of %s failed", self.queue_name)
+        finally:
+            self.tasks.pop(tag, None)
 
     def detach(self) -> None:
         """Stop receiving (basic.cancel): leave the queue, keep unacked ones."""
@@ -603,7 +634,8 @@ class _Consumer:
         self.closed = True
         if self in self.transport._consumers:  # no longer the connection's
             self.transport._consumers.remove(self)
-        for task in list(self.tasks):
+        tasks, self.tasks = self.tasks, {}  # one cancelled before it ran cannot remove itself
+        for task in tasks.values():
             task.cancel()
         unacked, self.unacked = self.unacked, {}
         queue = self.broker._queues.get(self.queue_name)
@@ -782,9 +814,9 @@ class InMemoryTransport:
         confirm: bool = True,
         timeout_s: float,
     ) -> None:
-        if not self._usable.is_set():
+        if self._state is not _State.CONNECTED or self._blocked:
             await self._wait_usable(timeout_s)
-        self._require_connected()
+            self._require_connected()
         # Like the RabbitMQ transport, a return is only reported on confirmed publishes.
         self.broker._publish(envelope, mandatory=mandatory and confirm, confirm=confirm)
 
