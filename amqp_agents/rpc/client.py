@@ -114,6 +114,8 @@ class _Lost(Enum):
 
 _RESEND: Final = _Lost.RESEND
 
+_NAME_CACHE_SIZE: Final = 1024
+
 
 class RpcClient:
     """Calls agents over a :class:`~amqp_agents.transport.base.Transport`.
@@ -136,6 +138,7 @@ class RpcClient:
         self._metrics = metrics
         self._topology = topology or Topology()
         self._settings = settings or RpcSettings()
+        self._default_timeout_s = self._timeout(self._settings.timeout_s)
         self._publish_timeout_s = publish_timeout_s
         self._max_bytes = max_message_bytes
         self._replies = ReplyQueue(transport)
@@ -146,6 +149,8 @@ class RpcClient:
         """Set while the reply queue is live: cleared on a lost connection, set again
         once restored (and on close, so nobody waits)."""
         self._idempotent: set[str] = set()
+        self._valid_names: set[tuple[str, str]] = set()
+        """(agent, action) pairs already checked: a regex per call is measurable."""
         self.resent = 0
         """Idempotent calls sent again after a lost connection."""
 
@@ -415,7 +420,9 @@ class RpcClient:
     # -- internals -------------------------------------------------------------------
 
     def _timeout(self, timeout_s: float | _Default) -> float:
-        timeout = self._settings.timeout_s if timeout_s is DEFAULT else timeout_s
+        if timeout_s is DEFAULT:
+            return self._default_timeout_s
+        timeout = timeout_s
         if not isinstance(timeout, int | float) or not timeout > 0:
             raise ConfigurationError(f"timeout_s must be a positive number, not {timeout_s!r}")
         return float(timeout)
@@ -432,11 +439,15 @@ class RpcClient:
     ) -> Envelope:
         if self._state is not _State.STARTED:
             raise LifecycleError(f"RPC client is {self._state.value}; call start() first")
-        try:
-            check_name("agent", agent)
-            check_name("action", action)
-        except ValueError as exc:
-            raise ConfigurationError(str(exc)) from None
+        if (agent, action) not in self._valid_names:
+            try:
+                check_name("agent", agent)
+                check_name("action", action)
+            except ValueError as exc:
+                raise ConfigurationError(str(exc)) from None
+            if len(self._valid_names) >= _NAME_CACHE_SIZE:
+                self._valid_names.clear()
+            self._valid_names.add((agent, action))
         if not 0 <= priority <= MAX_PRIORITY:
             raise ConfigurationError(f"priority must be 0-{MAX_PRIORITY}, not {priority}")
         body = b"{}" if payload is None else dump_json(payload)

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -374,9 +375,7 @@ class Worker:
     # -- per delivery ----------------------------------------------------------------
 
     def _handler_for(self, agent: Agent) -> Callable[[Delivery], Awaitable[None]]:
-        async def process(delivery: Delivery) -> None:
-            await self._process(agent, delivery)
-
+        process = functools.partial(self._process, agent)
         metrics = self._metrics
         received = None if metrics is None else metrics.child(metrics.messages_received, agent.name)
 
@@ -472,15 +471,15 @@ class Worker:
             remaining -= min(_ANSWER_RESERVE_S, remaining / 10)
             timeout_s = min(timeout_s, remaining)
         work_until = None if deadline is None else time.monotonic() + remaining
-        attempt = attempt_from(envelope)
         if envelope.redelivered:
             # Delivered before and never settled: maybe it crashed the worker. Count it
             # as an attempt *in the message* (republish, then ack), or a message that
             # kills the process would loop forever.
-            await self._count_redelivery(agent, delivery, attempt + 1)
+            await self._count_redelivery(agent, delivery, attempt_from(envelope) + 1)
             return
         policy = self._settings.retry
         if len(envelope.body) > self._max_bytes:
+            attempt = attempt_from(envelope)
             too_large = MessageTooLargeError(
                 f"the request is {len(envelope.body)} bytes, over the {self._max_bytes}-byte limit"
             )
@@ -497,26 +496,30 @@ class Worker:
                 exc.message,
                 extra=_fields(agent, envelope, "invalid", exc.code),
             )
-            await self._fail(agent, delivery, exc.to_response(), attempt, dead_letter=True)
+            await self._fail(
+                agent, delivery, exc.to_response(), attempt_from(envelope), dead_letter=True
+            )
             return
-        started = time.perf_counter()
-        outcome = await agent.run(
-            message,
-            timeout_s=timeout_s,
-            policy=policy,
-            deadline=work_until,
-        )
-        if self._metrics is not None:
+        metrics = self._metrics
+        started = 0.0 if metrics is None else time.perf_counter()
+        outcome = await agent.run(message, timeout_s=timeout_s, policy=policy, deadline=work_until)
+        response = outcome.response
+        if metrics is not None:
             action = _action_label(agent, message.action)
-            self._metrics.child(self._metrics.handler_duration, agent.name, action).observe(
+            metrics.child(metrics.handler_duration, agent.name, action).observe(
                 time.perf_counter() - started
             )
-            if outcome.response.code == ErrorCode.TIMEOUT:
-                self._metrics.child(self._metrics.handler_timeouts, agent.name, action).inc()
+            if response.code == ErrorCode.TIMEOUT:
+                metrics.child(metrics.handler_timeouts, agent.name, action).inc()
         if not outcome.retryable:
-            crashed = outcome.response.code == ErrorCode.INTERNAL_ERROR
-            await self._fail(agent, delivery, outcome.response, attempt, dead_letter=crashed)
+            if response.error is None:
+                await self._reply_and_ack(agent, delivery, response)
+                return
+            crashed = response.error.code == ErrorCode.INTERNAL_ERROR
+            attempt = attempt_from(envelope)
+            await self._fail(agent, delivery, response, attempt, dead_letter=crashed)
             return
+        attempt = attempt_from(envelope)
         policy = agent.retry_policy(message.action, policy)
         if attempt < policy.max_deliveries:
             delay_ms = policy.redelivery_delay_ms(attempt, outcome.delay_s)

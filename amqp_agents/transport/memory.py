@@ -36,10 +36,11 @@ import itertools
 import logging
 import os
 import time
+import types
 from collections import deque
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import TYPE_CHECKING, Self
+from typing import TYPE_CHECKING, Any, Self
 
 from amqp_agents.errors import (
     AccessRefusedError,
@@ -63,7 +64,7 @@ from amqp_agents.transport.base import (
 )
 
 if TYPE_CHECKING:
-    from collections.abc import Awaitable, Callable
+    from collections.abc import Awaitable, Callable, Coroutine, Generator
 
     from amqp_agents.models.envelope import HeaderValue
 
@@ -203,6 +204,21 @@ class _Queue:
             while level and level[0].expires_at is not None and level[0].expires_at < now:
                 expired.append(level.popleft())
                 self.ready -= 1
+
+
+def _next_consumer(queue: _Queue) -> _Consumer | None:
+    """The next consumer with room, round-robin; ``None`` if all are full."""
+    consumers = queue.consumers
+    count = len(consumers)
+    if count == 1:  # the common case: no round-robin arithmetic
+        only = consumers[0]
+        return only if only.has_room() else None
+    for offset in range(count):
+        candidate = consumers[(queue.next_consumer + offset) % count]
+        if candidate.has_room():
+            queue.next_consumer = (queue.next_consumer + offset + 1) % count
+            return candidate
+    return None
 
 
 @dataclass(frozen=True, slots=True)
@@ -396,9 +412,17 @@ class InMemoryBroker:
             if queue.message_ttl_s is not None:  # x-message-ttl: the shorter TTL wins
                 queue_expiry = now + queue.message_ttl_s
                 expiry = queue_expiry if expiry is None else min(expiry, queue_expiry)
-            queue.push(_Message(stored, priority, expiry))
-            # The same clock reading as expires_at: a zero TTL still reaches a consumer
-            # that can take it right now, and expires otherwise.
+            message = _Message(stored, priority, expiry)
+            if not queue.ready and queue.consumers:
+                # Nothing waits ahead of it: straight to a consumer with room, if any.
+                # (A zero TTL still reaches a consumer that can take it right now.)
+                consumer = _next_consumer(queue)
+                if consumer is not None:
+                    queue.next_seq += 1
+                    message.seq = queue.next_seq
+                    consumer.deliver(message)
+                    continue
+            queue.push(message)
             if queue.consumers:
                 self._pump(queue, now)
             if queue.ready:
@@ -412,18 +436,7 @@ class InMemoryBroker:
         now = time.monotonic() if now is None else now
         expired: list[_Message] = []
         while queue.ready and consumers:
-            count = len(consumers)
-            consumer = None
-            if count == 1:  # the common case: no round-robin arithmetic
-                if consumers[0].has_room():
-                    consumer = consumers[0]
-            else:
-                for offset in range(count):
-                    candidate = consumers[(queue.next_consumer + offset) % count]
-                    if candidate.has_room():
-                        consumer = candidate
-                        queue.next_consumer = (queue.next_consumer + offset + 1) % count
-                        break
+            consumer = _next_consumer(queue)
             if consumer is None:
                 break
             message = queue.pop(now, expired)
@@ -603,7 +616,26 @@ class _Consumer:
         if not self.no_ack:
             self.unacked[tag] = message
         delivery = _MemoryDelivery(self, message, tag)
-        self.tasks[tag] = self.loop.create_task(self._run(delivery, tag))
+        if self.no_ack:
+            self.loop.call_soon(self._start_no_ack, delivery, tag)
+        else:
+            self.tasks[tag] = self.loop.create_task(self._run(delivery, tag))
+
+    def _start_no_ack(self, delivery: _MemoryDelivery, tag: int) -> None:
+        """Run a no-ack handler's first step from the loop; a task only if it suspends.
+
+        A reply handler (the no-ack consumer the library has) finishes in its first
+        step: it files the reply and returns. A task per reply would double the
+        scheduling cost of an in-memory round trip.
+        """
+        if self.closed:
+            return
+        coro = self._run(delivery, tag)
+        try:
+            yielded = coro.send(None)
+        except StopIteration:
+            return
+        self.tasks[tag] = self.loop.create_task(_carry_on(coro, yielded))
 
     async def _run(self, delivery: _MemoryDelivery, tag: int) -> None:
         try:
@@ -652,6 +684,30 @@ class _Consumer:
 
     async def close(self) -> None:
         self.close_channel()
+
+
+async def _carry_on(coro: Coroutine[Any, Any, None], yielded: Any) -> None:
+    """Finish, inside a task, a coroutine that already ran up to its first suspension."""
+    await _resume(coro, yielded)
+
+
+@types.coroutine
+def _resume(coro: Coroutine[Any, Any, None], yielded: Any) -> Generator[Any, Any, None]:
+    # Hands what the coroutine awaits to the task, and the task's answer (a value, or
+    # a cancellation thrown in) back to the coroutine, until it returns.
+    while True:
+        try:
+            sent = yield yielded
+        except BaseException as exc:  # relayed, never swallowed
+            try:
+                yielded = coro.throw(exc)
+            except StopIteration:
+                return
+        else:
+            try:
+                yielded = coro.send(sent)
+            except StopIteration:
+                return
 
 
 class _State(Enum):
