@@ -34,6 +34,7 @@ __all__ = [
     "dump_json",
     "encode_reply",
     "encode_request",
+    "encode_success",
     "read_request",
 ]
 
@@ -62,6 +63,8 @@ _DEAD_LETTER_HEADERS: Final = (
 MAX_PRIORITY: Final = 9
 """Highest priority in the contract; the default ``x-max-priority`` of agent queues."""
 
+_validate_reply: Final = AgentResponse.__pydantic_validator__.validate_python
+"""``AgentResponse.model_validate`` without its Python wrapper (a reply per call)."""
 _MAX_EPOCH_MS: Final = 253_402_300_799_000  # 9999-12-31, datetime's limit
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,199}$")
 
@@ -346,10 +349,22 @@ def decode_request(envelope: Envelope) -> AgentMessage:
 def encode_reply(response: AgentResponse, reply_to: str, correlation_id: str | None) -> Envelope:
     """The AMQP message for a reply: default exchange, routing key = ``reply_to``."""
     if response.ok:
-        body = dump_json({"ok": True, "data": response.data})
-    else:
-        assert response.error is not None  # noqa: S101  # guaranteed by AgentResponse
-        body = dump_json({"ok": False, "error": response.error.model_dump(exclude_none=True)})
+        return encode_success(response.data, reply_to, correlation_id)
+    assert response.error is not None  # noqa: S101  # guaranteed by AgentResponse
+    body = dump_json({"ok": False, "error": response.error.model_dump(exclude_none=True)})
+    return _reply_envelope(body, reply_to, correlation_id)
+
+
+def encode_success(data: Any, reply_to: str, correlation_id: str | None) -> Envelope:
+    """The AMQP message for a successful reply carrying ``data``.
+
+    Raises:
+        InvalidPayloadError: ``data`` is not JSON-serialisable.
+    """
+    return _reply_envelope(dump_json({"ok": True, "data": data}), reply_to, correlation_id)
+
+
+def _reply_envelope(body: bytes, reply_to: str, correlation_id: str | None) -> Envelope:
     return Envelope(
         body=body,
         exchange="",
@@ -409,7 +424,11 @@ def decode_event(envelope: Envelope) -> Event:
 
 def _json_object(envelope: Envelope) -> dict[str, Any]:
     content_type = envelope.content_type
-    if content_type and content_type.split(";", 1)[0].strip().lower() != CONTENT_TYPE_JSON:
+    if (
+        content_type
+        and content_type != CONTENT_TYPE_JSON
+        and content_type.split(";", 1)[0].strip().lower() != CONTENT_TYPE_JSON
+    ):
         raise InvalidPayloadError(
             f"content type {content_type!r} is not supported; send {CONTENT_TYPE_JSON}"
         )
@@ -429,7 +448,8 @@ def decode_reply(envelope: Envelope) -> AgentResponse:
         if not isinstance(body, dict):
             raise ValueError("a reply must be a JSON object")
         body["correlation_id"] = envelope.correlation_id
-        return AgentResponse.model_validate(body)
+        reply: AgentResponse = _validate_reply(body)
+        return reply
     except (ValueError, ValidationError) as exc:
         problem = f"{exc.error_count()} problem(s)" if isinstance(exc, ValidationError) else exc
         return AgentResponse.failure(

@@ -66,14 +66,53 @@ _EVENT_ATTR = "__amqp_agents_events__"
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
 
 
-@dataclass(frozen=True, slots=True)
 class Outcome:
-    """What running a request gave: the reply, and whether a redelivery may help."""
+    """What running a request gave: the reply, and whether a redelivery may help.
 
-    response: AgentResponse
-    retryable: bool = False
-    delay_s: float | None = None
-    """The delay a ``Retry(delay_s=...)`` asked for."""
+    A success keeps the handler's result as :attr:`data` and builds its
+    :attr:`response` model only when asked: the worker encodes the reply straight
+    from the data, and most requests succeed.
+    """
+
+    __slots__ = ("_correlation_id", "_response", "data", "delay_s", "retryable")
+
+    def __init__(
+        self, response: AgentResponse, *, retryable: bool = False, delay_s: float | None = None
+    ) -> None:
+        self._response: AgentResponse | None = response
+        self._correlation_id = response.correlation_id
+        self.data: Any = response.data
+        """The successful reply's data (``None`` for a failure)."""
+        self.retryable = retryable
+        """A redelivery may help (a retryable failure)."""
+        self.delay_s = delay_s
+        """The delay a ``Retry(delay_s=...)`` asked for."""
+
+    @classmethod
+    def success(cls, data: Any, *, correlation_id: str | None = None) -> Outcome:
+        """A successful outcome carrying the handler's result."""
+        outcome = cls.__new__(cls)
+        outcome._response = None
+        outcome._correlation_id = correlation_id
+        outcome.data = data
+        outcome.retryable = False
+        outcome.delay_s = None
+        return outcome
+
+    @property
+    def ok(self) -> bool:
+        """The request succeeded."""
+        return self._response is None or self._response.ok
+
+    @property
+    def response(self) -> AgentResponse:
+        """The reply as a model."""
+        if self._response is None:
+            self._response = AgentResponse.success(self.data, correlation_id=self._correlation_id)
+        return self._response
+
+    def __repr__(self) -> str:
+        return f"Outcome(response={self.response!r}, retryable={self.retryable!r})"
 
 
 @dataclass(frozen=True, slots=True)
@@ -335,7 +374,7 @@ class Agent:
             )
         except Exception as exc:
             return Outcome(self._internal_error(message), retryable=policy.is_retryable(exc))
-        return Outcome(AgentResponse.success(result, correlation_id=cid))
+        return Outcome.success(result, correlation_id=cid)
 
     async def _try(
         self,

@@ -55,6 +55,7 @@ from amqp_agents.models.wire import (
     dead_letter_envelope,
     deadline_from,
     encode_reply,
+    encode_success,
     read_request,
     retry_envelope,
 )
@@ -70,6 +71,7 @@ if TYPE_CHECKING:
     from amqp_agents.models.envelope import Envelope
     from amqp_agents.models.messages import AgentResponse
     from amqp_agents.runtime.agent import Agent
+from amqp_agents.runtime.agent import Outcome
 from amqp_agents.runtime.bounds import Slots
 from amqp_agents.runtime.monitor import QueueMonitor
 
@@ -503,18 +505,19 @@ class Worker:
         metrics = self._metrics
         started = 0.0 if metrics is None else time.perf_counter()
         outcome = await agent.run(message, timeout_s=timeout_s, policy=policy, deadline=work_until)
-        response = outcome.response
         if metrics is not None:
             action = _action_label(agent, message.action)
             metrics.child(metrics.handler_duration, agent.name, action).observe(
                 time.perf_counter() - started
             )
-            if response.code == ErrorCode.TIMEOUT:
+            if not outcome.ok and outcome.response.code == ErrorCode.TIMEOUT:
                 metrics.child(metrics.handler_timeouts, agent.name, action).inc()
+        if outcome.ok:
+            await self._reply_and_ack(agent, delivery, outcome)
+            return
+        response = outcome.response
+        assert response.error is not None  # noqa: S101  # not ok: an error reply
         if not outcome.retryable:
-            if response.error is None:
-                await self._reply_and_ack(agent, delivery, response)
-                return
             crashed = response.error.code == ErrorCode.INTERNAL_ERROR
             attempt = attempt_from(envelope)
             await self._fail(agent, delivery, response, attempt, dead_letter=crashed)
@@ -529,13 +532,16 @@ class Worker:
         await self._fail(agent, delivery, outcome.response, attempt, dead_letter=True)
 
     async def _reply_and_ack(
-        self, agent: Agent, delivery: Delivery, response: AgentResponse
+        self, agent: Agent, delivery: Delivery, answer: AgentResponse | Outcome
     ) -> bool:
-        """Reply (if asked to), then ack. False if the reply failed (then requeued)."""
+        """Reply (if asked to), then ack. False if the reply failed (then requeued).
+
+        ``answer``: an error reply, or a successful outcome (encoded from its data).
+        """
         envelope = delivery.envelope
         reply_to = envelope.reply_to
         if reply_to:
-            reply = self._encode_reply(agent, response, reply_to, envelope.correlation_id)
+            reply = self._encode_reply(agent, answer, reply_to, envelope.correlation_id)
             try:
                 await self._transport.publish(reply, timeout_s=self._publish_timeout_s)
             except TransportError as exc:
@@ -549,7 +555,7 @@ class Worker:
         await delivery.ack()
         if self._metrics is not None:
             action = _action_label(agent, envelope.type)
-            error = response.error
+            error = None if isinstance(answer, Outcome) else answer.error
             if error is None:
                 self._metrics.child(self._metrics.messages_handled, agent.name, action, "ok").inc()
             else:
@@ -675,10 +681,17 @@ class Worker:
         return name
 
     def _encode_reply(
-        self, agent: Agent, response: AgentResponse, reply_to: str, correlation_id: str | None
+        self,
+        agent: Agent,
+        answer: AgentResponse | Outcome,
+        reply_to: str,
+        correlation_id: str | None,
     ) -> Envelope:
         try:
-            reply = encode_reply(response, reply_to, correlation_id)
+            if isinstance(answer, Outcome):
+                reply = encode_success(answer.data, reply_to, correlation_id)
+            else:
+                reply = encode_reply(answer, reply_to, correlation_id)
         except InvalidPayloadError as exc:
             log.error("%s returned a value that is not JSON: %s", agent.name, exc.message)
             failure = InternalError("the action returned a value that cannot be sent as JSON")

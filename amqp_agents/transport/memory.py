@@ -516,7 +516,7 @@ class InMemoryBroker:
 
     def _settled(self, queue_name: str) -> None:
         queue = self._queues.get(queue_name)
-        if queue is not None:
+        if queue is not None and queue.ready:  # room freed: the next one may go
             self._pump(queue)
 
     def _reject(self, queue_name: str, message: _Message) -> None:

@@ -3,9 +3,12 @@ per-message TTL."""
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Awaitable, Callable
+
 import pytest
 
-from amqp_agents.transport.base import ExchangeKind, Transport
+from amqp_agents.transport.base import Delivery, ExchangeKind, Transport
 from tests.contract.conftest import Backend, bodies
 
 
@@ -22,6 +25,13 @@ async def dead_letter_setup(
     source = await backend.queue(transport, "source", arguments=arguments)
     await transport.bind_queue(dead, dlx, routing_key or source)
     return source, dlx, dead
+
+
+def _async(check: Callable[[], bool]) -> Callable[[], Awaitable[bool]]:
+    async def wrapped() -> bool:
+        return check()
+
+    return wrapped
 
 
 # -- order and flow ------------------------------------------------------------------
@@ -106,6 +116,43 @@ async def test_no_ack_consumer_gets_messages_without_settling(
     await deliveries[2].reject()
     await inbox.close()
     assert await backend.ready(transport, queue) == 0
+
+
+async def test_a_suspending_no_ack_handler_finishes_and_is_cancelled_by_close(
+    backend: Backend, transport: Transport
+) -> None:
+    """A no-ack handler that waits mid-way finishes once it can (each in its own
+    task, so one waiting holds up no other), and closing the consumer cancels the
+    handlers still waiting."""
+    queue = await backend.queue(transport)
+    release = asyncio.Event()
+    started: list[bytes] = []
+    finished: list[bytes] = []
+    cancelled: list[bytes] = []
+
+    async def handler(delivery: Delivery) -> None:
+        body = delivery.envelope.body
+        started.append(body)
+        try:
+            if body != b"quick":
+                await release.wait()
+        except asyncio.CancelledError:
+            cancelled.append(body)
+            raise
+        finished.append(body)
+
+    consumer = await transport.consume(queue, handler, prefetch=0, no_ack=True)
+    await backend.publish(transport, b"slow", routing_key=queue)
+    await backend.publish(transport, b"quick", routing_key=queue)
+    await backend.wait_until(_async(lambda: finished == [b"quick"]), "the quick one")
+    release.set()
+    await backend.wait_until(_async(lambda: b"slow" in finished), "the slow one")
+    release.clear()
+    await backend.publish(transport, b"stuck", routing_key=queue)
+    await backend.wait_until(_async(lambda: b"stuck" in started), "the stuck one starts")
+    await consumer.close()
+    await backend.wait_until(_async(lambda: cancelled == [b"stuck"]), "closing cancels it")
+    assert b"stuck" not in finished
 
 
 async def test_requeued_messages_return_to_their_original_positions(

@@ -551,3 +551,25 @@ async def test_emit_rejects_unserialisable_payload() -> None:
 def test_each_agent_has_its_own_recorder() -> None:
     """Two agents never share recorded events."""
     assert Shop().events is not Shop().events
+
+
+async def test_a_successful_outcome_builds_its_reply_model_on_demand() -> None:
+    """Agent.run keeps a success's data; .response is the same reply a model would be."""
+    outcome = await Shop().run(_message("echo", {"name": "Ada"}))
+    assert outcome.ok
+    assert not outcome.retryable
+    assert outcome.data == {"name": "Ada"}
+    response = outcome.response
+    assert response.ok
+    assert response.data == {"name": "Ada"}
+    assert response.correlation_id == "c-1"
+    assert outcome.response is response, "built once"
+    assert "Ada" in repr(outcome)
+
+
+async def test_a_failed_outcome_is_not_ok_and_keeps_its_reply() -> None:
+    outcome = await Shop().run(_message("nope"))
+    assert not outcome.ok
+    assert outcome.data is None
+    assert outcome.response.code == ErrorCode.UNKNOWN_ACTION
+    assert outcome.response.correlation_id == "c-1"
