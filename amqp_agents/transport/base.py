@@ -11,6 +11,13 @@ Guarantees every implementation gives (checked by the shared tests):
 * **Consume** delivers messages of one queue to the handler, at most ``prefetch``
   unsettled at a time, in queue order (priority first, FIFO within a priority). The
   handler is called from the event loop and must not block; it should spawn work.
+  Each delivery runs in a task of its own, so handlers wait independently and are
+  cancelled when their consumer's channel closes. Only once ``consume()`` has returned:
+  deliveries that arrive with the consume-ok wait for it, and a ``consume()`` that fails
+  or is cancelled handles none. (No-ack handlers may *start* from the loop directly and
+  take a task only if they suspend: a reply handler that files its reply and returns
+  needs none. They must not rely on ``asyncio.current_task()`` before their first
+  ``await``.)
 * **Settlement**: a delivery is settled exactly once (``ack``, ``nack`` or ``reject``);
   unsettled deliveries are requeued by the broker when the consumer's channel closes.
   Settling on a channel that has since died is a no-op (the broker redelivers anyway).

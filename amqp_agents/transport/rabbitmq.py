@@ -164,8 +164,38 @@ class _RabbitConsumer:
 
 
 async def _close_channel(channel: AbstractChannel) -> None:
-    with contextlib.suppress(*_LINK_ERRORS, TimeoutError, aiormq.exceptions.AMQPError):
-        await asyncio.wait_for(channel.close(), timeout=5)
+    await _close_within(channel.close(), _CLOSE_TIMEOUT_S)
+
+
+_CLOSE_TIMEOUT_S = 5.0
+"""The longest a channel or connection close may take; then it is abandoned."""
+
+
+async def _close_within(closing: Awaitable[None], timeout_s: float) -> None:
+    """Await a close for at most ``timeout_s``, errors of a dying link ignored.
+
+    Not ``wait_for``: on Python 3.11 it waits for the cancelled close to *finish*,
+    and a close stuck on a stalled socket may never do so; a worker's stop (and the
+    supervisor's reconnect behind it) would hang with it. Past the bound the close
+    is cancelled and left to end on its own.
+    """
+    task = asyncio.ensure_future(closing)
+    try:
+        done, _ = await asyncio.wait({task}, timeout=timeout_s)
+    except asyncio.CancelledError:
+        task.cancel()
+        raise
+    if not done:
+        log.warning("a close did not finish within %gs; abandoned", timeout_s)
+        task.cancel()
+        return
+    if task.cancelled():  # aiormq cancels what was pending on a dying connection
+        return
+    error = task.exception()
+    if error is not None and not isinstance(
+        error, (*_LINK_ERRORS, TimeoutError, aiormq.exceptions.AMQPError)
+    ):
+        raise error
 
 
 def _field_table(headers: dict[str, HeaderValue] | None) -> dict[str, Any] | None:
@@ -495,8 +525,7 @@ class RabbitTransport:
         self._forget_channels()
         for connection in connections:
             if connection is not None and not connection.is_closed:
-                with contextlib.suppress(*_LINK_ERRORS, TimeoutError, aiormq.exceptions.AMQPError):
-                    await asyncio.wait_for(connection.close(), timeout=5)
+                await _close_within(connection.close(), _CLOSE_TIMEOUT_S)
 
     async def aclose(self) -> None:
         if self._state is _State.CLOSED:

@@ -213,8 +213,15 @@ async def system_under_load(
         )
     finally:
         stop.set()
+        done, _ = await asyncio.wait({serving}, timeout=20)
+        if not done:
+            stacks = library_stacks()
+            serving.cancel()
+            with contextlib.suppress(BaseException):
+                await asyncio.wait_for(serving, 10)
+            raise AssertionError(f"the supervisor did not stop within 20 s:\n{stacks}")
         with contextlib.suppress(Exception):
-            await asyncio.wait_for(serving, 20)
+            serving.result()  # its failure, if any, is the test's, reported above
         for closing in (client.aclose, publisher.aclose, subscriber.aclose):
             with contextlib.suppress(Exception):
                 await closing()
@@ -290,6 +297,21 @@ async def load(system: System, running: asyncio.Event) -> None:
         group.create_task(confirmer(publish, ledger.events_confirmed, ledger.events_unknown))
 
 
+def library_stacks() -> str:
+    """Where each running task that is in the library's code waits (for a failure
+    message: a hang names its await)."""
+    lines = []
+    for task in asyncio.all_tasks():
+        frames = [
+            f"{f.f_code.co_filename.rsplit('amqp_agents', 1)[-1]}:{f.f_lineno} {f.f_code.co_name}"
+            for f in task.get_stack(limit=20)
+            if "amqp_agents" in f.f_code.co_filename
+        ]
+        if frames:
+            lines.append(f"{task.get_name()}: " + " <- ".join(reversed(frames)))
+    return "\n".join(sorted(lines)) or "(none)"
+
+
 def _really_cancelled() -> bool:
     task = asyncio.current_task()
     return task is None or task.cancelling() > 0
@@ -323,7 +345,8 @@ async def run_fault(
             raise AssertionError(
                 f"no call succeeded after the fault: {dict(after)}; worker ready"
                 f" {system.supervisor.is_ready}; agent queue {info}; client connected"
-                f" {system.client._transport.is_connected}; load {loading!r}"
+                f" {system.client._transport.is_connected}; load {loading!r}\n"
+                f"where the library's tasks wait:\n{library_stacks()}"
             ) from None
         recovered = ledger.first_ok_after(fault_ended)
         assert recovered is not None
