@@ -99,6 +99,13 @@ class Supervisor:
                 return  # a graceful stop
             except BrokerUnavailableError as exc:
                 log.warning("lost the broker connection (%s); reconnecting", exc)
+            except asyncio.CancelledError:
+                task = asyncio.current_task()
+                if task is None or task.cancelling() > 0:
+                    raise  # we are being cancelled
+                # A cancellation nobody asked for (a dying link's, surfacing from the
+                # worker's stop): never end the supervisor silently over it.
+                log.error("the worker ended by a stray cancellation; reconnecting")
             finally:
                 self.worker = None
                 await transport.aclose()

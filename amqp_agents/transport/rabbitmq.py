@@ -147,9 +147,16 @@ class _RabbitConsumer:
     async def cancel(self) -> None:
         if self._channel.is_closed or self._closing is not None:
             return
-        with contextlib.suppress(*_LINK_ERRORS, TimeoutError):
+        try:
             underlay = await self._channel.get_underlay_channel()
             await underlay.basic_cancel(self._tag, timeout=5)
+        except asyncio.CancelledError as exc:
+            # The link died under the basic.cancel (aiormq cancels what was pending):
+            # the consumer is gone with it. Only a real cancellation propagates, or a
+            # worker's stop would end cancelled and take its supervisor with it.
+            _stray(exc)
+        except (*_LINK_ERRORS, TimeoutError, aiormq.exceptions.AMQPError):
+            pass  # the consumer is gone with its channel
 
     async def close(self) -> None:
         # The close runs in a task of its own, shielded: a caller cancelled halfway

@@ -1,0 +1,115 @@
+"""The supervisor restarts workers after lost connections, and never dies of a
+cancellation nobody asked for; a consumer's cancel survives a link dying under it."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import Any, cast
+
+import pytest
+
+from amqp_agents.runtime.agent import Agent, action
+from amqp_agents.runtime.supervisor import Supervisor
+from amqp_agents.runtime.worker import Worker
+from amqp_agents.transport.base import Transport
+from amqp_agents.transport.memory import InMemoryBroker, InMemoryTransport
+from amqp_agents.transport.rabbitmq import _RabbitConsumer
+from tests.agents_for_tests import await_until
+
+
+class Echo(Agent):
+    name = "echo"
+
+    @action("echo")
+    async def echo(self, payload: dict[str, Any]) -> dict[str, Any]:
+        return payload
+
+
+class StrayCancelWorker(Worker):
+    """Its serve() ends with a CancelledError nobody asked for, as a stop did when a
+    dying link's cancellation escaped the transport."""
+
+    async def serve(self, shutdown_trigger: Callable[[], Awaitable[object]] | None = None) -> None:
+        await self.start()
+        await self.stop()
+        raise asyncio.CancelledError
+
+
+async def test_a_stray_cancellation_does_not_end_the_supervisor() -> None:
+    broker = InMemoryBroker()
+    built: list[Worker] = []
+
+    def build(transport: Transport) -> Worker:
+        kind = StrayCancelWorker if not built else Worker
+        built.append(kind(transport, [Echo()]))
+        return built[-1]
+
+    supervisor = Supervisor(
+        lambda: InMemoryTransport(broker), build, backoff_initial_s=0.01, backoff_max_s=0.01
+    )
+    stop = asyncio.Event()
+    running = asyncio.create_task(supervisor.run(stop))
+
+    async def ready() -> bool:
+        return supervisor.is_ready
+
+    await await_until(ready, timeout_s=5, what="a fresh worker serving")
+    assert [type(w) for w in built] == [StrayCancelWorker, Worker]
+    assert supervisor.reconnects == 1
+    stop.set()
+    await asyncio.wait_for(running, 5)
+
+
+async def test_cancelling_the_supervisor_still_cancels_it() -> None:
+    broker = InMemoryBroker()
+    supervisor = Supervisor(
+        lambda: InMemoryTransport(broker), lambda t: Worker(t, [Echo()]), backoff_initial_s=0.01
+    )
+    running = asyncio.create_task(supervisor.run(asyncio.Event()))
+
+    async def ready() -> bool:
+        return supervisor.is_ready
+
+    await await_until(ready, timeout_s=5, what="the worker serving")
+    running.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(running, 5)
+
+
+class _DyingUnderlay:
+    """An aiormq channel whose basic.cancel is cut by the connection dying."""
+
+    async def basic_cancel(self, tag: str, *, timeout: float) -> None:  # noqa: ASYNC109
+        raise asyncio.CancelledError  # what aiormq does to RPCs pending on a dead link
+
+
+class _Channel:
+    is_closed = False
+
+    async def get_underlay_channel(self) -> _DyingUnderlay:
+        return _DyingUnderlay()
+
+
+async def test_a_consumer_cancel_cut_by_a_dying_link_returns() -> None:
+    consumer = _RabbitConsumer("q", cast("Any", _Channel()), "tag")
+    await asyncio.wait_for(consumer.cancel(), 1)  # returns: the consumer died with the link
+
+
+async def test_a_consumer_cancel_that_is_cancelled_raises() -> None:
+    gate = asyncio.Event()
+
+    class _SlowUnderlay:
+        async def basic_cancel(self, tag: str, *, timeout: float) -> None:  # noqa: ASYNC109
+            await gate.wait()
+
+    class _SlowChannel(_Channel):
+        async def get_underlay_channel(self) -> _SlowUnderlay:  # type: ignore[override]
+            return _SlowUnderlay()
+
+    consumer = _RabbitConsumer("q", cast("Any", _SlowChannel()), "tag")
+    task = asyncio.create_task(consumer.cancel())
+    await asyncio.sleep(0)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
