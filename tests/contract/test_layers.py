@@ -89,31 +89,11 @@ async def test_rpc_call_to_an_unserved_agent_is_no_route_at_once(backend: Backen
     assert time.monotonic() - began < 5
 
 
-async def test_rpc_call_without_a_reply_in_time_is_timeout(backend: Backend) -> None:
-    """TIMEOUT at the call's deadline; whatever the worker sends later is dropped.
-
-    The worker cuts the handler off at the caller's deadline too, so its TIMEOUT reply
-    races the client's own verdict: it arrives just before (and is the answer) or just
-    after (and is a late reply). Either way the call ends TIMEOUT and nothing leaks.
-    (Late replies proper are tested in tests/integration/test_rpc.py.)
-    """
-    agent = Gate(name=backend.unique("gate"))
-    async with running(await backend.connect(), [agent]) as worker:
-        async with client_on(await backend.connect()) as client:
-            response = await client.send(agent.name, "hold", {"n": 1}, timeout_s=0.3)
-            assert response.error is not None
-            assert response.error.code == ErrorCode.TIMEOUT
-            assert await asyncio.wait_for(agent.entered.get(), backend.timeout_s) == {"n": 1}
-            agent.release.set()
-            await backend.wait_until(_async(lambda: worker.in_flight == 0), "the handler ends")
-            assert client.late_replies <= 1
-            assert client.pending_calls == 0
-
-
 async def test_a_handler_cut_off_at_the_deadline_answers_before_it(backend: Backend) -> None:
-    """The worker stops a handler a little before the caller's deadline, so the caller
-    gets the worker's TIMEOUT reply (naming the action) rather than its own verdict of
-    no reply, and no reply arrives late."""
+    """TIMEOUT by the call's deadline: the worker stops the handler a little before it,
+    so the caller gets the worker's TIMEOUT reply (naming the action) rather than its
+    own verdict of no reply; nothing arrives late and nothing is left pending. (Late
+    replies proper are tested in tests/integration/test_rpc.py.)"""
     agent = Gate(name=backend.unique("gate"))
     async with running(await backend.connect(), [agent]) as worker:
         async with client_on(await backend.connect()) as client:
@@ -121,6 +101,7 @@ async def test_a_handler_cut_off_at_the_deadline_answers_before_it(backend: Back
             assert response.error is not None
             assert response.error.code == ErrorCode.TIMEOUT
             assert "action 'hold' took longer than" in response.error.message
+            assert await asyncio.wait_for(agent.entered.get(), backend.timeout_s) == {"n": 1}
             await backend.wait_until(_async(lambda: worker.in_flight == 0), "the handler ends")
             assert client.late_replies == 0
             assert client.pending_calls == 0
