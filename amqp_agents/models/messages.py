@@ -16,6 +16,7 @@ from typing import Any, Self
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 __all__ = [
+    "MAX_ACTION_LENGTH",
     "AgentMessage",
     "AgentResponse",
     "ErrorCode",
@@ -48,6 +49,10 @@ class IdSource:
     def next(self) -> str:
         """The next id: ``<16 hex chars>.<n>``."""
         return f"{self._prefix}.{next(self._counter)}"
+
+
+MAX_ACTION_LENGTH = 255
+"""Longest action name: the AMQP ``type`` property is a short string."""
 
 
 class Priority(IntEnum):
@@ -121,7 +126,7 @@ class AgentMessage(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     id: str = Field(default_factory=new_id)
-    action: str = Field(min_length=1, max_length=255)
+    action: str = Field(min_length=1, max_length=MAX_ACTION_LENGTH)
     payload: dict[str, Any] = Field(default_factory=dict)
     correlation_id: str | None = None
     reply_to: str | None = None

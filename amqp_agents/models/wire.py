@@ -19,7 +19,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from amqp_agents.errors import ConfigurationError, InvalidPayloadError, MessageTooLargeError
 from amqp_agents.models.envelope import Envelope, HeaderValue
-from amqp_agents.models.messages import AgentMessage, AgentResponse, ErrorCode, Event
+from amqp_agents.models.messages import (
+    MAX_ACTION_LENGTH,
+    AgentMessage,
+    AgentResponse,
+    ErrorCode,
+    Event,
+)
 
 __all__ = [
     "CONTENT_TYPE_JSON",
@@ -297,9 +303,6 @@ class RequestParts:
     correlation_id: str | None
 
 
-_MAX_ACTION_LENGTH: Final = 255
-
-
 def read_request(envelope: Envelope) -> RequestParts:
     """The action, JSON object and correlation id of a request in a delivery.
 
@@ -311,10 +314,10 @@ def read_request(envelope: Envelope) -> RequestParts:
     action = envelope.type
     if not action:
         raise InvalidPayloadError("the request has no 'type' property naming the action")
-    if len(action) > _MAX_ACTION_LENGTH:
+    if len(action) > MAX_ACTION_LENGTH:
         raise InvalidPayloadError(
             "the request's properties are invalid: the action ('type') is over"
-            f" {_MAX_ACTION_LENGTH} characters"
+            f" {MAX_ACTION_LENGTH} characters"
         )
     return RequestParts(action, _json_object(envelope), envelope.correlation_id)
 

@@ -77,11 +77,17 @@ class Outcome:
     __slots__ = ("_correlation_id", "_response", "data", "delay_s", "retryable")
 
     def __init__(
-        self, response: AgentResponse, *, retryable: bool = False, delay_s: float | None = None
+        self,
+        response: AgentResponse | None = None,
+        *,
+        data: Any = None,
+        correlation_id: str | None = None,
+        retryable: bool = False,
+        delay_s: float | None = None,
     ) -> None:
-        self._response: AgentResponse | None = response
-        self._correlation_id = response.correlation_id
-        self.data: Any = response.data
+        self._response = response
+        self._correlation_id = correlation_id if response is None else response.correlation_id
+        self.data: Any = data if response is None else response.data
         """The successful reply's data (``None`` for a failure)."""
         self.retryable = retryable
         """A redelivery may help (a retryable failure)."""
@@ -91,13 +97,7 @@ class Outcome:
     @classmethod
     def success(cls, data: Any, *, correlation_id: str | None = None) -> Outcome:
         """A successful outcome carrying the handler's result."""
-        outcome = cls.__new__(cls)
-        outcome._response = None
-        outcome._correlation_id = correlation_id
-        outcome.data = data
-        outcome.retryable = False
-        outcome.delay_s = None
-        return outcome
+        return cls(data=data, correlation_id=correlation_id)
 
     @property
     def ok(self) -> bool:

@@ -59,6 +59,9 @@ from amqp_agents.models.wire import (
     read_request,
     retry_envelope,
 )
+from amqp_agents.runtime.agent import Outcome
+from amqp_agents.runtime.bounds import Slots
+from amqp_agents.runtime.monitor import QueueMonitor
 from amqp_agents.transport.base import (
     ConsumerHandle,
     Delivery,
@@ -71,9 +74,6 @@ if TYPE_CHECKING:
     from amqp_agents.models.envelope import Envelope
     from amqp_agents.models.messages import AgentResponse
     from amqp_agents.runtime.agent import Agent
-from amqp_agents.runtime.agent import Outcome
-from amqp_agents.runtime.bounds import Slots
-from amqp_agents.runtime.monitor import QueueMonitor
 
 __all__ = ["Worker", "WorkerStats"]
 

@@ -74,6 +74,8 @@ _LINK_ERRORS = (
     ConnectionError,
     OSError,
 )
+# What ending a consumer, a channel or a connection may raise when the link is going.
+_ENDING_ERRORS = (*_LINK_ERRORS, TimeoutError, aiormq.exceptions.AMQPError)
 
 
 class _State(Enum):
@@ -155,7 +157,7 @@ class _RabbitConsumer:
             # the consumer is gone with it. Only a real cancellation propagates, or a
             # worker's stop would end cancelled and take its supervisor with it.
             _stray(exc)
-        except (*_LINK_ERRORS, TimeoutError, aiormq.exceptions.AMQPError):
+        except _ENDING_ERRORS:
             pass  # the consumer is gone with its channel
 
     async def close(self) -> None:
@@ -199,9 +201,7 @@ async def _close_within(closing: Awaitable[None], timeout_s: float) -> None:
     if task.cancelled():  # aiormq cancels what was pending on a dying connection
         return
     error = task.exception()
-    if error is not None and not isinstance(
-        error, (*_LINK_ERRORS, TimeoutError, aiormq.exceptions.AMQPError)
-    ):
+    if error is not None and not isinstance(error, _ENDING_ERRORS):
         raise error
 
 
