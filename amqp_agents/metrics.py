@@ -20,6 +20,11 @@ Names (``amqp_agents_`` prefix)::
     in_flight                          handlers running
     concurrency_limit                  handlers allowed at once
     connection_losses_total            broker connections lost
+    consumer_cancels_total{queue,reason}   consumers that ended unasked (reason: the
+                                       ConsumerEnd value: cancelled, channel_closed,
+                                       connection_lost); each one is re-attached
+    consumer_attached{queue}           1 while this process consumes the queue, 0 while
+                                       it re-attaches (readiness reads the same state)
     reconnects_total                   workers restarted on a new connection after a loss
     events_published_total             events published (this process)
     events_consumed_total{group,outcome}
@@ -153,6 +158,18 @@ class Metrics:
         )
         self.connection_losses = Counter(
             name("connection_losses"), "Broker connections lost", registry=r
+        )
+        self.consumer_cancels = Counter(
+            name("consumer_cancels"),
+            "Consumers that ended without being asked to, by queue and reason",
+            ["queue", "reason"],
+            registry=r,
+        )
+        self.consumer_attached = Gauge(
+            name("consumer_attached"),
+            "1 while this process consumes the queue, 0 while it re-attaches",
+            ["queue"],
+            registry=r,
         )
         self.connection_blocked = Gauge(
             name("connection_blocked"),
