@@ -184,15 +184,15 @@ def _worker_probes(
         if watch.lag_s > limit_s:
             return ProbeResult(503, f"event loop lagging {watch.lag_s:.1f}s\n".encode())
         if supervisor.consumers_lost:
-            return ProbeResult(503, b"consumers lost while running\n")
+            why = supervisor.not_ready_reason() or "consumers lost"
+            return ProbeResult(503, f"consumers did not heal: {why}\n".encode())
         return ProbeResult(200, b"ok\n")
 
     def readyz() -> ProbeResult:
         if supervisor.is_ready:
             return ProbeResult(200, b"ready\n")
-        if supervisor.is_blocked:
-            return ProbeResult(503, b"the broker blocks publishing (memory or disk alarm)\n")
-        return ProbeResult(503, b"not ready\n")
+        why = supervisor.not_ready_reason() or "not ready"
+        return ProbeResult(503, f"{why}\n".encode())
 
     def metrics_page() -> ProbeResult:
         return ProbeResult(200, metrics.exposition(), CONTENT_TYPE)
@@ -216,9 +216,10 @@ async def _run(args: argparse.Namespace, settings: Settings) -> int:
             depth_interval_s=settings.metrics.depth_interval_s,
         )
 
-    # The supervisor rebuilds transport and worker after a loss: no reconnecting inside.
-    once = settings.connection.model_copy(update={"reconnect": False})
-    supervisor = Supervisor(lambda: create_transport(once), build_worker, metrics=metrics)
+    # The transport reconnects by itself and the worker re-attaches its consumers in
+    # place; the supervisor starts over only when they cannot heal (see Recovery).
+    healing = settings.connection.model_copy(update={"reconnect": True})
+    supervisor = Supervisor(lambda: create_transport(healing), build_worker, metrics=metrics)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):

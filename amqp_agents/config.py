@@ -234,6 +234,10 @@ class WorkerSettings(BaseModel):
     """Default per-action timeout; kept below the broker's delivery-ack timeout."""
     retry: RetryPolicy = RetryPolicy()
     """Default retry policy of actions (``@action(retry=...)`` overrides it)."""
+    reattach_limit_s: float = Field(default=30.0, gt=0, le=3600)
+    """How long a consumer that ended (queue deleted, channel closed, link lost) may
+    take to re-attach; past it liveness fails and the worker starts over on a new
+    connection."""
 
 
 class MetricsSettings(BaseModel):

@@ -55,6 +55,7 @@ from amqp_agents.transport.base import (
     ConsumerHandle,
     Delivery,
     DeliveryHandler,
+    EndCallback,
     QueueSpec,
     Transport,
 )
@@ -408,13 +409,21 @@ class Tap:
         return self._inner.is_connected
 
     async def consume(
-        self, queue: str, handler: DeliveryHandler, *, prefetch: int, no_ack: bool = False
+        self,
+        queue: str,
+        handler: DeliveryHandler,
+        *,
+        prefetch: int,
+        no_ack: bool = False,
+        on_end: EndCallback | None = None,
     ) -> ConsumerHandle:
         async def tapped(delivery: Delivery) -> None:
             self.seen.append((queue, delivery.envelope))
             await handler(delivery)
 
-        return await self._inner.consume(queue, tapped, prefetch=prefetch, no_ack=no_ack)
+        return await self._inner.consume(
+            queue, tapped, prefetch=prefetch, no_ack=no_ack, on_end=on_end
+        )
 
     def deliveries(self, queue: str, action_name: str | None = None) -> list[Envelope]:
         """Envelopes delivered from ``queue`` (of one action, if given), in order."""

@@ -20,10 +20,12 @@ a lost connection: use ``Event.id`` to dedupe); order is kept per queue for a si
 consumer, never across groups. A group queue is durable: events published while no
 member runs wait for it. Private queues exist only while subscribed.
 
-After a lost connection (with a transport that reconnects by itself) the bus
-re-declares its group queues, binds every pattern again, gives the private
-subscriptions a new private queue and re-consumes all of them; events published to a
-group meanwhile waited in its durable queue, a private queue's are lost with it.
+Every consumed queue is a :class:`~amqp_agents.transport.recovery.Recovery`
+attachment: when its consumer ends (the queue deleted, its channel closed, the
+connection lost and restored) the bus re-declares the group queue (or a new private
+one), binds every pattern again and re-consumes it; events published to a group
+meanwhile waited in its durable queue (unless the queue itself was deleted), a
+private queue's are lost with it.
 
 Failures never loop: an event that is not JSON, fails a handler's schema, or makes a
 handler raise or time out is rejected to the group's dead-letter queue
@@ -70,12 +72,12 @@ from amqp_agents.models.wire import (
     encode_reply,
 )
 from amqp_agents.transport.base import (
-    ConsumerHandle,
     Delivery,
     ExchangeKind,
     QueueSpec,
     Transport,
 )
+from amqp_agents.transport.recovery import Attachment, Recovery
 from amqp_agents.transport.replies import ReplyQueue
 
 if TYPE_CHECKING:
@@ -120,13 +122,14 @@ class Subscription:
 
 @dataclass(eq=False, slots=True)
 class _Attachment:
-    """One ``consume`` of a queue: its handle and the deliveries still being handled.
+    """One subscription of a queue: its recovered consumer and the deliveries still
+    being handled.
 
     Once cancelled, its channel is closed as soon as no delivery of it is in flight
     (closing earlier would requeue them unsettled; never closing leaks channels).
     """
 
-    handle: ConsumerHandle | None = None
+    handle: Attachment | None = None
     in_flight: int = 0
     cancelled: bool = False
     closed: bool = False
@@ -161,9 +164,11 @@ class EventBus:
         handler_timeout_s: float = 60.0,
         guard: DeliveryGuard | None = None,
         metrics: Metrics | None = None,
+        recovery: Recovery | None = None,
     ) -> None:
         self._transport = transport
         self._metrics = metrics
+        self._recovery = recovery or Recovery(transport, metrics=metrics)
         self._topology = topology or Topology()
         self._publish_timeout_s = publish_timeout_s
         self._max_bytes = max_message_bytes
@@ -181,7 +186,18 @@ class EventBus:
     @property
     def consumers(self) -> int:
         """Queues this bus is consuming right now."""
-        return sum(1 for q in self._queues() if q.attachment is not None)
+        return sum(
+            1
+            for q in self._queues()
+            if q.attachment is not None
+            and q.attachment.handle is not None
+            and q.attachment.handle.attached.is_set()
+        )
+
+    @property
+    def recovery(self) -> Recovery:
+        """The owner of this bus's consumers (shared with its worker, if any)."""
+        return self._recovery
 
     @property
     def subscriptions(self) -> list[Subscription]:
@@ -195,8 +211,6 @@ class EventBus:
         if self._state is not _State.NEW:
             raise LifecycleError(f"event bus is {self._state.value}; start() runs once")
         self._state = _State.STARTED
-        self._transport.on_connection_lost(self._on_connection_lost)
-        self._transport.on_connection_restored(self._on_connection_restored)
         await self._declare_exchanges()
 
     async def _declare_exchanges(self) -> None:
@@ -207,34 +221,6 @@ class EventBus:
 
     def _queues(self) -> list[_QueueConsumer]:
         return [*self._groups.values(), *([self._private] if self._private else [])]
-
-    def _on_connection_lost(self, _reason: BaseException | None) -> None:
-        # Every consumer died with the connection; its unsettled deliveries are
-        # requeued by the broker, and their settlements are dropped.
-        for queue in self._queues():
-            attachment, queue.attachment = queue.attachment, None
-            if attachment is not None:
-                attachment.cancelled = attachment.closed = True
-
-    async def _on_connection_restored(self) -> None:
-        async with self._lock:
-            if self._state is not _State.STARTED:
-                return
-            await self._declare_exchanges()
-            for queue in self._queues():
-                if queue.group is None:
-                    queue.queue = await self._declare_private()
-                else:
-                    await self._declare_group(queue.group)
-                for pattern in dict.fromkeys(s.pattern for s in queue.subscriptions):
-                    await self._transport.bind_queue(
-                        queue.queue, self._topology.events_exchange, pattern
-                    )
-                if queue.subscriptions and queue.attachment is None:
-                    await self._attach(queue)
-            if self._replies is not None:
-                await self._replies.restart()
-        log.info("event bus restored: %d queue(s) consumed again", self.consumers)
 
     async def stop_consuming(self) -> None:
         """Cancel every consumer (first step of a graceful stop); events stay queued."""
@@ -351,7 +337,7 @@ class EventBus:
     async def _reply_queue(self) -> ReplyQueue:
         async with self._lock:
             if self._replies is None:
-                replies = ReplyQueue(self._transport)
+                replies = ReplyQueue(self._recovery)
                 await replies.start()
                 self._replies = replies
             return self._replies
@@ -395,17 +381,44 @@ class EventBus:
             _takes_argument=annotation is not None,
         )
         async with self._lock:
-            queue = await self._queue_for(group)
-            await self._transport.bind_queue(queue.queue, self._topology.events_exchange, pattern)
+            queue = self._queue_for(group)
             queue.subscriptions.append(subscription)
-            if queue.attachment is None:
-                await self._attach(queue)
+            try:
+                if queue.attachment is None:
+                    await self._attach(queue)  # declares the queue and binds the pattern
+                else:
+                    await self._transport.bind_queue(
+                        queue.queue, self._topology.events_exchange, pattern
+                    )
+            except BaseException:
+                queue.subscriptions.remove(subscription)
+                if not queue.subscriptions and queue.attachment is None:
+                    self._drop(queue)
+                raise
         return subscription
 
     async def _attach(self, queue: _QueueConsumer) -> None:
         attachment = _Attachment()
-        attachment.handle = await self._transport.consume(
-            queue.queue, self._handler_for(queue, attachment), prefetch=self._prefetch
+
+        async def declare() -> str:
+            # Everything the queue needs, again after it was lost: the exchanges, the
+            # queue (a new private one), and a binding per pattern subscribed now.
+            await self._declare_exchanges()
+            if queue.group is None:
+                queue.queue = await self._declare_private()
+            else:
+                await self._declare_group(queue.group)
+            for pattern in dict.fromkeys(s.pattern for s in queue.subscriptions):
+                await self._transport.bind_queue(
+                    queue.queue, self._topology.events_exchange, pattern
+                )
+            return queue.queue
+
+        attachment.handle = await self._recovery.attach(
+            declare,
+            self._handler_for(queue, attachment),
+            prefetch=self._prefetch,
+            label=queue.queue if queue.group is not None else "private",
         )
         queue.attachment = attachment
 
@@ -434,21 +447,25 @@ class EventBus:
                 )
             if not queue.subscriptions:
                 await self._cancel(queue)
-                if queue.group is None:
-                    self._private = None
-                else:
-                    del self._groups[queue.group]
+                self._drop(queue)
 
-    async def _queue_for(self, group: str | None) -> _QueueConsumer:
+    def _queue_for(self, group: str | None) -> _QueueConsumer:
+        """The queue of a group (or the private one); declared when first attached."""
         if group is None:
             if self._private is None:
-                self._private = _QueueConsumer(queue=await self._declare_private(), group=None)
+                self._private = _QueueConsumer(queue="", group=None)
             return self._private
         queue = self._groups.get(group)
         if queue is None:
-            queue = _QueueConsumer(queue=await self._declare_group(group), group=group)
+            queue = _QueueConsumer(queue=self._topology.group_queue(group), group=group)
             self._groups[group] = queue
         return queue
+
+    def _drop(self, queue: _QueueConsumer) -> None:
+        if queue.group is None:
+            self._private = None
+        else:
+            self._groups.pop(queue.group, None)
 
     async def _declare_private(self) -> str:
         return await self._transport.declare_queue(
@@ -478,6 +495,7 @@ class EventBus:
         attachment.cancelled = True
         with contextlib.suppress(TransportError):
             await attachment.handle.cancel()
+        self._recovery.forget(attachment.handle)
         if attachment.in_flight == 0:
             await self._close(attachment)
 

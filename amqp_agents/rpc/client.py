@@ -16,11 +16,13 @@ Guarantees:
   ``TIMEOUT``, ``NO_ROUTE`` (nobody serves the agent; known as soon as the broker
   returns the message), ``CONNECTION_LOST`` (every pending call, at once, when the
   connection dies) or ``SHUTTING_DOWN`` (pending calls when the client closes).
-* After a lost connection the transport reconnects by itself; the client then
-  declares a new reply queue and works again. A call made during the outage waits
-  for that (within its publish timeout and its own deadline), then fails with
+* When the reply queue ends (the connection is lost, the queue is deleted, its
+  channel is closed) the calls waiting on it end at once with ``CONNECTION_LOST``,
+  and :class:`~amqp_agents.transport.recovery.Recovery` declares and consumes a new
+  one (after the transport reconnected, for a lost link). A call made meanwhile
+  waits for it (within its publish timeout and its own deadline), then fails with
   ``CONNECTION_LOST``. A call marked ``idempotent=True`` is not failed by the loss:
-  it is sent again once the link is back, within its deadline (the agent may then
+  it is sent again once the queue is back, within its deadline (the agent may then
   see it twice: only mark calls that are safe to repeat).
 * A request carries its deadline (header and AMQP ``expiration``), so the broker
   drops requests whose caller has stopped waiting.
@@ -32,7 +34,6 @@ JSON-serialisable or too large, a client that is not started.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import heapq
 import logging
 import time
@@ -65,7 +66,8 @@ from amqp_agents.models.wire import (
     dump_json,
     encode_request,
 )
-from amqp_agents.transport.base import ExchangeKind, Transport
+from amqp_agents.transport.base import ConsumerEnd, EndReason, ExchangeKind, Transport
+from amqp_agents.transport.recovery import Recovery
 from amqp_agents.transport.replies import ReplyQueue
 
 if TYPE_CHECKING:
@@ -133,21 +135,21 @@ class RpcClient:
         publish_timeout_s: float = 10.0,
         max_message_bytes: int = 1024 * 1024,
         metrics: Metrics | None = None,
+        recovery: Recovery | None = None,
     ) -> None:
         self._transport = transport
         self._metrics = metrics
+        self._recovery = recovery or Recovery(transport, metrics=metrics)
         self._topology = topology or Topology()
         self._settings = settings or RpcSettings()
         self._default_timeout_s = self._timeout(self._settings.timeout_s)
         self._publish_timeout_s = publish_timeout_s
         self._max_bytes = max_message_bytes
-        self._replies = ReplyQueue(transport)
+        self._replies = ReplyQueue(self._recovery, on_lost=self._on_replies_lost)
         self._deadlines = _Deadlines(self._replies)
         self._ids = IdSource()
         self._state = _State.NEW
-        self._restored = asyncio.Event()
-        """Set while the reply queue is live: cleared on a lost connection, set again
-        once restored (and on close, so nobody waits)."""
+        self._closed = asyncio.Event()
         self._idempotent: set[str] = set()
         self._valid_names: set[tuple[str, str]] = set()
         """(agent, action) pairs already checked: a regex per call is measurable."""
@@ -174,19 +176,17 @@ class RpcClient:
         if self._state is not _State.NEW:
             raise LifecycleError(f"RPC client is {self._state.value}; start() runs once")
         self._state = _State.STARTED
-        transport = self._transport
-        transport.on_connection_lost(self._on_connection_lost)
-        transport.on_connection_restored(self._on_connection_restored)
-        await transport.declare_exchange(self._topology.requests_exchange, ExchangeKind.DIRECT)
+        await self._transport.declare_exchange(
+            self._topology.requests_exchange, ExchangeKind.DIRECT
+        )
         await self._replies.start()
-        self._restored.set()
 
     async def aclose(self) -> None:
         """Stop: pending calls end with ``SHUTTING_DOWN``. Idempotent; a cancelled
         ``aclose()`` is finished by calling it again."""
         if self._state is not _State.CLOSED:
             self._state = _State.CLOSED
-            self._restored.set()  # calls waiting for a reconnect stop waiting
+            self._closed.set()  # calls waiting for the reply queue stop waiting
             self._fail_pending(ErrorCode.SHUTTING_DOWN, "the RPC client is closing")
             self._deadlines.cancel()
         await self._replies.aclose()
@@ -261,7 +261,7 @@ class RpcClient:
         )
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
-        if not self._restored.is_set():
+        if not self._replies.live.is_set():
             lost = await self._await_restored(deadline, correlation_id)
             if lost is not None:
                 return lost
@@ -330,13 +330,19 @@ class RpcClient:
         publish timeout and the call's deadline; ``None`` when it is back."""
         loop = asyncio.get_running_loop()
         bound = min(self._publish_timeout_s, deadline - loop.time())
-        if bound > 0:
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(bound):
-                    await self._restored.wait()
+        if bound > 0 and not self._closed.is_set():
+            live = asyncio.ensure_future(self._replies.live.wait())
+            closed = asyncio.ensure_future(self._closed.wait())
+            try:
+                await asyncio.wait(
+                    {live, closed}, timeout=bound, return_when=asyncio.FIRST_COMPLETED
+                )
+            finally:
+                live.cancel()
+                closed.cancel()
         if self._state is not _State.STARTED:
             return _failure(ErrorCode.SHUTTING_DOWN, "the RPC client is closing", correlation_id)
-        if self._restored.is_set():
+        if self._replies.live.is_set():
             return None
         return _failure(
             ErrorCode.CONNECTION_LOST,
@@ -464,16 +470,13 @@ class RpcClient:
             max_bytes=self._max_bytes,
         )
 
-    def _on_connection_lost(self, _reason: BaseException | None) -> None:
-        self._restored.clear()
-        self._fail_pending(ErrorCode.CONNECTION_LOST, "the broker connection was lost")
-
-    async def _on_connection_restored(self) -> None:
-        if self._state is not _State.STARTED:
-            return
-        await self._replies.restart()
-        self._restored.set()
-        log.info("RPC client restored: replies now arrive on %s", self._replies.name)
+    def _on_replies_lost(self, end: ConsumerEnd) -> None:
+        # Replies sent to the old queue are gone: nobody may wait for them.
+        if end.reason is EndReason.CONNECTION_LOST:
+            message = "the broker connection was lost"
+        else:
+            message = f"the reply queue was lost ({end.reason.value}: {end.text})"
+        self._fail_pending(ErrorCode.CONNECTION_LOST, message)
 
     def _fail_pending(self, code: ErrorCode, message: str) -> None:
         resend = code is ErrorCode.CONNECTION_LOST

@@ -150,7 +150,11 @@ class DeadLetters:
             if len(got) >= wanted:
                 enough.set()
 
-        consumer = await self._transport.consume(queue, take, prefetch=wanted)
+        # A short-lived reader: if its consumer ends (the queue deleted, the link lost),
+        # stop waiting and return what came; nothing is re-attached.
+        consumer = await self._transport.consume(
+            queue, take, prefetch=wanted, on_end=lambda _end: enough.set()
+        )
         try:
             async with asyncio.timeout(self._timeout_s):
                 await enough.wait()

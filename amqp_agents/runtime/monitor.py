@@ -2,9 +2,12 @@
 
 Every ``interval_s`` it asks the broker for each queue's ready messages and consumers
 (a passive declare, on a throw-away channel of its own in the RabbitMQ transport), and
-sets ``amqp_agents_queue_depth`` / ``amqp_agents_queue_consumers``. A missing queue or
-a broker hiccup only counts ``queue_depth_errors_total`` and leaves the last values:
-it never disturbs consuming, and never fails a scrape. Each probe is bounded.
+sets ``amqp_agents_queue_depth`` / ``amqp_agents_queue_consumers``. A queue that is
+gone (deleted, or its cluster node down) reads as 0 messages and 0 consumers, never
+its last values, so a ``QueueWithoutConsumers`` alert can fire; it also counts
+``queue_depth_errors_total``. A broker hiccup only counts the error and leaves the
+last values. Probing never disturbs consuming, and never fails a scrape. Each probe
+is bounded.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ import asyncio
 import logging
 from typing import TYPE_CHECKING
 
-from amqp_agents.errors import AmqpAgentsError
+from amqp_agents.errors import AmqpAgentsError, QueueNotFoundError
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable
@@ -72,6 +75,9 @@ class QueueMonitor:
                     raise asyncio.CancelledError from exc
                 self._metrics.queue_depth_errors.labels(queue).inc()
                 log.debug("depth probe of %s failed: %s", queue, exc)
+                if isinstance(exc, QueueNotFoundError):
+                    self._metrics.queue_depth.labels(queue).set(0)
+                    self._metrics.queue_consumers.labels(queue).set(0)
                 continue
             self._metrics.queue_depth.labels(queue).set(info.messages)
             self._metrics.queue_consumers.labels(queue).set(info.consumers)

@@ -1,11 +1,13 @@
-"""Keep a worker serving across broker restarts and dropped connections.
+"""Keep a worker serving when its consumers cannot heal in place, and connect at start.
 
-Don't trust a robust connection to bring consumers back (it restores only what it
-still references, and never re-consumes after a server-sent ``basic.cancel``): after
-a lost connection the supervisor throws the transport and the worker away, then
-connects again with exponential backoff and full jitter, and starts a *fresh* worker
-that re-declares its topology and re-attaches every consumer. Deliveries of the dead
-connection were requeued by the broker; their settlements are dropped, not crashed on.
+The first line of recovery is in place: the transport reconnects by itself and the
+worker's :class:`~amqp_agents.transport.recovery.Recovery` re-declares and
+re-consumes whatever ended (a deleted queue, a closed channel, a lost link). When
+that does not work within the worker's ``reattach_limit_s`` (or the transport does
+not reconnect), :meth:`Worker.serve` raises ``BrokerUnavailableError``; the
+supervisor then throws the transport and the worker away, connects again with
+exponential backoff and full jitter, and starts a *fresh* worker. Deliveries of the
+dead connection were requeued by the broker; their settlements are dropped.
 
 Stops when ``stop`` is set (a graceful stop of the current worker), and gives up only
 on errors no retry can fix: refused credentials or vhost (``AccessRefusedError``), a
@@ -69,8 +71,14 @@ class Supervisor:
 
     @property
     def consumers_lost(self) -> bool:
-        """The current worker runs without its consumers (liveness should fail)."""
+        """The current worker's consumers did not heal in time (liveness should fail)."""
         return self.worker is not None and self.worker.consumers_lost
+
+    def not_ready_reason(self) -> str | None:
+        """Why the process is not ready (the ``/readyz`` body), ``None`` if it is."""
+        if self.worker is None:
+            return "connecting to the broker"
+        return self.worker.not_ready_reason()
 
     async def run(self, stop: asyncio.Event) -> None:
         """Serve until ``stop`` is set; reconnect after every lost connection."""
@@ -98,7 +106,7 @@ class Supervisor:
                 await worker.serve(shutdown_trigger=stop.wait)
                 return  # a graceful stop
             except BrokerUnavailableError as exc:
-                log.warning("lost the broker connection (%s); reconnecting", exc)
+                log.warning("%s; starting over on a new connection", exc)
             except asyncio.CancelledError:
                 task = asyncio.current_task()
                 if task is None or task.cancelling() > 0:

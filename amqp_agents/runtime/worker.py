@@ -14,6 +14,14 @@ Event handlers of the agents (``@on_event``) run on the worker's
 :class:`~amqp_agents.events.bus.EventBus` under the same concurrency bound, timeout and
 shutdown as requests.
 
+Every queue the worker consumes (agents', event groups', replies) is a
+:class:`~amqp_agents.transport.recovery.Recovery` attachment shared with its event
+bus: a consumer that ends (queue deleted, channel closed by the broker, connection
+lost and restored by the transport) is re-declared and re-consumed in place, and
+readiness is false until every one is back. One that cannot heal within
+``reattach_limit_s`` fails liveness and ends :meth:`Worker.serve` with
+``BrokerUnavailableError``, so a supervisor starts over on a new connection.
+
 Shutdown order, enforced by :meth:`Worker.stop`:
 
 1. stop taking work: cancel every consumer, requests and events (new messages stay queued);
@@ -63,12 +71,12 @@ from amqp_agents.runtime.agent import Outcome
 from amqp_agents.runtime.bounds import Slots
 from amqp_agents.runtime.monitor import QueueMonitor
 from amqp_agents.transport.base import (
-    ConsumerHandle,
     Delivery,
     ExchangeKind,
     QueueSpec,
     Transport,
 )
+from amqp_agents.transport.recovery import Attachment, Recovery
 
 if TYPE_CHECKING:
     from amqp_agents.models.envelope import Envelope
@@ -140,14 +148,21 @@ class Worker:
         self._publish_timeout_s = publish_timeout_s
         self._max_bytes = max_message_bytes
         self._slots = Slots(self._settings.concurrency)
-        self._consumers: list[ConsumerHandle] = []
+        self._recovery = Recovery(
+            transport,
+            metrics=metrics,
+            escalate_after_s=self._settings.reattach_limit_s,
+            on_escalate=self._escalate,
+        )
+        self._escalation = ""
+        self._consumers: list[Attachment] = []
         self._waiting: set[asyncio.Task[object]] = set()
         self._running: set[asyncio.Task[object]] = set()
         self._state = _State.NEW
         self._lost = asyncio.Event()
+        """Set when consumers cannot heal in place (see ``reattach_limit_s``)."""
         self._stopping: asyncio.Future[None] | None = None
         self._grace_cut = asyncio.Event()
-        self._event_queues = 0
         self._started = False
         self._retry_queues: set[str] = set()
         self._metrics = metrics
@@ -165,6 +180,7 @@ class Worker:
             handler_timeout_s=self._settings.action_timeout_s,
             guard=self._guarded,
             metrics=metrics,
+            recovery=self._recovery,
         )
         """The worker's event bus: agents emit through it, their handlers run on it."""
         self.stats = WorkerStats()
@@ -186,13 +202,32 @@ class Worker:
 
     @property
     def consumers_lost(self) -> bool:
-        """Running, yet not consuming everything: the link or a consumer died.
+        """Running, yet a consumer has not come back within ``reattach_limit_s``.
 
-        The failure mode of reconnecting clients that come back with no consumers;
-        liveness fails on it so the process gets restarted. (A blocked connection is
-        not: it is the broker's alarm, and restarting would not clear it.)
+        Liveness fails on it so the process gets restarted. A consumer re-attaching
+        within the bound does not (readiness does), nor does a blocked connection: it
+        is the broker's alarm, and restarting would not clear it.
         """
-        return self._started and self._state is _State.RUNNING and not self._consuming()
+        return self._started and self._state is _State.RUNNING and self._recovery.stuck
+
+    @property
+    def recovery(self) -> Recovery:
+        """The owner of this worker's consumers (what the probes read)."""
+        return self._recovery
+
+    def not_ready_reason(self) -> str | None:
+        """Why the worker is not ready (the ``/readyz`` body), or ``None`` if it is."""
+        if self._state is not _State.RUNNING or not self._started:
+            return f"worker is {self._state.value}"
+        if not self._transport.is_connected:
+            return "the broker connection is lost; reconnecting"
+        gone = self._recovery.gone()
+        if gone:
+            now = time.monotonic()
+            return "; ".join(attachment.describe(now) for attachment in gone)
+        if self._transport.is_blocked:
+            return "the broker blocks publishing (memory or disk alarm)"
+        return None
 
     def _accepting(self) -> bool:
         """Still running (a method: the state changes across awaits)."""
@@ -201,9 +236,9 @@ class Worker:
     def _consuming(self) -> bool:
         return (
             self._state is _State.RUNNING
+            and self._started
             and self._transport.is_connected
-            and len(self._consumers) == len(self._agents)
-            and self.events.consumers == self._event_queues
+            and self._recovery.all_attached
         )
 
     @property
@@ -219,28 +254,24 @@ class Worker:
             raise LifecycleError(f"worker is {self._state.value}; start() runs once")
         self._state = _State.RUNNING
         self._transport.on_connection_lost(self._on_connection_lost)
+        self._transport.on_connection_restored(self._on_connection_restored)
         if self._metrics is not None:
             self._metrics.concurrency_limit.set(self._settings.concurrency)
             transport = self._transport
             self._metrics.connection_blocked.set_function(lambda: float(transport.is_blocked))
         try:
-            topology = self._topology
-            await self._transport.declare_exchange(topology.requests_exchange, ExchangeKind.DIRECT)
-            await self._transport.declare_exchange(
-                topology.requests_dead_letter_exchange, ExchangeKind.DIRECT
-            )
             await self.events.start()
             for agent in self._agents:
                 agent.events = self.events
                 await agent.start()
-                queue = await self._declare_agent_queue(agent)
-                consumer = await self._transport.consume(
-                    queue,
+                consumer = await self._recovery.attach(
+                    functools.partial(self._declare_agent_queue, agent),
                     self._handler_for(agent),
                     prefetch=self._settings.concurrency,
+                    label=self._topology.agent_queue(agent.name),
                 )
                 self._consumers.append(consumer)
-                log.info("agent %s consuming %s", agent.name, queue)
+                log.info("agent %s consuming %s", agent.name, consumer.queue)
                 for spec, handler in agent.event_handlers():
                     await self.events.subscribe(spec.pattern, handler, group=spec.group)
                     log.info(
@@ -249,7 +280,6 @@ class Worker:
                         spec.pattern,
                         f"group {spec.group}" if spec.group else "broadcast",
                     )
-            self._event_queues = self.events.consumers
             self._started = True
             if self._monitor is not None:
                 self._monitor.start()
@@ -274,10 +304,25 @@ class Worker:
     def _on_connection_lost(self, _reason: BaseException | None) -> None:
         if self._metrics is not None:
             self._metrics.connection_losses.inc()
+
+    async def _on_connection_restored(self) -> None:
+        # Registered after the recovery's own callback: every consumer is back.
+        if self._metrics is not None:
+            self._metrics.reconnects.inc()
+        log.info("reconnected to the broker; %d consumer(s) attached", len(self._consumers))
+
+    def _escalate(self, why: str) -> None:
+        self._escalation = why
         self._lost.set()
 
     async def _declare_agent_queue(self, agent: Agent) -> str:
+        """Everything an agent's queue needs (again after it was lost): the exchanges,
+        its dead-letter queue and binding, the queue with its arguments, its binding."""
         topology = self._topology
+        await self._transport.declare_exchange(topology.requests_exchange, ExchangeKind.DIRECT)
+        await self._transport.declare_exchange(
+            topology.requests_dead_letter_exchange, ExchangeKind.DIRECT
+        )
         dlx = topology.requests_dead_letter_exchange
         dead = topology.agent_dead_letter_queue(agent.name)
         await self._transport.declare_queue(QueueSpec(name=dead, durable=True))
@@ -300,8 +345,10 @@ class Worker:
         """Start, run until ``shutdown_trigger()`` returns, then stop gracefully.
 
         Raises:
-            BrokerUnavailableError: the connection died; the worker has stopped (its
-                unacked deliveries are requeued by the broker).
+            BrokerUnavailableError: a consumer could not be re-attached within
+                ``reattach_limit_s`` (or the connection died and the transport does not
+                reconnect); the worker has stopped (its unacked deliveries are
+                requeued by the broker).
         """
         await self.start()
         trigger = asyncio.ensure_future(shutdown_trigger() if shutdown_trigger else _forever())
@@ -313,7 +360,7 @@ class Worker:
                 future.cancel()
             await self._stop_shielded()
         if self._lost.is_set():
-            raise BrokerUnavailableError("the broker connection was lost; worker stopped")
+            raise BrokerUnavailableError(f"worker stopped: {self._escalation}")
 
     async def _stop_shielded(self) -> None:
         """Stop even if cancelled meanwhile: a second cancellation (nested timeouts, a
@@ -371,6 +418,7 @@ class Worker:
             await consumer.close()
         await asyncio.gather(*(agent.shutdown() for agent in self._agents), return_exceptions=True)
         await self.events.aclose()
+        await self._recovery.aclose()
         self._consumers.clear()
         self._state = _State.STOPPED
 

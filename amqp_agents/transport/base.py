@@ -21,6 +21,16 @@ Guarantees every implementation gives (checked by the shared tests):
 * **Settlement**: a delivery is settled exactly once (``ack``, ``nack`` or ``reject``);
   unsettled deliveries are requeued by the broker when the consumer's channel closes.
   Settling on a channel that has since died is a no-op (the broker redelivers anyway).
+* **End of a consumer**: a consumer started with ``on_end`` reports, exactly once and
+  from the event loop, every way it can stop receiving without its owner asking: the
+  broker cancelled it (``basic.cancel``: its queue was deleted, or the cluster node that
+  hosts it went down), its channel was closed by the broker (with the AMQP code and
+  text), or the connection was lost. After ``cancel()`` or ``close()`` it reports
+  nothing. Deliveries in flight keep their channel: after a broker's cancel the
+  channel stays open and their settlements are still valid (the transport closes it
+  once the last is settled); after a channel or connection end they are dropped, and
+  the broker redelivers. :class:`~amqp_agents.transport.recovery.Recovery` is the one
+  owner that acts on these reports.
 * **Loss of the connection** cancels every consumer and is reported once to the
   callbacks registered with :meth:`Transport.on_connection_lost`. A transport that
   reconnects by itself then awaits the :meth:`Transport.on_connection_restored`
@@ -50,9 +60,12 @@ if TYPE_CHECKING:
     from amqp_agents.models.envelope import Envelope, HeaderValue
 
 __all__ = [
+    "ConsumerEnd",
     "ConsumerHandle",
     "Delivery",
     "DeliveryHandler",
+    "EndCallback",
+    "EndReason",
     "ExchangeKind",
     "QueueInfo",
     "QueueSpec",
@@ -133,12 +146,52 @@ class Delivery(Protocol):
 DeliveryHandler = Callable[[Delivery], Awaitable[None]]
 
 
+class EndReason(StrEnum):
+    """Why a consumer stopped receiving without its owner asking (a metric label)."""
+
+    CANCELLED = "cancelled"
+    """The broker sent ``basic.cancel``: the queue was deleted, its node went down, or
+    (RabbitMQ 4.3 quorum queues) the consumer timed out."""
+    CHANNEL_CLOSED = "channel_closed"
+    """The broker closed the consumer's channel with an error (e.g. 406 for an unknown
+    delivery tag); the code and text say which."""
+    CONNECTION_LOST = "connection_lost"
+    """The connection died (network, heartbeat, broker restart, ``close_connection``)."""
+
+
+@dataclass(frozen=True, slots=True)
+class ConsumerEnd:
+    """How and why a consumer ended: what ``on_end`` receives."""
+
+    queue: str
+    reason: EndReason
+    code: int | None = None
+    """The AMQP reply code of a channel or connection close, when the broker sent one."""
+    text: str = ""
+    """The broker's reply text, or a description of the failure."""
+
+    def __str__(self) -> str:
+        detail = (
+            f" ({self.code} {self.text})" if self.code else f" ({self.text})" if self.text else ""
+        )
+        return f"consumer of {self.queue!r} ended: {self.reason.value}{detail}"
+
+
+EndCallback = Callable[[ConsumerEnd], None]
+
+
 class ConsumerHandle(Protocol):
     """A running consumer."""
 
     @property
     def queue(self) -> str:
         """The queue consumed."""
+        ...
+
+    @property
+    def ended(self) -> ConsumerEnd | None:
+        """How it ended without being asked to, once it has (``None`` while it runs,
+        and after ``cancel()``/``close()``)."""
         ...
 
     async def cancel(self) -> None:
@@ -161,6 +214,12 @@ class Transport(Protocol):
     @property
     def is_blocked(self) -> bool:
         """True while the broker blocks publishing (memory or disk alarm)."""
+        ...
+
+    @property
+    def will_reconnect(self) -> bool:
+        """True if, after a lost connection, the transport comes back by itself (and
+        awaits the restored callbacks); false if a lost connection stays lost."""
         ...
 
     async def connect(self) -> None:
@@ -202,6 +261,12 @@ class Transport(Protocol):
         """Passive declare: ready messages and consumers; ``QueueNotFoundError`` if absent."""
         ...
 
+    async def delete_queue(self, queue: str) -> int:
+        """Delete a queue with its messages (``queue.delete``); return how many ready
+        messages went with it (0 if it did not exist). Its consumers are cancelled, as
+        the broker cancels them: they report :attr:`EndReason.CANCELLED`."""
+        ...
+
     async def publish(
         self,
         envelope: Envelope,
@@ -220,6 +285,12 @@ class Transport(Protocol):
         *,
         prefetch: int,
         no_ack: bool = False,
+        on_end: EndCallback | None = None,
     ) -> ConsumerHandle:
-        """Start consuming ``queue``; with ``no_ack`` deliveries need no settlement."""
+        """Start consuming ``queue``; with ``no_ack`` deliveries need no settlement.
+
+        ``on_end`` is called once if the consumer ends without being asked to (see the
+        module docstring). Every consumer of the library passes one, through
+        :class:`~amqp_agents.transport.recovery.Recovery` (a test checks).
+        """
         ...

@@ -17,8 +17,12 @@ library relies on, the way RabbitMQ 3.10 does it, and the shared contract tests
 * settlement: ack, nack(requeue) with ``redelivered=True``, reject to the dead-letter
   exchange; a second settlement, or one after the consumer's channel closed, is a no-op;
 * mandatory publishes that match no queue raise ``UnroutableError``;
+* deleting a queue (:meth:`InMemoryBroker.delete_queue`) cancels its consumers as
+  RabbitMQ's ``basic.cancel`` does, and every consumer reports its end through
+  ``on_end`` (cancelled, channel closed, connection lost);
 * :meth:`InMemoryTransport.simulate_connection_loss` drops a connection the way a cut
-  TCP link does, for fault-injection tests.
+  TCP link does, and :meth:`InMemoryTransport.simulate_channel_close` closes one
+  consumer's channel the way a broker's channel error does, for fault-injection tests.
 
 Known differences: nothing is persisted (durable only matters for redeclaration
 checks); there is no flow control, no memory alarm, and publishes never block;
@@ -54,8 +58,11 @@ from amqp_agents.errors import (
 from amqp_agents.models.envelope import Envelope
 from amqp_agents.models.topic import topic_matches
 from amqp_agents.transport.base import (
+    ConsumerEnd,
     ConsumerHandle,
     DeliveryHandler,
+    EndCallback,
+    EndReason,
     ExchangeKind,
     QueueInfo,
     QueueSpec,
@@ -333,6 +340,21 @@ class InMemoryBroker:
             target.bindings.remove((queue, key))
             target.routes.clear()
 
+    def delete_queue(self, name: str) -> int:
+        """Delete a queue as ``rabbitmqctl delete_queue`` does: its ready messages go
+        with it, its consumers are cancelled (``on_end`` reports ``cancelled``) and their
+        unsettled deliveries can no longer come back. Returns the ready messages dropped.
+        """
+        queue = self._queues.get(name)
+        if queue is None:
+            return 0
+        dropped = queue.ready
+        consumers, queue.consumers = list(queue.consumers), []
+        self._delete_queue(queue)
+        for consumer in consumers:
+            consumer.end(EndReason.CANCELLED, None, f"queue {name!r} was deleted")
+        return dropped
+
     def _delete_queue(self, queue: _Queue) -> None:
         self._queues.pop(queue.name, None)
         if queue.expiry_timer is not None:
@@ -570,12 +592,15 @@ class _Consumer:
     """A consumer on its own (virtual) channel, as the RabbitMQ transport does."""
 
     __slots__ = (
+        "asked",
         "broker",
         "cancelled",
         "closed",
+        "ended",
         "handler",
         "loop",
         "no_ack",
+        "on_end",
         "prefetch",
         "queue_name",
         "tasks",
@@ -590,8 +615,12 @@ class _Consumer:
         handler: DeliveryHandler,
         prefetch: int,
         no_ack: bool,
+        on_end: EndCallback | None,
     ) -> None:
         self.transport = transport
+        self.on_end = on_end
+        self.ended: ConsumerEnd | None = None
+        self.asked = False
         self.broker = transport.broker
         self.queue_name = queue
         self.handler = handler
@@ -679,10 +708,31 @@ class _Consumer:
         self.broker._pump(queue)
         self.broker._schedule_expiry(queue)
 
+    def end(self, reason: EndReason, code: int | None, text: str) -> None:
+        """Stop receiving without the owner asking, and say so once (``on_end``).
+
+        A cancel by the broker keeps the channel (its deliveries stay settleable); a
+        channel or connection end closes it (they are requeued).
+        """
+        if reason is EndReason.CANCELLED:
+            self.detach()
+        else:
+            self.close_channel()
+        if self.asked or self.ended is not None:
+            return
+        self.ended = ConsumerEnd(self.queue_name, reason, code, text)
+        if self.on_end is not None:
+            try:
+                self.on_end(self.ended)
+            except Exception:
+                log.exception("consumer-end callback of %s failed", self.queue_name)
+
     async def cancel(self) -> None:
+        self.asked = True
         self.detach()
 
     async def close(self) -> None:
+        self.asked = True
         self.close_channel()
 
 
@@ -743,6 +793,12 @@ class InMemoryTransport:
     def is_blocked(self) -> bool:
         return self._blocked
 
+    @property
+    def will_reconnect(self) -> bool:
+        """After a loss: whether :meth:`simulate_connection_loss` said a
+        :meth:`simulate_reconnect` is coming; before one: false."""
+        return self._state is not _State.CLOSED and self._coming_back
+
     async def connect(self) -> None:
         if self._state is not _State.NEW:
             raise LifecycleError(f"transport is {self._state.value}; connect() runs once")
@@ -788,6 +844,9 @@ class InMemoryTransport:
         self._state = _State.LOST
         self._coming_back = will_reconnect
         self._usable.clear()
+        text = "connection lost" if reason is None else f"{type(reason).__name__}: {reason}"
+        for consumer in list(self._consumers):
+            consumer.end(EndReason.CONNECTION_LOST, None, text)
         self._drop_connection()
         for callback in list(self._lost_callbacks):
             try:
@@ -809,6 +868,15 @@ class InMemoryTransport:
         self.reconnects += 1
         if not self._blocked:
             self._usable.set()
+
+    def simulate_channel_close(
+        self, consumer: ConsumerHandle, *, code: int = 406, text: str = "PRECONDITION_FAILED"
+    ) -> None:
+        """Close one consumer's channel as the broker does on a channel error: its
+        unacked deliveries are requeued, and it reports ``channel_closed`` with the code."""
+        if not isinstance(consumer, _Consumer) or consumer.transport is not self:
+            raise LifecycleError("not a consumer of this transport")
+        consumer.end(EndReason.CHANNEL_CLOSED, code, text)
 
     def simulate_blocked(self, blocked: bool) -> None:
         """Start or end a broker resource alarm: publishes wait while blocked."""
@@ -853,6 +921,13 @@ class InMemoryTransport:
         self._require_connected()
         self.broker._unbind(queue, exchange, routing_key)
 
+    async def delete_queue(self, queue: str) -> int:
+        self._require_connected()
+        found = self.broker._queues.get(queue)
+        if found is not None:
+            self.broker._check_owner(found, self)
+        return self.broker.delete_queue(queue)
+
     async def queue_info(self, queue: str) -> QueueInfo:
         self._require_connected()
         found = self.broker._queue(queue)
@@ -896,11 +971,12 @@ class InMemoryTransport:
         *,
         prefetch: int,
         no_ack: bool = False,
+        on_end: EndCallback | None = None,
     ) -> ConsumerHandle:
         self._require_connected()
         target = self.broker._queue(queue)
         self.broker._check_owner(target, self)
-        consumer = _Consumer(self, queue, handler, prefetch, no_ack)
+        consumer = _Consumer(self, queue, handler, prefetch, no_ack, on_end)
         target.consumers.append(consumer)
         target.had_consumer = True
         self._consumers.append(consumer)

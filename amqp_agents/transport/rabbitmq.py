@@ -46,8 +46,11 @@ from amqp_agents.errors import (
 )
 from amqp_agents.models.envelope import Envelope, HeaderValue
 from amqp_agents.transport.base import (
+    ConsumerEnd,
     ConsumerHandle,
     DeliveryHandler,
+    EndCallback,
+    EndReason,
     ExchangeKind,
     QueueInfo,
     QueueSpec,
@@ -87,11 +90,11 @@ class _State(Enum):
 class _RabbitDelivery:
     """A delivery settled on the aiormq channel it arrived on."""
 
-    __slots__ = ("_channel", "_settled", "_tag", "envelope")
+    __slots__ = ("_consumer", "_settled", "_tag", "envelope")
 
-    def __init__(self, envelope: Envelope, channel: aiormq.abc.AbstractChannel, tag: int) -> None:
+    def __init__(self, envelope: Envelope, consumer: _RabbitConsumer, tag: int) -> None:
         self.envelope = envelope
-        self._channel = channel
+        self._consumer = consumer
         self._tag = tag
         self._settled = False
 
@@ -111,47 +114,144 @@ class _RabbitDelivery:
         if self._settled:
             return
         self._settled = True
-        channel = self._channel
-        if channel.is_closed:
-            log.debug("dropping %s of tag %d: its channel is closed", how, self._tag)
-            return
+        consumer = self._consumer
+        channel = consumer.underlay
         try:
-            # wait=False: queue the frame without awaiting the socket drain; the ack
-            # needs no answer, and frames on a channel keep their order anyway.
-            if how == "ack":
-                await channel.basic_ack(self._tag, wait=False)
-            elif how == "nack":
-                await channel.basic_nack(self._tag, requeue=requeue, wait=False)
-            else:
-                await channel.basic_reject(self._tag, requeue=False, wait=False)
-        except asyncio.CancelledError as exc:
-            _stray(exc)
-            log.debug("dropping %s of tag %d: its connection closed", how, self._tag)
-        except _LINK_ERRORS as exc:
-            log.debug("dropping %s of tag %d: %s", how, self._tag, exc)
+            if channel is None or channel.is_closed:
+                log.debug("dropping %s of tag %d: its channel is closed", how, self._tag)
+                return
+            try:
+                # wait=False: queue the frame without awaiting the socket drain; the ack
+                # needs no answer, and frames on a channel keep their order anyway.
+                if how == "ack":
+                    await channel.basic_ack(self._tag, wait=False)
+                elif how == "nack":
+                    await channel.basic_nack(self._tag, requeue=requeue, wait=False)
+                else:
+                    await channel.basic_reject(self._tag, requeue=False, wait=False)
+            except asyncio.CancelledError as exc:
+                _stray(exc)
+                log.debug("dropping %s of tag %d: its connection closed", how, self._tag)
+            except _LINK_ERRORS as exc:
+                log.debug("dropping %s of tag %d: %s", how, self._tag, exc)
+        finally:
+            consumer.settled()
+
+
+_CLOSE_CODES: dict[type[BaseException], int] = {
+    aiormq.exceptions.ChannelAccessRefused: 403,
+    aiormq.exceptions.ChannelNotFoundEntity: 404,
+    aiormq.exceptions.ChannelLockedResource: 405,
+    aiormq.exceptions.ChannelPreconditionFailed: 406,
+}
+
+
+def _close_detail(exc: BaseException | None) -> tuple[int | None, str]:
+    """The AMQP reply code and text of a channel's close, as far as aiormq kept them."""
+    if exc is None:
+        return None, "closed"
+    for kind, code in _CLOSE_CODES.items():
+        if isinstance(exc, kind):
+            return code, str(exc.args[0]) if exc.args else str(exc)
+    if isinstance(exc, aiormq.exceptions.ChannelClosed) and len(exc.args) == 2:
+        code, text = exc.args
+        return (code if isinstance(code, int) else None), str(text)
+    return None, f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
 
 
 class _RabbitConsumer:
-    """A consumer on a channel of its own (so prefetch and failures stay per queue)."""
+    """A consumer on a channel of its own (so prefetch and failures stay per queue).
 
-    __slots__ = ("_channel", "_closing", "_queue", "_tag")
+    Notices its own end: the broker's ``basic.cancel`` (aiormq's consumer-cancel
+    callbacks) and the channel's close (aio-pika's close callbacks), and reports it
+    once through ``on_end``. After a broker's cancel the channel stays open for the
+    deliveries in flight and is closed once the last is settled.
+    """
 
-    def __init__(self, queue: str, channel: AbstractChannel, tag: str) -> None:
+    __slots__ = (
+        "_asked",
+        "_channel",
+        "_closing",
+        "_connection_lost",
+        "_on_end",
+        "_queue",
+        "_unsettled",
+        "ended",
+        "tag",
+        "underlay",
+    )
+
+    def __init__(
+        self,
+        queue: str,
+        channel: AbstractChannel,
+        on_end: EndCallback | None,
+        connection_lost: Callable[[], bool],
+    ) -> None:
         self._queue = queue
         self._channel = channel
-        self._tag = tag
+        self._on_end = on_end
+        self._connection_lost = connection_lost
+        self.tag: str | None = None
+        self.underlay: aiormq.abc.AbstractChannel | None = None
         self._closing: asyncio.Task[None] | None = None
+        self._asked = False
+        self._unsettled = 0
+        self.ended: ConsumerEnd | None = None
+        channel.close_callbacks.add(self._on_channel_close)
 
     @property
     def queue(self) -> str:
         return self._queue
 
+    def delivered(self) -> None:
+        self._unsettled += 1
+
+    def settled(self) -> None:
+        self._unsettled -= 1
+        if self._unsettled <= 0 and self.ended is not None and not self._channel.is_closed:
+            self._close_in_background()
+
+    def on_cancel_frame(self, frame: object) -> None:
+        """aiormq's consumer-cancel callback: the broker cancelled a consumer."""
+        if getattr(frame, "consumer_tag", None) != self.tag or self.tag is None:
+            return
+        self._end(EndReason.CANCELLED, None, "cancelled by the broker (queue deleted or moved)")
+        if self._unsettled <= 0:
+            self._close_in_background()
+
+    def _on_channel_close(self, _sender: object, exc: BaseException | None = None) -> None:
+        if self._connection_lost() or isinstance(
+            exc, aiormq.exceptions.AMQPConnectionError | ConnectionError | OSError
+        ):
+            code, text = _close_detail(exc)
+            self._end(EndReason.CONNECTION_LOST, None, text)
+            return
+        code, text = _close_detail(exc)
+        self._end(EndReason.CHANNEL_CLOSED, code, text)
+
+    def _end(self, reason: EndReason, code: int | None, text: str) -> None:
+        if self._asked or self.ended is not None:
+            return
+        self.ended = ConsumerEnd(self._queue, reason, code, text)
+        if self._on_end is not None:
+            try:
+                self._on_end(self.ended)
+            except Exception:
+                log.exception("consumer-end callback of %s failed", self._queue)
+
+    def _close_in_background(self) -> None:
+        if self._closing is None and not self._channel.is_closed:
+            self._closing = asyncio.get_running_loop().create_task(_close_channel(self._channel))
+            self._closing.add_done_callback(_log_close_failure)
+
     async def cancel(self) -> None:
-        if self._channel.is_closed or self._closing is not None:
+        self._asked = True
+        if self._channel.is_closed or self._closing is not None or self.ended is not None:
             return
         try:
             underlay = await self._channel.get_underlay_channel()
-            await underlay.basic_cancel(self._tag, timeout=5)
+            await underlay.basic_cancel(self.tag or "", timeout=5)
         except asyncio.CancelledError as exc:
             # The link died under the basic.cancel (aiormq cancels what was pending):
             # the consumer is gone with it. Only a real cancellation propagates, or a
@@ -165,11 +265,17 @@ class _RabbitConsumer:
         # must not leave the channel (and its consumer) half-closed, and a second
         # close() waits for the same one (two Channel.Close frames would make the
         # broker close the whole connection).
+        self._asked = True
         if self._closing is None:
             if self._channel.is_closed:
                 return
             self._closing = asyncio.get_running_loop().create_task(_close_channel(self._channel))
         await asyncio.shield(self._closing)
+
+
+def _log_close_failure(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.warning("closing a cancelled consumer's channel failed: %r", task.exception())
 
 
 async def _close_channel(channel: AbstractChannel) -> None:
@@ -375,6 +481,11 @@ class RabbitTransport:
             and self._sub_conn is not None
             and not self._sub_conn.is_closed
         )
+
+    @property
+    def will_reconnect(self) -> bool:
+        """``settings.reconnect``, while not closed by its owner."""
+        return self._settings.reconnect and self._state is not _State.CLOSED
 
     @property
     def is_blocked(self) -> bool:
@@ -665,6 +776,14 @@ class RabbitTransport:
 
         return await self._control_op(f"queue {queue!r}", probe, probe=True)
 
+    async def delete_queue(self, queue: str) -> int:
+        async def delete(channel: AbstractChannel) -> int:
+            underlay = await channel.get_underlay_channel()
+            ok = await underlay.queue_delete(queue, timeout=10)
+            return ok.message_count or 0
+
+        return await self._control_op(f"queue {queue!r}", delete)
+
     # -- publishing ------------------------------------------------------------------
 
     async def _publish_channel(self, confirm: bool) -> aiormq.abc.AbstractChannel:
@@ -765,6 +884,7 @@ class RabbitTransport:
         *,
         prefetch: int,
         no_ack: bool = False,
+        on_end: EndCallback | None = None,
     ) -> ConsumerHandle:
         self._require_connected()
         assert self._sub_conn is not None  # noqa: S101  # checked above
@@ -778,6 +898,8 @@ class RabbitTransport:
         try:
             channel = await self._sub_conn.channel(publisher_confirms=False)
             underlay = await channel.get_underlay_channel()
+            consumer = _RabbitConsumer(queue, channel, on_end, self._link_lost)
+            consumer.underlay = underlay
             if not no_ack:
                 await underlay.basic_qos(prefetch_count=prefetch, timeout=10)
 
@@ -790,11 +912,16 @@ class RabbitTransport:
             else:
 
                 async def on_message(message: aiormq.abc.DeliveredMessage) -> None:
+                    consumer.delivered()
                     if admission.open or await admission.admitted():
                         tag = getattr(message.delivery, "delivery_tag", 0) or 0
-                        await handler(_RabbitDelivery(_to_envelope(message), underlay, tag))
+                        await handler(_RabbitDelivery(_to_envelope(message), consumer, tag))
+                    else:
+                        consumer.settled()  # refused: the abandoned channel requeues it
 
             ok = await underlay.basic_consume(queue, on_message, no_ack=no_ack, timeout=10)
+            consumer.tag = str(ok.consumer_tag)
+            underlay.on_consumer_cancel_callbacks.add(consumer.on_cancel_frame)
         except asyncio.CancelledError as exc:
             self._abandon(channel, admission)
             raise _stray(exc) from None
@@ -807,7 +934,16 @@ class RabbitTransport:
             self._abandon(channel, admission)
             raise asyncio.CancelledError
         admission.decide(admit=True)
-        return _RabbitConsumer(queue, channel, str(ok.consumer_tag))
+        return consumer
+
+    def _link_lost(self) -> bool:
+        """The consume connection is gone (a channel's close is then the link's)."""
+        return (
+            self._lost_reported
+            or self._state is not _State.CONNECTED
+            or self._sub_conn is None
+            or self._sub_conn.is_closed
+        )
 
     def _abandon(self, channel: AbstractChannel | None, admission: _Admission) -> None:
         """Close a half-made consumer's channel in the background (its consumer, if the

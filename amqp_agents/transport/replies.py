@@ -5,6 +5,11 @@ many replies per correlation id). The queue is server-named, exclusive and
 auto-deleted: it belongs to this connection and vanishes with it, so a restarted
 caller never inherits stale replies. It is consumed in no-ack mode (a reply nobody
 waits for is worthless), which also saves an ack per reply.
+
+The queue is a :class:`~amqp_agents.transport.recovery.Recovery` attachment: when it
+ends (deleted, its channel closed, the connection lost) a new one is declared and
+consumed, and :attr:`ReplyQueue.name` changes. Replies sent to the old name are lost,
+so the owner's ``on_lost`` hook fails (or re-sends) the calls waiting for them.
 """
 
 from __future__ import annotations
@@ -18,7 +23,8 @@ from amqp_agents.transport.base import QueueSpec
 
 if TYPE_CHECKING:
     from amqp_agents.models.envelope import Envelope
-    from amqp_agents.transport.base import ConsumerHandle, Delivery, Transport
+    from amqp_agents.transport.base import ConsumerEnd, Delivery
+    from amqp_agents.transport.recovery import Attachment, Recovery
 
 __all__ = ["ReplyQueue"]
 
@@ -32,18 +38,22 @@ Waiter = asyncio.Future[Any] | ReplyCallback
 class ReplyQueue:
     """Routes replies to whoever registered their correlation id with :meth:`expect`."""
 
-    def __init__(self, transport: Transport) -> None:
-        self._transport = transport
-        self._name = ""
-        self._consumer: ConsumerHandle | None = None
+    def __init__(
+        self, recovery: Recovery, *, on_lost: Callable[[ConsumerEnd], None] | None = None
+    ) -> None:
+        self._recovery = recovery
+        self._on_lost = on_lost
+        self._attachment: Attachment | None = None
         self._waiting: dict[str, Waiter] = {}
+        self.live = asyncio.Event()
+        """Set while the queue is consumed (cleared from its end until it is back)."""
         self.unmatched = 0
         """Replies that matched no registered correlation id (late or unknown)."""
 
     @property
     def name(self) -> str:
         """The queue's name: what requests carry as ``reply_to``."""
-        return self._name
+        return "" if self._attachment is None else self._attachment.queue
 
     @property
     def waiting(self) -> int:
@@ -51,31 +61,30 @@ class ReplyQueue:
         return len(self._waiting)
 
     async def start(self) -> None:
-        """Declare the queue and start consuming it."""
-        self._name = await self._transport.declare_queue(
-            QueueSpec(name="", durable=False, exclusive=True, auto_delete=True)
-        )
-        self._consumer = await self._transport.consume(
-            self._name, self._on_reply, prefetch=0, no_ack=True
-        )
+        """Declare the queue and start consuming it (re-attached whenever it ends)."""
+        transport = self._recovery.transport
 
-    async def restart(self) -> None:
-        """After a reconnect: a new queue (the old one died with its connection).
+        async def declare() -> str:
+            return await transport.declare_queue(
+                QueueSpec(name="", durable=False, exclusive=True, auto_delete=True)
+            )
 
-        Registrations stay; replies sent to the old name are lost, which is why the
-        RPC client fails (or re-sends) its pending calls when the link dies.
-        """
-        old, self._consumer = self._consumer, None
-        if old is not None:
-            await old.close()  # a no-op on a dead channel; frees it otherwise
-        await self.start()
+        self._attachment = await self._recovery.attach(
+            declare, self._on_reply, prefetch=0, no_ack=True, label="replies", on_end=self._lost
+        )
+        self.live = self._attachment.attached
+
+    def _lost(self, end: ConsumerEnd) -> None:
+        if self._on_lost is not None:
+            self._on_lost(end)
 
     async def aclose(self) -> None:
         """Stop consuming (the broker deletes the queue). Idempotent."""
-        consumer = self._consumer
-        if consumer is not None:
-            await consumer.close()  # forgotten only once closed: a cancelled aclose
-            self._consumer = None  # can be finished by calling it again
+        attachment = self._attachment
+        if attachment is not None:
+            await attachment.close()  # forgotten only once closed: a cancelled aclose
+            self._recovery.forget(attachment)  # can be finished by calling it again
+            self._attachment = None
 
     def expect(self, correlation_id: str, waiter: Waiter) -> None:
         """Route replies with this id to ``waiter`` until :meth:`forget`.

@@ -23,13 +23,20 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
+from urllib.parse import unquote, urlsplit
 
 import pytest
 
 from amqp_agents.config import ConnectionSettings
 from amqp_agents.models.envelope import Envelope
 from amqp_agents.testing import BrokerAdmin, url_for_vhost
-from amqp_agents.transport.base import ConsumerHandle, Delivery, QueueSpec, Transport
+from amqp_agents.transport.base import (
+    ConsumerHandle,
+    Delivery,
+    EndCallback,
+    QueueSpec,
+    Transport,
+)
 from amqp_agents.transport.memory import InMemoryBroker, InMemoryTransport
 from amqp_agents.transport.rabbitmq import RabbitTransport
 
@@ -169,13 +176,27 @@ class Backend(abc.ABC):
         return await transport.declare_queue(QueueSpec(name=self.unique(prefix), **options))
 
     async def consume(
-        self, transport: Transport, queue: str, *, prefetch: int = 10, no_ack: bool = False
+        self,
+        transport: Transport,
+        queue: str,
+        *,
+        prefetch: int = 10,
+        no_ack: bool = False,
+        on_end: EndCallback | None = None,
     ) -> Inbox:
         inbox = Inbox(timeout_s=self.timeout_s, quiet_s=self.quiet_s)
         inbox.consumer = await transport.consume(
-            queue, inbox.handler, prefetch=prefetch, no_ack=no_ack
+            queue, inbox.handler, prefetch=prefetch, no_ack=no_ack, on_end=on_end
         )
         return inbox
+
+    @abc.abstractmethod
+    async def operator_deletes_queue(self, queue: str) -> None:
+        """Delete a queue as an operator does (any owner, exclusive ones too)."""
+
+    @abc.abstractmethod
+    async def close_consumer_channel(self, transport: Transport, consumer: ConsumerHandle) -> None:
+        """Make the broker close a consumer's channel with an error (406)."""
 
     @staticmethod
     async def publish(
@@ -260,6 +281,17 @@ class RabbitBackend(Backend):
             await self._admin.arun("close_connection", pid, "contract test: connection lost")
         await asyncio.wait_for(lost.wait(), self.timeout_s)
 
+    async def operator_deletes_queue(self, queue: str) -> None:
+        vhost = unquote(urlsplit(self._url).path[1:])
+        await self._admin.arun("delete_queue", "-p", vhost, queue)
+
+    async def close_consumer_channel(self, transport: Transport, consumer: ConsumerHandle) -> None:
+        # An ack of a delivery tag the channel never had: RabbitMQ closes the channel
+        # with 406 PRECONDITION_FAILED ("unknown delivery tag").
+        underlay = getattr(consumer, "underlay", None)
+        assert underlay is not None, f"not a RabbitMQ consumer: {consumer!r}"
+        await underlay.basic_ack(2**40)
+
     async def aclose(self) -> None:
         for transport in self._opened:
             await transport.aclose()
@@ -297,6 +329,13 @@ class MemoryBackend(Backend):
     async def come_back(self, transport: Transport) -> None:
         assert isinstance(transport, InMemoryTransport)
         await transport.simulate_reconnect()
+
+    async def operator_deletes_queue(self, queue: str) -> None:
+        self.broker.delete_queue(queue)
+
+    async def close_consumer_channel(self, transport: Transport, consumer: ConsumerHandle) -> None:
+        assert isinstance(transport, InMemoryTransport)
+        transport.simulate_channel_close(consumer, code=406, text="PRECONDITION_FAILED")
 
     async def aclose(self) -> None:
         for transport in self._opened:

@@ -166,9 +166,11 @@ async def system_under_load(
     taps: list[Tap] = []
 
     def open_worker_transport() -> Transport:
-        tap = Tap(RabbitTransport(settings(through, reconnect=False)))
+        # As `amqp-agents run` builds it: the transport reconnects by itself and the
+        # worker heals in place; the supervisor starts over only if it cannot.
+        tap = Tap(RabbitTransport(settings(through, reconnect=True)))
         taps.append(tap)
-        return tap  # type: ignore[return-value]
+        return tap
 
     def build_worker(transport: Transport) -> Worker:
         return Worker(transport, [agent], settings=WorkerSettings(concurrency=16, grace_period_s=2))
@@ -393,7 +395,9 @@ async def run_fault(
         "first ok after fault s": round(recovered - fault_ended, 2),
         "ok calls/s before": round(ledger.ok_rate(ledger.started, fault_began), 1),
         "ok calls/s after": round(ledger.ok_rate(recovered, stopped), 1),
-        "worker reconnects": system.supervisor.reconnects,
+        "worker reconnects": system.supervisor.reconnects
+        + sum(tap.reconnects for tap in system.taps),
+        "worker restarts": system.supervisor.reconnects,
         "consumers (agent, group)": (agent_info.consumers, group_info.consumers),
     }
     print(f"\n{figures}")

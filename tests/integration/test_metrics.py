@@ -243,12 +243,13 @@ async def test_queue_depth_and_consumers_follow_the_backlog(
         await settles(seen, CONSUMERS, 0, queue=queue)
         assert value(seen, DEPTH, queue=queue) == 0
 
-        # The missing queue failed every probe and never got a gauge; the others kept going.
+        # The missing queue failed every probe and reads as empty with no consumer (not
+        # a stale value: QueueWithoutConsumers can fire); the others kept going.
         errors_now = value(seen, DEPTH_ERRORS, queue=absent)
         assert errors_now is not None
         assert errors_now > errors_at_backlog
-        assert value(seen, DEPTH, queue=absent) is None
-        assert value(seen, CONSUMERS, queue=absent) is None
+        assert value(seen, DEPTH, queue=absent) == 0
+        assert value(seen, CONSUMERS, queue=absent) == 0
         assert value(seen, DEPTH_ERRORS, queue=queue) is None
     finally:
         await monitor.aclose()
@@ -257,7 +258,8 @@ async def test_queue_depth_and_consumers_follow_the_backlog(
 async def test_one_probe_counts_a_missing_queue_and_sets_the_rest(
     connect: Connect, unique: Unique
 ) -> None:
-    """QueueMonitor.probe(): a missing queue adds one error, the queues after it are set."""
+    """QueueMonitor.probe(): a missing queue adds one error and reads 0 messages and 0
+    consumers; the queues after it are set."""
     name = unique("probe")
     queue, dead, absent = (
         TOPOLOGY.agent_queue(name),
@@ -272,9 +274,10 @@ async def test_one_probe_counts_a_missing_queue_and_sets_the_rest(
     seen = Metrics()
     monitor = QueueMonitor(observer, seen, lambda: [queue, absent, dead])
     await monitor.probe()
-    assert series(seen, DEPTH) == {(("queue", queue),): 3, (("queue", dead),): 0}
-    assert series(seen, CONSUMERS) == {(("queue", queue),): 0, (("queue", dead),): 0}
-    assert series(seen, DEPTH_ERRORS) == {(("queue", absent),): 1}
+    gone = (("queue", absent),)
+    assert series(seen, DEPTH) == {(("queue", queue),): 3, (("queue", dead),): 0, gone: 0}
+    assert series(seen, CONSUMERS) == {(("queue", queue),): 0, (("queue", dead),): 0, gone: 0}
+    assert series(seen, DEPTH_ERRORS) == {gone: 1}
     await monitor.probe()
     assert series(seen, DEPTH_ERRORS) == {(("queue", absent),): 2}
     assert observer.is_connected, "a failed passive declare must not take the link down"

@@ -305,9 +305,11 @@ async def test_exporter_serves_the_real_depth_and_exits_0_on_sigterm(
             what="depth 5 on /metrics",
         )
         assert (await observer.queue_info(queue)).messages == 5
-        # The absent group's queue only counts failed probes.
+        # The absent group's queue counts failed probes and reads as empty and
+        # unconsumed (not a stale value, nor no series: QueueWithoutConsumers can fire).
         assert (sample(page, DEPTH_ERRORS, queue=absent) or 0) >= 1
-        assert sample(page, DEPTH, queue=absent) is None
+        assert sample(page, DEPTH, queue=absent) == 0
+        assert sample(page, CONSUMERS, queue=absent) == 0
         assert await status(port, "/healthz") == 200
         exporter.terminate()
         started = time.monotonic()

@@ -33,9 +33,11 @@ from amqp_agents.rpc.client import Request, RpcClient
 from amqp_agents.runtime.agent import Agent, action
 from amqp_agents.runtime.worker import Worker
 from amqp_agents.transport.base import (
+    ConsumerEnd,
     ConsumerHandle,
     Delivery,
     DeliveryHandler,
+    EndCallback,
     ExchangeKind,
     QueueInfo,
     QueueSpec,
@@ -146,14 +148,22 @@ class Latency:
         await self.hop()
 
     async def consume(
-        self, queue: str, handler: DeliveryHandler, *, prefetch: int, no_ack: bool = False
+        self,
+        queue: str,
+        handler: DeliveryHandler,
+        *,
+        prefetch: int,
+        no_ack: bool = False,
+        on_end: EndCallback | None = None,
     ) -> ConsumerHandle:
         async def latent(delivery: Delivery) -> None:
             self.delivered.append((queue, delivery.envelope))
             await handler(_LatentDelivery(delivery))
 
         await self.hop()
-        consumer = await self._inner.consume(queue, latent, prefetch=prefetch, no_ack=no_ack)
+        consumer = await self._inner.consume(
+            queue, latent, prefetch=prefetch, no_ack=no_ack, on_end=on_end
+        )
         try:
             await self.hop()
         except asyncio.CancelledError:
@@ -203,6 +213,10 @@ class _LatentConsumer:
     @property
     def queue(self) -> str:
         return self._inner.queue
+
+    @property
+    def ended(self) -> ConsumerEnd | None:
+        return self._inner.ended
 
     async def cancel(self) -> None:
         await Latency.hop()

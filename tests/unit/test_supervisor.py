@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
-from typing import Any, cast
+from typing import Any, ClassVar, cast
 
 import pytest
 
@@ -86,13 +86,14 @@ class _DyingUnderlay:
 
 class _Channel:
     is_closed = False
+    close_callbacks: ClassVar[set[object]] = set()
 
     async def get_underlay_channel(self) -> _DyingUnderlay:
         return _DyingUnderlay()
 
 
 async def test_a_consumer_cancel_cut_by_a_dying_link_returns() -> None:
-    consumer = _RabbitConsumer("q", cast("Any", _Channel()), "tag")
+    consumer = _RabbitConsumer("q", cast("Any", _Channel()), None, lambda: False)
     await asyncio.wait_for(consumer.cancel(), 1)  # returns: the consumer died with the link
 
 
@@ -107,7 +108,7 @@ async def test_a_consumer_cancel_that_is_cancelled_raises() -> None:
         async def get_underlay_channel(self) -> _SlowUnderlay:  # type: ignore[override]
             return _SlowUnderlay()
 
-    consumer = _RabbitConsumer("q", cast("Any", _SlowChannel()), "tag")
+    consumer = _RabbitConsumer("q", cast("Any", _SlowChannel()), None, lambda: False)
     task = asyncio.create_task(consumer.cancel())
     await asyncio.sleep(0)
     task.cancel()
