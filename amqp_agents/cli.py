@@ -183,9 +183,9 @@ def _worker_probes(
     def healthz() -> ProbeResult:
         if watch.lag_s > limit_s:
             return ProbeResult(503, f"event loop lagging {watch.lag_s:.1f}s\n".encode())
-        if supervisor.consumers_lost:
-            why = supervisor.not_ready_reason() or "consumers lost"
-            return ProbeResult(503, f"consumers did not heal: {why}\n".encode())
+        failure = supervisor.liveness_failure()
+        if failure is not None:
+            return ProbeResult(503, f"{failure}\n".encode())
         return ProbeResult(200, b"ok\n")
 
     def readyz() -> ProbeResult:

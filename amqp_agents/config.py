@@ -234,10 +234,27 @@ class WorkerSettings(BaseModel):
     """Default per-action timeout; kept below the broker's delivery-ack timeout."""
     retry: RetryPolicy = RetryPolicy()
     """Default retry policy of actions (``@action(retry=...)`` overrides it)."""
+
     reattach_limit_s: float = Field(default=30.0, gt=0, le=3600)
     """How long a consumer that ended (queue deleted, channel closed, link lost) may
     take to re-attach; past it liveness fails and the worker starts over on a new
     connection."""
+
+    @model_validator(mode="after")
+    def _fits_the_ack_timeout(self) -> Self:
+        # All tries of one delivery, and the backoffs between them, run before its ack:
+        # past the broker's delivery-ack timeout the channel is closed under every
+        # delivery on it, and the request is redelivered as if it had crashed a worker.
+        retry = self.retry
+        worst_s = self.action_timeout_s * retry.attempts + retry.backoff_max_s * (
+            retry.attempts - 1
+        )
+        if worst_s >= BROKER_ACK_TIMEOUT_S:
+            raise ValueError(
+                f"action_timeout_s x retry.attempts plus the backoffs ({worst_s:g}s) must stay"
+                f" below the broker's delivery-ack timeout ({BROKER_ACK_TIMEOUT_S:g}s)"
+            )
+        return self
 
 
 class MetricsSettings(BaseModel):

@@ -80,7 +80,11 @@ class Outcome(StrEnum):
     DEAD_LETTERED = "dead_lettered"
     """Sent to the dead-letter queue."""
     REQUEUED = "requeued"
-    """Given back unstarted or unfinished (shutdown, cancellation, failed reply)."""
+    """Given back unstarted or unfinished (shutdown, cancellation, a reply or copy the
+    broker did not take)."""
+    REPLY_DROPPED = "reply_dropped"
+    """Handled and acked, but the broker refused its reply (full or forbidden reply
+    queue): running it again could not deliver it."""
     EXPIRED = "expired"
     """Dropped: the caller's deadline had passed."""
 

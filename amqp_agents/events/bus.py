@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -61,8 +62,10 @@ from amqp_agents.models.messages import AgentResponse, ErrorCode, Event, IdSourc
 from amqp_agents.models.schema import adapter_for, handler_argument, validate_payload
 from amqp_agents.models.topic import topic_matches, validate_pattern
 from amqp_agents.models.wire import (
+    HEADER_ATTEMPT,
     HEADER_DEADLINE,
     Topology,
+    attempt_from,
     check_name,
     deadline_from,
     decode_event,
@@ -150,7 +153,9 @@ class EventBus:
 
     The bus does not own the transport. ``guard`` wraps every delivery's processing
     (the worker passes its concurrency limit and shutdown tracking); ``prefetch``
-    bounds unsettled deliveries per queue; ``handler_timeout_s`` bounds each handler.
+    bounds unsettled deliveries per queue; ``handler_timeout_s`` bounds each handler;
+    ``max_deliveries`` bounds how often a group event may come back unsettled (a crash
+    of its subscriber) before it is dead-lettered.
     """
 
     def __init__(
@@ -165,15 +170,18 @@ class EventBus:
         guard: DeliveryGuard | None = None,
         metrics: Metrics | None = None,
         recovery: Recovery | None = None,
+        max_deliveries: int = 5,
     ) -> None:
         self._transport = transport
         self._metrics = metrics
+        self._owns_recovery = recovery is None
         self._recovery = recovery or Recovery(transport, metrics=metrics)
         self._topology = topology or Topology()
         self._publish_timeout_s = publish_timeout_s
         self._max_bytes = max_message_bytes
         self._prefetch = prefetch
         self._handler_timeout_s = handler_timeout_s
+        self._max_deliveries = max_deliveries
         self._guard = guard or _run
         self._ids = IdSource()
         self._state = _State.NEW
@@ -240,6 +248,8 @@ class EventBus:
         if self._replies is not None:
             self._replies.drain()
             await self._replies.aclose()
+        if self._owns_recovery:
+            await self._recovery.aclose()  # leaves the transport's callbacks
 
     # -- publishing ------------------------------------------------------------------
 
@@ -536,6 +546,9 @@ class EventBus:
             # Arrived after unsubscribe/stop: give it back for the group's next consumer.
             await delivery.nack(requeue=True)
             return
+        if envelope.redelivered and queue.group is not None and not envelope.reply_to:
+            await self._count_redelivery(queue, delivery)
+            return
         if envelope.reply_to:
             deadline = deadline_from(envelope)
             if deadline is not None and deadline < time.time():
@@ -568,6 +581,45 @@ class EventBus:
         await self._answer(envelope, [r for r in responses if r is not None])
         failed = any(r is not None and not r.ok for r in responses)
         await self._settle(delivery, envelope, failed=failed, group=queue.group)
+
+    async def _count_redelivery(self, queue: _QueueConsumer, delivery: Delivery) -> None:
+        """A group event delivered before and never settled may have crashed its
+        handler's process: count it in the message (a copy with ``x-attempt`` + 1, then
+        ack) or, past ``max_deliveries``, dead-letter it. Without this an event that
+        kills its subscriber would loop forever on the group queue."""
+        envelope = delivery.envelope
+        attempt = attempt_from(envelope) + 1
+        if attempt > self._max_deliveries:
+            log.error(
+                "event %r on %s was delivered %d times without being settled (it may crash"
+                " its handler); dead-lettered",
+                envelope.routing_key,
+                queue.queue,
+                attempt - 1,
+            )
+            await delivery.reject()
+            self._count(queue.group, MetricOutcome.DEAD_LETTERED)
+            return
+        copy = dataclasses.replace(
+            envelope,
+            exchange="",
+            routing_key=queue.queue,
+            headers={**(envelope.headers or {}), HEADER_ATTEMPT: attempt},
+            redelivered=False,
+        )
+        try:
+            await self._transport.publish(copy, mandatory=True, timeout_s=self._publish_timeout_s)
+        except TransportError as exc:
+            log.warning("could not count a redelivered event on %s (%s)", queue.queue, exc)
+            await delivery.nack(requeue=True)
+            return
+        await delivery.ack()
+
+    def _count(self, group: str | None, outcome: MetricOutcome) -> None:
+        if self._metrics is not None:
+            self._metrics.child(
+                self._metrics.events_consumed, group or "private", outcome.value
+            ).inc()
 
     async def _call(self, subscription: Subscription, event: Event) -> AgentResponse | None:
         """Run one handler; its answer, an error response, or None (no answer)."""
@@ -627,7 +679,4 @@ class EventBus:
         else:
             await delivery.ack()
             outcome = MetricOutcome.ERROR if failed else MetricOutcome.OK
-        if self._metrics is not None:
-            self._metrics.child(
-                self._metrics.events_consumed, group or "private", outcome.value
-            ).inc()
+        self._count(group, outcome)

@@ -6,6 +6,7 @@ the job of :mod:`amqp_agents.models.wire` and is documented in ``docs/protocol.m
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import os
 import uuid
@@ -34,21 +35,28 @@ def new_id() -> str:
 
 
 class IdSource:
-    """Unique ids, cheaply: a random per-source prefix and a counter.
+    """Unique, unguessable ids, cheaply: a random per-source prefix, a counter, and a
+    keyed hash of the counter.
 
     ``uuid4()`` reads the OS entropy pool per call; on the RPC hot path a counter is
     as unique (the 64-bit random prefix separates processes and clients) and faster.
+    The tag (BLAKE2b of the counter under a random per-source key) makes the next id
+    unguessable from one seen: a peer that may publish to the reply queue cannot
+    forge the reply of a call it has not seen.
     """
 
-    __slots__ = ("_counter", "_prefix")
+    __slots__ = ("_counter", "_key", "_prefix")
 
     def __init__(self) -> None:
         self._prefix = os.urandom(8).hex()
+        self._key = os.urandom(16)
         self._counter = itertools.count(1)
 
     def next(self) -> str:
-        """The next id: ``<16 hex chars>.<n>``."""
-        return f"{self._prefix}.{next(self._counter)}"
+        """The next id: ``<16 hex chars>.<n>.<12 hex chars>``."""
+        n = next(self._counter)
+        tag = hashlib.blake2b(n.to_bytes(8, "big"), key=self._key, digest_size=6).hexdigest()
+        return f"{self._prefix}.{n}.{tag}"
 
 
 MAX_ACTION_LENGTH = 255

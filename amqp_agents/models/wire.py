@@ -130,6 +130,15 @@ class Topology(BaseModel):
         """A delay tier: ``agents.<agent>.retry.<delay_ms>``; its TTL leads back to work."""
         return f"{self.agent_queue(agent)}.retry.{delay_ms}"
 
+    def may_reply_to(self, reply_to: str) -> bool:
+        """Whether a worker may send a reply to ``reply_to``: a short string (AMQP
+        limit), and not one of the library's own agent or event queues, so that a
+        request cannot make a worker post into another agent's queue.
+        """
+        return len(reply_to.encode()) <= 255 and not reply_to.startswith(
+            (self.queue_prefix, self.event_queue_prefix)
+        )
+
     def group_queue(self, group: str) -> str:
         """The durable queue a subscriber group shares: ``events.<group>``."""
         return f"{self.event_queue_prefix}{group}"

@@ -118,6 +118,10 @@ _RESEND: Final = _Lost.RESEND
 
 _NAME_CACHE_SIZE: Final = 1024
 
+_RESEND_BACKOFF_S: Final = 0.05
+"""First pause before re-sending an idempotent call whose publish failed (doubling, at
+most 1 s)."""
+
 
 class RpcClient:
     """Calls agents over a :class:`~amqp_agents.transport.base.Transport`.
@@ -139,6 +143,7 @@ class RpcClient:
     ) -> None:
         self._transport = transport
         self._metrics = metrics
+        self._owns_recovery = recovery is None
         self._recovery = recovery or Recovery(transport, metrics=metrics)
         self._topology = topology or Topology()
         self._settings = settings or RpcSettings()
@@ -190,6 +195,8 @@ class RpcClient:
             self._fail_pending(ErrorCode.SHUTTING_DOWN, "the RPC client is closing")
             self._deadlines.cancel()
         await self._replies.aclose()
+        if self._owns_recovery:
+            await self._recovery.aclose()  # leaves the transport's callbacks
 
     async def __aenter__(self) -> Self:
         await self.start()
@@ -272,6 +279,7 @@ class RpcClient:
         if idempotent:
             self._idempotent.add(correlation_id)
         self._deadlines.arm(deadline, correlation_id)
+        refusals = 0
         try:
             while True:
                 future: asyncio.Future[Envelope | AgentResponse | _Lost | None]
@@ -296,11 +304,20 @@ class RpcClient:
                         return _failure(ErrorCode.CONNECTION_LOST, str(exc), correlation_id)
                     future = loop.create_future()
                     future.set_result(_RESEND)
+                    refusals += 1
                 del envelope
                 reply = await future
                 if reply is not _RESEND or resend is None:
                     break
-                # The link died before the reply: send it again once it is back.
+                # The link died before the reply: send it again once it is back. If the
+                # publish itself failed, back off first: a link that fails every publish
+                # must not make this a hot loop (bounded by the deadline).
+                if refusals:
+                    pause = min(_RESEND_BACKOFF_S * 2 ** min(refusals - 1, 10), 1.0)
+                    await asyncio.sleep(min(pause, max(deadline - loop.time(), 0)))
+                if loop.time() >= deadline:
+                    reply = None  # out of time: the call times out, it is not sent again
+                    break
                 lost = await self._await_restored(deadline, correlation_id)
                 if lost is not None:
                     return lost

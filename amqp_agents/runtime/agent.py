@@ -376,6 +376,11 @@ class Agent:
             return Outcome(self._internal_error(message), retryable=policy.is_retryable(exc))
         return Outcome.success(result, correlation_id=cid)
 
+    def stuck_tries(self, grace_s: float) -> list[asyncio.Task[object]]:
+        """Tasks of tries cut off by their time limit more than ``grace_s`` ago that
+        still run (the handler ignores cancellation): the worker abandons them."""
+        return [limit.task for limit in self._limits.overdue(grace_s)]
+
     async def _try(
         self,
         method: Callable[..., Awaitable[Any]],

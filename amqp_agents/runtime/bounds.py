@@ -32,7 +32,7 @@ _PRUNE_SLACK: Final = 1024
 class Limit:
     """One try's limit: :meth:`TimeLimits.arm` makes it, :meth:`end` releases it."""
 
-    __slots__ = ("_cancelling", "_limits", "_task", "expired", "finished")
+    __slots__ = ("_cancelling", "_limits", "_task", "expired", "finished", "fired_at")
 
     def __init__(self, limits: TimeLimits, task: asyncio.Task[object]) -> None:
         self._limits = limits
@@ -40,11 +40,19 @@ class Limit:
         self._cancelling = task.cancelling()
         self.expired = False
         """The limit passed and the task was cancelled for it."""
+        self.fired_at = 0.0
         self.finished = False
 
-    def _fire(self) -> None:
+    @property
+    def task(self) -> asyncio.Task[object]:
+        """The task this limit cuts off."""
+        return self._task
+
+    def _fire(self, now: float) -> None:
         if not self.finished:
             self.expired = True
+            self.fired_at = now
+            self._limits._fired.add(self)
             self._task.cancel()
 
     def end(self, error: BaseException | None) -> bool:
@@ -56,6 +64,7 @@ class Limit:
         self.finished = True
         limits = self._limits
         limits._running = max(limits._running - 1, 0)
+        limits._fired.discard(self)
         if not self.expired:
             return False
         timed_out = self._task.uncancel() <= self._cancelling
@@ -65,9 +74,11 @@ class Limit:
 class TimeLimits:
     """Cuts tries off when their time runs out, on the running loop's clock."""
 
-    __slots__ = ("_heap", "_loop", "_order", "_running", "_timer")
+    __slots__ = ("_fired", "_heap", "_loop", "_order", "_running", "_timer")
 
     def __init__(self) -> None:
+        self._fired: set[Limit] = set()
+        """Limits that cut their task off, until it ends (normally at once)."""
         self._heap: list[tuple[float, int, Limit]] = []
         self._order = itertools.count()
         self._timer: asyncio.TimerHandle | None = None
@@ -101,11 +112,20 @@ class TimeLimits:
             self._timer = loop.call_at(when, self._sweep)
         return limit
 
+    def overdue(self, grace_s: float) -> list[Limit]:
+        """Limits whose task was cancelled more than ``grace_s`` ago and still runs: a
+        handler that ignores (or swallows) cancellation."""
+        if not self._fired or self._loop is None:
+            return []
+        now = self._loop.time()
+        return [limit for limit in self._fired if now - limit.fired_at > grace_s]
+
     def _reset(self, loop: asyncio.AbstractEventLoop) -> None:
         if self._timer is not None:
             self._timer.cancel()
         self._timer = None
         self._heap.clear()
+        self._fired.clear()
         self._running = 0
         self._loop = loop
 
@@ -117,7 +137,7 @@ class TimeLimits:
         heap = self._heap
         now = loop.time()
         while heap and heap[0][0] <= now:
-            heapq.heappop(heap)[2]._fire()
+            heapq.heappop(heap)[2]._fire(now)
         while heap and heap[0][2].finished:
             heapq.heappop(heap)
         if heap:

@@ -74,6 +74,10 @@ class Supervisor:
         """The current worker's consumers did not heal in time (liveness should fail)."""
         return self.worker is not None and self.worker.consumers_lost
 
+    def liveness_failure(self) -> str | None:
+        """Why the current worker should be restarted (``/healthz`` 503), or ``None``."""
+        return None if self.worker is None else self.worker.liveness_failure()
+
     def not_ready_reason(self) -> str | None:
         """Why the process is not ready (the ``/readyz`` body), ``None`` if it is."""
         if self.worker is None:

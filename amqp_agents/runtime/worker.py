@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import logging
 import time
@@ -45,6 +46,7 @@ from typing import TYPE_CHECKING
 
 from amqp_agents.config import WorkerSettings
 from amqp_agents.errors import (
+    AccessRefusedError,
     BrokerUnavailableError,
     ConfigurationError,
     InternalError,
@@ -70,6 +72,7 @@ from amqp_agents.models.wire import (
 from amqp_agents.runtime.agent import Outcome
 from amqp_agents.runtime.bounds import Slots
 from amqp_agents.runtime.monitor import QueueMonitor
+from amqp_agents.runtime.settle import Verdict, publish_control
 from amqp_agents.transport.base import (
     Delivery,
     ExchangeKind,
@@ -86,6 +89,12 @@ if TYPE_CHECKING:
 __all__ = ["Worker", "WorkerStats"]
 
 log = logging.getLogger(__name__)
+
+_SHUTDOWN_HOOKS_S = 10.0
+"""The longest the agents' ``shutdown()`` hooks may take together during a stop."""
+
+_STUCK_GRACE_S = 5.0
+"""How long a handler cut off by its time limit may take to end before it is let go."""
 
 _ANSWER_RESERVE_S = 0.05
 """Time kept back from a caller's deadline (at most a tenth of it) for the answer."""
@@ -143,9 +152,14 @@ class Worker:
             raise ConfigurationError(f"agent names must be unique: {', '.join(duplicates)}")
         self._transport = transport
         self._agents = list(agents)
+        self._agent_names = frozenset(names)
         self._topology = topology or Topology()
+        self._agent_queues = frozenset(self._topology.agent_queue(name) for name in names)
         self._settings = settings or WorkerSettings()
         self._publish_timeout_s = publish_timeout_s
+        self._hold_s = 1.0
+        """How long a delivery whose copy the broker keeps refusing is held before it is
+        requeued (see :mod:`~amqp_agents.runtime.settle`)."""
         self._max_bytes = max_message_bytes
         self._slots = Slots(self._settings.concurrency)
         self._recovery = Recovery(
@@ -155,8 +169,16 @@ class Worker:
             on_escalate=self._escalate,
         )
         self._escalation = ""
+        self._unregister: tuple[Callable[[], None], ...] = ()
         self._consumers: list[Attachment] = []
         self._waiting: set[asyncio.Task[object]] = set()
+        self._giving_back: set[asyncio.Future[None]] = set()
+        self._deliveries: dict[asyncio.Task[object], Delivery] = {}
+        """The delivery of each running task (the watchdog settles abandoned ones)."""
+        self._abandoned: dict[asyncio.Task[object], str] = {}
+        """Handlers that ignored their time limit's cancellation: task -> what it runs."""
+        self._watchdog: asyncio.Task[None] | None = None
+        self._closing_channels = False
         self._running: set[asyncio.Task[object]] = set()
         self._state = _State.NEW
         self._lost = asyncio.Event()
@@ -210,6 +232,17 @@ class Worker:
         """
         return self._started and self._state is _State.RUNNING and self._recovery.stuck
 
+    def liveness_failure(self) -> str | None:
+        """Why the process should be restarted (the ``/healthz`` body), or ``None``:
+        consumers that did not heal in time, or handlers stuck ignoring cancellation
+        (their tasks cannot be killed; only a restart frees them)."""
+        if self.consumers_lost:
+            return f"consumers did not heal: {self.not_ready_reason() or 'consumers lost'}"
+        stuck = self.stuck_handlers
+        if stuck:
+            return f"{len(stuck)} handler(s) ignore cancellation: {', '.join(stuck[:5])}"
+        return None
+
     @property
     def recovery(self) -> Recovery:
         """The owner of this worker's consumers (what the probes read)."""
@@ -253,8 +286,10 @@ class Worker:
         if self._state is not _State.NEW:
             raise LifecycleError(f"worker is {self._state.value}; start() runs once")
         self._state = _State.RUNNING
-        self._transport.on_connection_lost(self._on_connection_lost)
-        self._transport.on_connection_restored(self._on_connection_restored)
+        self._unregister = (
+            self._transport.on_connection_lost(self._on_connection_lost),
+            self._transport.on_connection_restored(self._on_connection_restored),
+        )
         if self._metrics is not None:
             self._metrics.concurrency_limit.set(self._settings.concurrency)
             transport = self._transport
@@ -281,6 +316,9 @@ class Worker:
                         f"group {spec.group}" if spec.group else "broadcast",
                     )
             self._started = True
+            self._watchdog = asyncio.get_running_loop().create_task(
+                self._watch_handlers(), name="amqp-agents-handler-watchdog"
+            )
             if self._monitor is not None:
                 self._monitor.start()
         except BaseException:
@@ -320,13 +358,7 @@ class Worker:
         its dead-letter queue and binding, the queue with its arguments, its binding."""
         topology = self._topology
         await self._transport.declare_exchange(topology.requests_exchange, ExchangeKind.DIRECT)
-        await self._transport.declare_exchange(
-            topology.requests_dead_letter_exchange, ExchangeKind.DIRECT
-        )
-        dlx = topology.requests_dead_letter_exchange
-        dead = topology.agent_dead_letter_queue(agent.name)
-        await self._transport.declare_queue(QueueSpec(name=dead, durable=True))
-        await self._transport.bind_queue(dead, dlx, agent.name)
+        await self._declare_dead_letters(agent)
         queue = topology.agent_queue(agent.name)
         await self._transport.declare_queue(
             QueueSpec(
@@ -340,6 +372,15 @@ class Worker:
         )
         await self._transport.bind_queue(queue, topology.requests_exchange, agent.name)
         return queue
+
+    async def _declare_dead_letters(self, agent: Agent) -> None:
+        """The dead-letter exchange and the agent's dead-letter queue and binding."""
+        topology = self._topology
+        dlx = topology.requests_dead_letter_exchange
+        await self._transport.declare_exchange(dlx, ExchangeKind.DIRECT)
+        dead = topology.agent_dead_letter_queue(agent.name)
+        await self._transport.declare_queue(QueueSpec(name=dead, durable=True))
+        await self._transport.bind_queue(dead, dlx, agent.name)
 
     async def serve(self, shutdown_trigger: ShutdownTrigger | None = None) -> None:
         """Start, run until ``shutdown_trigger()`` returns, then stop gracefully.
@@ -392,6 +433,10 @@ class Worker:
         self._state = _State.STOPPING
         if self._monitor is not None:
             await self._monitor.aclose()
+        watchdog, self._watchdog = self._watchdog, None
+        if watchdog is not None:
+            watchdog.cancel()
+            await asyncio.wait({watchdog}, timeout=5)
         for consumer in self._consumers:
             with contextlib.suppress(TransportError):
                 await consumer.cancel()
@@ -414,11 +459,26 @@ class Worker:
             if pending:
                 log.warning("cancelled %d handler(s) after the grace period", len(pending))
                 await asyncio.wait(pending, timeout=5)
+        # Copies given back need their channel for the ack: no new ones from here on
+        # (later ones are plainly requeued), and the started ones finish first (bounded).
+        self._closing_channels = True
+        if self._giving_back:
+            await asyncio.wait(set(self._giving_back), timeout=5)
         for consumer in self._consumers:
             await consumer.close()
-        await asyncio.gather(*(agent.shutdown() for agent in self._agents), return_exceptions=True)
+        # Bounded: a shutdown hook that hangs must not hold up the stop (and with it a
+        # supervisor's fresh start, while liveness stays green).
+        hooks = asyncio.ensure_future(
+            asyncio.gather(*(agent.shutdown() for agent in self._agents), return_exceptions=True)
+        )
+        done, _ = await asyncio.wait({hooks}, timeout=_SHUTDOWN_HOOKS_S)
+        if not done:
+            hooks.cancel()
+            log.error("the agents' shutdown hooks did not finish within %gs", _SHUTDOWN_HOOKS_S)
         await self.events.aclose()
         await self._recovery.aclose()
+        for unregister in self._unregister:
+            unregister()
         self._consumers.clear()
         self._state = _State.STOPPED
 
@@ -443,11 +503,12 @@ class Worker:
 
         Every delivery, request or event, passes here (in its own task, spawned by the
         transport): deliveries that arrive while stopping, or are still waiting for a
-        slot when the stop begins, are requeued unstarted; cancelled ones too.
+        slot when the stop begins, are given back unstarted (:meth:`_give_back`);
+        cancelled ones are requeued.
         """
         self.stats.received += 1
         if self._state is not _State.RUNNING:
-            await self._requeue(delivery)
+            await self._give_back(delivery)
             return
         task = asyncio.current_task()
         assert task is not None  # noqa: S101  # always inside a task
@@ -456,16 +517,17 @@ class Worker:
             try:
                 await self._slots.take()
             except asyncio.CancelledError:
-                await self._requeue(delivery)
+                await self._give_back(delivery)
                 raise
             finally:
                 self._waiting.discard(task)
         if not self._accepting():
             # A slot freed while stopping: not started yet, so it goes back.
             self._slots.release()
-            await self._requeue(delivery)
+            await self._give_back(delivery)
             return
         self._running.add(task)
+        self._deliveries[task] = delivery
         self.stats.in_flight += 1
         if self._metrics is not None:
             self._metrics.in_flight.inc()
@@ -481,11 +543,52 @@ class Worker:
             log.exception("processing a delivery failed; requeued")
             await self._requeue(delivery)
         finally:
-            self.stats.in_flight -= 1
-            if self._metrics is not None:
-                self._metrics.in_flight.dec()
-            self._running.discard(task)
-            self._slots.release()
+            self._deliveries.pop(task, None)
+            if self._abandoned.pop(task, None) is None:  # else: let go by the watchdog
+                self.stats.in_flight -= 1
+                if self._metrics is not None:
+                    self._metrics.in_flight.dec()
+                self._running.discard(task)
+                self._slots.release()
+
+    @property
+    def stuck_handlers(self) -> list[str]:
+        """Handlers that ignored their time limit's cancellation and still run (their
+        slots and deliveries were let go; liveness fails while any is left)."""
+        return sorted(self._abandoned.values())
+
+    async def _watch_handlers(self) -> None:
+        """Let go of handlers that ignore cancellation: a try cut off by its limit
+        more than ``_STUCK_GRACE_S`` ago that still runs has its delivery requeued (the
+        redelivery counts as an attempt, so a request that always does this ends in the
+        dead-letter queue) and its slot freed, so the worker keeps serving."""
+        while True:
+            await asyncio.sleep(_STUCK_GRACE_S / 2)
+            for agent in self._agents:
+                for task in agent.stuck_tries(_STUCK_GRACE_S):
+                    delivery = self._deliveries.get(task)
+                    if delivery is None or task in self._abandoned:
+                        continue
+                    await self._abandon(agent, task, delivery)
+
+    async def _abandon(self, agent: Agent, task: asyncio.Task[object], delivery: Delivery) -> None:
+        envelope = delivery.envelope
+        what = f"{agent.name}.{_action_label(agent, envelope.type)}"
+        self._abandoned[task] = what
+        self._running.discard(task)
+        self.stats.in_flight -= 1
+        if self._metrics is not None:
+            self._metrics.in_flight.dec()
+        self._slots.release()
+        log.error(
+            "%s ignored its time limit's cancellation for %gs and still runs; its"
+            " request is requeued and its slot freed (correlation id %s)",
+            what,
+            _STUCK_GRACE_S,
+            envelope.correlation_id,
+            extra=_fields(agent, envelope, "requeued"),
+        )
+        await self._requeue_counted(agent, delivery)
 
     def _count(self, agent: Agent, action: str | None, outcome: MetricOutcome) -> None:
         if self._metrics is not None:
@@ -497,6 +600,71 @@ class Worker:
     async def _requeue(self, delivery: Delivery) -> None:
         self.stats.requeued += 1
         await delivery.nack(requeue=True)
+
+    async def _give_back(self, delivery: Delivery) -> None:
+        """Return a request that never started without making it a redelivery.
+
+        A ``nack(requeue)`` marks it ``redelivered``, and every redelivery counts as an
+        attempt (it may have crashed a worker): a few rolling restarts would then
+        dead-letter a healthy request that only sat in a worker's prefetch. So an
+        unstarted request is published again as it came (same attempt, the time left
+        as its TTL; confirmed) and then acked; it goes to the back of its priority
+        level. An event, a request that was already a redelivery (its count is still
+        due), one whose copy is not confirmed, or any while the worker is not fully
+        started or already closing its channels (the ack could be lost, and the request
+        would be queued twice) is requeued as before.
+        """
+        envelope = delivery.envelope
+        queue = self._queue_of(envelope)
+        if (
+            queue is None
+            or envelope.redelivered
+            or self._closing_channels
+            or not self._started  # a consume cut short closes its channel: no ack then
+        ):
+            await self._requeue(delivery)
+            return
+        # Copy and ack as one unit, shielded: a cancellation between the two would
+        # leave the request twice in the queue.
+        giving = asyncio.ensure_future(self._publish_back(delivery, queue))
+        self._giving_back.add(giving)
+        giving.add_done_callback(self._giving_back.discard)
+        await asyncio.shield(giving)
+
+    async def _publish_back(self, delivery: Delivery, queue: str) -> None:
+        envelope = delivery.envelope
+        deadline = deadline_from(envelope)
+        left_ms = None if deadline is None else int((deadline - time.time()) * 1000)
+        if left_ms is not None and left_ms <= 0:
+            self.stats.expired += 1
+            await delivery.ack()  # its caller stopped waiting: as the worker would
+            return
+        copy = dataclasses.replace(
+            envelope,
+            exchange="",
+            routing_key=queue,
+            expiration_ms=left_ms if left_ms is not None else envelope.expiration_ms,
+            redelivered=False,
+        )
+        try:
+            await self._transport.publish(
+                copy, mandatory=True, timeout_s=min(self._publish_timeout_s, 2.0)
+            )
+        except TransportError:
+            await self._requeue(delivery)
+            return
+        self.stats.requeued += 1
+        await delivery.ack()
+
+    def _queue_of(self, envelope: Envelope) -> str | None:
+        """The agent queue a request was delivered from; ``None`` for anything else."""
+        topology = self._topology
+        if envelope.exchange == topology.requests_exchange:
+            name = envelope.routing_key
+            return topology.agent_queue(name) if name in self._agent_names else None
+        if envelope.exchange == "" and envelope.routing_key in self._agent_queues:
+            return envelope.routing_key
+        return None
 
     async def _process(self, agent: Agent, delivery: Delivery) -> None:
         envelope = delivery.envelope
@@ -575,45 +743,79 @@ class Worker:
         if attempt < policy.max_deliveries:
             delay_ms = policy.redelivery_delay_ms(attempt, outcome.delay_s)
             if deadline is None or time.time() + delay_ms / 1000 < deadline:
-                await self._redeliver_later(agent, delivery, attempt + 1, delay_ms)
+                await self._redeliver_later(agent, delivery, response, attempt + 1, delay_ms)
                 return
         await self._fail(agent, delivery, outcome.response, attempt, dead_letter=True)
 
     async def _reply_and_ack(
         self, agent: Agent, delivery: Delivery, answer: AgentResponse | Outcome
     ) -> bool:
-        """Reply (if asked to), then ack. False if the reply failed (then requeued).
+        """Reply (if asked to), then ack. False if the reply was not sent (requeued).
 
-        ``answer``: an error reply, or a successful outcome (encoded from its data).
+        ``answer``: an error reply, or a successful outcome (encoded from its data). A
+        reply the broker refuses is dropped and the request acked (see
+        :mod:`~amqp_agents.runtime.settle`).
         """
         envelope = delivery.envelope
         reply_to = envelope.reply_to
+        dropped = False
         if reply_to:
-            reply = self._encode_reply(agent, answer, reply_to, envelope.correlation_id)
-            try:
-                await self._transport.publish(reply, timeout_s=self._publish_timeout_s)
-            except TransportError as exc:
+            if self._topology.may_reply_to(reply_to):
+                reply = self._encode_reply(agent, answer, reply_to, envelope.correlation_id)
+                verdict, error = await publish_control(
+                    self._transport, reply, mandatory=False, timeout_s=self._publish_timeout_s
+                )
+            else:
+                verdict = Verdict.REFUSED
+                error = AccessRefusedError(
+                    f"reply_to {reply_to[:80]!r} names an agent or event queue, or is too long"
+                )
+            if verdict is Verdict.NOT_SENT:
                 # Not acked: the broker redelivers the request (at-least-once).
-                log.warning("reply to %s not confirmed (%s); request requeued", reply_to, exc)
-                await self._requeue(delivery)
+                log.warning(
+                    "reply to %s not confirmed (%s); request requeued (correlation id %s)",
+                    reply_to,
+                    error,
+                    envelope.correlation_id,
+                    extra=_fields(agent, envelope, "requeued"),
+                )
+                await self._requeue_counted(agent, delivery)
                 return False
-            self.stats.replied += 1
+            if verdict is Verdict.REFUSED:
+                dropped = True
+                log.warning(
+                    "reply to %s refused by the broker (%s); reply dropped, request acked"
+                    " (correlation id %s)",
+                    reply_to,
+                    error,
+                    envelope.correlation_id,
+                    extra=_fields(agent, envelope, "reply_dropped"),
+                )
+            else:
+                self.stats.replied += 1
         else:
             self.stats.acked_without_reply += 1
         await delivery.ack()
         if self._metrics is not None:
             action = _action_label(agent, envelope.type)
-            error = None if isinstance(answer, Outcome) else answer.error
-            if error is None:
-                self._metrics.child(self._metrics.messages_handled, agent.name, action, "ok").inc()
-            else:
+            error_info = None if isinstance(answer, Outcome) else answer.error
+            outcome = "reply_dropped" if dropped else "ok" if error_info is None else "error"
+            self._metrics.child(self._metrics.messages_handled, agent.name, action, outcome).inc()
+            if error_info is not None:
                 self._metrics.child(
-                    self._metrics.messages_handled, agent.name, action, "error"
-                ).inc()
-                self._metrics.child(
-                    self._metrics.error_replies, agent.name, action, code_label(error.code)
+                    self._metrics.error_replies, agent.name, action, code_label(error_info.code)
                 ).inc()
         return True
+
+    async def _requeue_counted(self, agent: Agent, delivery: Delivery) -> None:
+        await self._requeue(delivery)
+        self._count(agent, delivery.envelope.type, MetricOutcome.REQUEUED)
+
+    async def _hold_then_requeue(self, agent: Agent, delivery: Delivery) -> None:
+        """Give a delivery back after a pause: a copy the broker keeps refusing comes
+        back slowly (``hold_s``), never in a hot loop."""
+        await asyncio.sleep(self._hold_s)
+        await self._requeue_counted(agent, delivery)
 
     async def _fail(
         self,
@@ -636,11 +838,28 @@ class Worker:
                 message=error.message,
                 attempt=attempt,
             )
-            try:
-                await self._transport.publish(dead, timeout_s=self._publish_timeout_s)
-            except TransportError as exc:
-                log.warning("could not dead-letter a request of %s (%s); requeued", agent.name, exc)
-                await self._requeue(delivery)
+            verdict, failure = await publish_control(
+                self._transport,
+                dead,
+                mandatory=True,
+                timeout_s=self._publish_timeout_s,
+                repair=functools.partial(self._declare_dead_letters, agent),
+            )
+            if verdict is not Verdict.SENT:
+                log.warning(
+                    "could not dead-letter a request of %s to %s (%s: %s); %s (correlation id %s)",
+                    agent.name,
+                    self._topology.agent_dead_letter_queue(agent.name),
+                    verdict.value,
+                    failure,
+                    "requeued" if verdict is Verdict.NOT_SENT else f"requeued in {self._hold_s:g}s",
+                    envelope.correlation_id,
+                    extra=_fields(agent, envelope, "requeued", error.code),
+                )
+                if verdict is Verdict.REFUSED:
+                    await self._hold_then_requeue(agent, delivery)
+                else:
+                    await self._requeue_counted(agent, delivery)
                 return
             self.stats.dead_lettered += 1
             if self._metrics is not None:
@@ -660,16 +879,22 @@ class Worker:
         await self._reply_and_ack(agent, delivery, response)
 
     async def _redeliver_later(
-        self, agent: Agent, delivery: Delivery, attempt: int, delay_ms: int
+        self, agent: Agent, delivery: Delivery, response: AgentResponse, attempt: int, delay_ms: int
     ) -> None:
         """Republish to the delay tier (its TTL brings it back to work), then ack."""
-        queue = await self._retry_queue(agent, delay_ms)
-        again = retry_envelope(delivery.envelope, queue=queue, attempt=attempt)
-        try:
-            await self._transport.publish(again, timeout_s=self._publish_timeout_s)
-        except TransportError as exc:
-            log.warning("could not schedule a retry for %s (%s); requeued", agent.name, exc)
-            await self._requeue(delivery)
+        verdict, failure = await self._to_retry_tier(agent, delivery, attempt, delay_ms)
+        if verdict is Verdict.REFUSED:
+            log.warning(
+                "the retry queue of %s refused a retry (%s); dead-lettering (correlation id %s)",
+                agent.name,
+                failure,
+                delivery.envelope.correlation_id,
+            )
+            await self._fail(agent, delivery, response, attempt - 1, dead_letter=True)
+            return
+        if verdict is Verdict.NOT_SENT:
+            log.warning("could not schedule a retry for %s (%s); requeued", agent.name, failure)
+            await self._requeue_counted(agent, delivery)
             return
         self.stats.retried += 1
         if self._metrics is not None:
@@ -687,6 +912,29 @@ class Worker:
         )
         await delivery.ack()
 
+    async def _to_retry_tier(
+        self, agent: Agent, delivery: Delivery, attempt: int, delay_ms: int
+    ) -> tuple[Verdict, TransportError | None]:
+        """Publish a copy as ``attempt`` to the ``delay_ms`` tier (mandatory: a deleted
+        tier is declared again, not a copy confirmed into nowhere)."""
+        try:
+            queue = await self._retry_queue(agent, delay_ms)
+        except TransportError as exc:
+            return Verdict.NOT_SENT, exc
+        again = retry_envelope(delivery.envelope, queue=queue, attempt=attempt)
+
+        async def repair() -> None:
+            self._retry_queues.discard(queue)
+            await self._retry_queue(agent, delay_ms)
+
+        return await publish_control(
+            self._transport,
+            again,
+            mandatory=True,
+            timeout_s=self._publish_timeout_s,
+            repair=repair,
+        )
+
     async def _count_redelivery(self, agent: Agent, delivery: Delivery, attempt: int) -> None:
         policy = agent.retry_policy(delivery.envelope.type, self._settings.retry)
         if attempt > policy.max_deliveries:
@@ -699,13 +947,13 @@ class Worker:
         # concurrency above one the copy could otherwise be delivered (and crash the
         # process again) before the ack of this delivery reached the broker, and both
         # would come back: the crash count would multiply requests instead of ending them.
-        queue = await self._retry_queue(agent, policy.tiers_ms()[0])
-        again = retry_envelope(delivery.envelope, queue=queue, attempt=attempt)
-        try:
-            await self._transport.publish(again, timeout_s=self._publish_timeout_s)
-        except TransportError as exc:
-            log.warning("could not count a redelivery for %s (%s)", agent.name, exc)
-            await self._requeue(delivery)
+        verdict, failure = await self._to_retry_tier(agent, delivery, attempt, policy.tiers_ms()[0])
+        if verdict is not Verdict.SENT:
+            log.warning("could not count a redelivery for %s (%s)", agent.name, failure)
+            if verdict is Verdict.REFUSED:
+                await self._hold_then_requeue(agent, delivery)
+            else:
+                await self._requeue_counted(agent, delivery)
             return
         await delivery.ack()
 

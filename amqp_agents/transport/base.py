@@ -52,7 +52,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from amqp_agents.errors import BrokerUnavailableError, PublishTimeoutError
 
@@ -71,6 +71,7 @@ __all__ = [
     "QueueSpec",
     "Transport",
     "blocked_too_long",
+    "discard_callback",
     "not_restored_in_time",
 ]
 
@@ -81,6 +82,12 @@ def blocked_too_long(timeout_s: float) -> PublishTimeoutError:
         "the broker blocks publishing (resource alarm: memory or disk) and did not"
         f" unblock within {timeout_s:g}s; the message was not sent"
     )
+
+
+def discard_callback(callbacks: list[Any], callback: object) -> None:
+    """Remove one registration of ``callback`` (a no-op if it is gone already)."""
+    if callback in callbacks:
+        callbacks.remove(callback)
 
 
 def not_restored_in_time(timeout_s: float) -> BrokerUnavailableError:
@@ -230,13 +237,18 @@ class Transport(Protocol):
         """Close the connection; unsettled deliveries return to their queues. Idempotent."""
         ...
 
-    def on_connection_lost(self, callback: Callable[[BaseException | None], None]) -> None:
-        """Call ``callback(reason)`` once when the connection dies (not on ``aclose``)."""
+    def on_connection_lost(
+        self, callback: Callable[[BaseException | None], None]
+    ) -> Callable[[], None]:
+        """Call ``callback(reason)`` once when the connection dies (not on ``aclose``).
+        Returns a function that removes the callback (owners that close call it, so a
+        transport shared by many short-lived clients keeps none of them alive)."""
         ...
 
-    def on_connection_restored(self, callback: Callable[[], Awaitable[None]]) -> None:
+    def on_connection_restored(self, callback: Callable[[], Awaitable[None]]) -> Callable[[], None]:
         """Await ``callback()`` after the transport reconnected by itself, before
-        publishes resume. A callback that raises makes the transport reconnect again."""
+        publishes resume. A callback that raises makes the transport reconnect again.
+        Returns a function that removes the callback."""
         ...
 
     async def declare_exchange(

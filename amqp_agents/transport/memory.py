@@ -27,8 +27,9 @@ library relies on, the way RabbitMQ 3.10 does it, and the shared contract tests
 Known differences: nothing is persisted (durable only matters for redeclaration
 checks); there is no flow control, no memory alarm, and publishes never block;
 ``x-death`` is reduced to the ``x-first-death-*`` headers; queue arguments other than
-priority, dead-lettering and ``x-message-ttl`` (``x-max-length``...) are checked on
-redeclaration but not enforced.
+priority, dead-lettering, ``x-message-ttl`` and ``x-max-length`` with ``x-overflow:
+reject-publish`` (``x-max-length-bytes``, drop-head...) are checked on redeclaration but
+not enforced.
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ from amqp_agents.errors import (
     AccessRefusedError,
     BrokerUnavailableError,
     LifecycleError,
+    PublishRejectedError,
     QueueNotFoundError,
     ResourceLockedError,
     TopologyMismatchError,
@@ -67,6 +69,7 @@ from amqp_agents.transport.base import (
     QueueInfo,
     QueueSpec,
     blocked_too_long,
+    discard_callback,
     not_restored_in_time,
 )
 
@@ -144,6 +147,7 @@ class _Queue:
         "expiry_timer",
         "had_consumer",
         "levels",
+        "max_length",
         "message_ttl_s",
         "name",
         "next_consumer",
@@ -174,6 +178,10 @@ class _Queue:
         self.expiry_timer: asyncio.TimerHandle | None = None
         ttl = spec.arguments.get("x-message-ttl")
         self.message_ttl_s = ttl / 1000.0 if isinstance(ttl, int) and ttl >= 0 else None
+        limit = spec.arguments.get("x-max-length")
+        overflow = spec.arguments.get("x-overflow")
+        # Only reject-publish is modelled: a full queue nacks new messages.
+        self.max_length = limit if isinstance(limit, int) and overflow == "reject-publish" else None
 
     def push(self, message: _Message) -> None:
         """Append a new message to its priority level."""
@@ -355,6 +363,10 @@ class InMemoryBroker:
             consumer.end(EndReason.CANCELLED, None, f"queue {name!r} was deleted")
         return dropped
 
+    def delete_exchange(self, name: str) -> None:
+        """Delete an exchange and its bindings, as an operator can (a no-op if absent)."""
+        self._exchanges.pop(name, None)
+
     def _delete_queue(self, queue: _Queue) -> None:
         self._queues.pop(queue.name, None)
         if queue.expiry_timer is not None:
@@ -429,6 +441,26 @@ class InMemoryBroker:
         priority = envelope.priority or 0
         if priority < 0:
             priority = 0
+        full = [q.name for q in queues if q.max_length is not None and q.ready >= q.max_length]
+        if full:
+            if confirm:  # a nack (RabbitMQ routes to the other queues; so do we)
+                queues = tuple(q for q in queues if q.name not in full)
+                self._enqueue(stored, queues, now, expires_at, priority)
+                raise PublishRejectedError(
+                    f"the broker refused the message: queue {full[0]!r} is full"
+                    " (x-overflow reject-publish)"
+                )
+            queues = tuple(q for q in queues if q.name not in full)
+        self._enqueue(stored, queues, now, expires_at, priority)
+
+    def _enqueue(
+        self,
+        stored: Envelope,
+        queues: tuple[_Queue, ...],
+        now: float,
+        expires_at: float | None,
+        priority: int,
+    ) -> None:
         for queue in queues:
             expiry = expires_at
             if queue.message_ttl_s is not None:  # x-message-ttl: the shorter TTL wins
@@ -821,11 +853,15 @@ class InMemoryTransport:
     async def __aexit__(self, *exc_info: object) -> None:
         await self.aclose()
 
-    def on_connection_lost(self, callback: Callable[[BaseException | None], None]) -> None:
+    def on_connection_lost(
+        self, callback: Callable[[BaseException | None], None]
+    ) -> Callable[[], None]:
         self._lost_callbacks.append(callback)
+        return lambda: discard_callback(self._lost_callbacks, callback)
 
-    def on_connection_restored(self, callback: Callable[[], Awaitable[None]]) -> None:
+    def on_connection_restored(self, callback: Callable[[], Awaitable[None]]) -> Callable[[], None]:
         self._restored_callbacks.append(callback)
+        return lambda: discard_callback(self._restored_callbacks, callback)
 
     def simulate_connection_loss(
         self, reason: BaseException | None = None, *, will_reconnect: bool = False

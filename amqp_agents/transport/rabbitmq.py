@@ -45,6 +45,7 @@ from amqp_agents.errors import (
     UnroutableError,
 )
 from amqp_agents.models.envelope import Envelope, HeaderValue
+from amqp_agents.transport import frames
 from amqp_agents.transport.base import (
     ConsumerEnd,
     ConsumerHandle,
@@ -55,6 +56,7 @@ from amqp_agents.transport.base import (
     QueueInfo,
     QueueSpec,
     blocked_too_long,
+    discard_callback,
     not_restored_in_time,
 )
 from amqp_agents.transport.tls import client_context
@@ -285,6 +287,9 @@ async def _close_channel(channel: AbstractChannel) -> None:
 _CLOSE_TIMEOUT_S = 5.0
 """The longest a channel or connection close may take; then it is abandoned."""
 
+_MAX_PUBLISH_CHANNELS = 32
+"""Publishing channels per connection (one per exchange) before they are shared."""
+
 
 async def _close_within(closing: Awaitable[None], timeout_s: float) -> None:
     """Await a close for at most ``timeout_s``, errors of a dying link ignored.
@@ -439,6 +444,7 @@ class RabbitTransport:
         ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         self._settings = settings or ConnectionSettings()
+        frames.install()  # one peer's bad property must not kill the connection
         self._ssl_context = ssl_context
         if self._ssl_context is None and _is_tls(self._settings):
             self._ssl_context = client_context(self._settings.tls)
@@ -447,10 +453,9 @@ class RabbitTransport:
         self._sub_conn: AbstractConnection | None = None
         self._control: AbstractChannel | None = None
         self._probe: AbstractChannel | None = None
-        self._confirm_channel: AbstractChannel | None = None
-        self._plain_channel: AbstractChannel | None = None
-        self._confirm_underlay: aiormq.abc.AbstractChannel | None = None
-        self._plain_underlay: aiormq.abc.AbstractChannel | None = None
+        self._publish_channels: dict[tuple[bool, str], AbstractChannel] = {}
+        self._publish_underlays: dict[tuple[bool, str], aiormq.abc.AbstractChannel] = {}
+        """Publishing channels by (confirm, exchange): see :meth:`_publish_channel`."""
         self._lost_callbacks: list[Callable[[BaseException | None], None]] = []
         self._restored_callbacks: list[Callable[[], Awaitable[None]]] = []
         self._lost_reported = False
@@ -463,6 +468,8 @@ class RabbitTransport:
         self._pub_unblocked = _NEVER_BLOCKED
         self.reconnects = 0
         """Connections re-established after a loss."""
+        self._reconnect_streak = 0
+        self._restored_at = float("-inf")
 
     @property
     def settings(self) -> ConnectionSettings:
@@ -588,16 +595,28 @@ class RabbitTransport:
                 self._reconnect(), name="amqp-agents-reconnect"
             )
 
-    def on_connection_lost(self, callback: Callable[[BaseException | None], None]) -> None:
+    def on_connection_lost(
+        self, callback: Callable[[BaseException | None], None]
+    ) -> Callable[[], None]:
         self._lost_callbacks.append(callback)
+        return lambda: discard_callback(self._lost_callbacks, callback)
 
-    def on_connection_restored(self, callback: Callable[[], Awaitable[None]]) -> None:
+    def on_connection_restored(self, callback: Callable[[], Awaitable[None]]) -> Callable[[], None]:
         self._restored_callbacks.append(callback)
+        return lambda: discard_callback(self._restored_callbacks, callback)
 
     async def _reconnect(self) -> None:
-        """Re-open both connections until it works, then let owners restore their state."""
+        """Re-open both connections until it works, then let owners restore their state.
+
+        The backoff carries over from the last reconnect if the link died again soon
+        after it (within ``reconnect_max_s``, at least 5 s): a broker that accepts
+        connections and then drops them gets slower and slower tries, not a storm.
+        """
         s = self._settings
-        failures = 0
+        loop = asyncio.get_running_loop()
+        settled_s = max(s.reconnect_max_s, 5.0)
+        recent = loop.time() - self._restored_at < settled_s
+        failures = self._reconnect_streak if recent else 0
         while self._open_for_use():
             await self._close_connections()  # the survivor too: every consumer restarts
             failures += 1
@@ -623,6 +642,8 @@ class RabbitTransport:
                 self._lost_reported = True
                 continue  # lost again while restoring: start over
             self.reconnects += 1
+            self._reconnect_streak = failures
+            self._restored_at = loop.time()
             log.info("reconnected to the broker after %d attempt(s)", failures)
             self._usable.set()
             return
@@ -634,8 +655,8 @@ class RabbitTransport:
 
     def _forget_channels(self) -> None:
         self._probe = None
-        self._confirm_channel = self._plain_channel = None
-        self._confirm_underlay = self._plain_underlay = None
+        self._publish_channels.clear()
+        self._publish_underlays.clear()
 
     async def _close_connections(self) -> None:
         connections = (self._sub_conn, self._pub_conn)
@@ -786,37 +807,31 @@ class RabbitTransport:
 
     # -- publishing ------------------------------------------------------------------
 
-    async def _publish_channel(self, confirm: bool) -> aiormq.abc.AbstractChannel:
-        # The hot path: the aiormq channel itself, cached while it lives.
-        underlay = self._confirm_underlay if confirm else self._plain_underlay
+    async def _publish_channel(self, confirm: bool, exchange: str) -> aiormq.abc.AbstractChannel:
+        """The channel to publish to ``exchange`` on (the hot path: the aiormq channel
+        itself, cached while it lives).
+
+        One channel per exchange (up to :data:`_MAX_PUBLISH_CHANNELS`, then one shared):
+        the broker closes a channel for a publish it refuses (404 no such exchange, 403,
+        406), and every publish pending on that channel fails with it. Apart, a missing
+        dead-letter exchange cannot fail the replies and requests beside it.
+        """
+        key = (confirm, exchange if len(self._publish_channels) < _MAX_PUBLISH_CHANNELS else "*")
+        underlay = self._publish_underlays.get(key)
         if underlay is not None and not underlay.is_closed:
-            return underlay
-        channel = self._confirm_channel if confirm else self._plain_channel
-        if channel is not None and not channel.is_closed:
-            underlay = await channel.get_underlay_channel()
-            self._cache_underlay(confirm, underlay)
             return underlay
         self._require_connected()
         async with self._channel_lock:
-            channel = self._confirm_channel if confirm else self._plain_channel
+            channel = self._publish_channels.get(key)
             if channel is None or channel.is_closed:
                 assert self._pub_conn is not None  # noqa: S101  # checked above
                 channel = await self._pub_conn.channel(
                     publisher_confirms=confirm, on_return_raises=confirm
                 )
-                if confirm:
-                    self._confirm_channel = channel
-                else:
-                    self._plain_channel = channel
-        underlay = await channel.get_underlay_channel()
-        self._cache_underlay(confirm, underlay)
+                self._publish_channels[key] = channel
+            underlay = await channel.get_underlay_channel()
+            self._publish_underlays[key] = underlay
         return underlay
-
-    def _cache_underlay(self, confirm: bool, underlay: aiormq.abc.AbstractChannel) -> None:
-        if confirm:
-            self._confirm_underlay = underlay
-        else:
-            self._plain_underlay = underlay
 
     async def publish(
         self,
@@ -847,14 +862,7 @@ class RabbitTransport:
                     if underlay is not None:
                         await underlay.ready()
                 waiting_for = ""
-                channel = await self._publish_channel(confirm)
-                await channel.basic_publish(
-                    envelope.body,
-                    exchange=envelope.exchange,
-                    routing_key=envelope.routing_key,
-                    properties=_to_properties(envelope),
-                    mandatory=mandatory,
-                )
+                await self._publish_once_more_if_closed(envelope, confirm, mandatory)
         except aiormq.exceptions.PublishError:
             raise UnroutableError(envelope.exchange, envelope.routing_key) from None
         except aiormq.exceptions.DeliveryError as exc:
@@ -869,11 +877,45 @@ class RabbitTransport:
                 " not have been enqueued"
             ) from None
         except aiormq.exceptions.ChannelNotFoundEntity as exc:
-            raise QueueNotFoundError(f"cannot publish: {exc}") from None
+            raise QueueNotFoundError(f"cannot publish (404, no such exchange): {exc}") from None
+        except aiormq.exceptions.ChannelAccessRefused as exc:
+            raise AccessRefusedError(f"the broker refused the publish (403): {exc}") from None
+        except aiormq.exceptions.ChannelPreconditionFailed as exc:
+            raise PublishRejectedError(f"the broker refused the message (406): {exc}") from None
         except asyncio.CancelledError as exc:
             raise _stray(exc) from None
         except (aiormq.exceptions.AMQPError, *_LINK_ERRORS) as exc:
             raise BrokerUnavailableError(f"publish failed: {type(exc).__name__}: {exc}") from None
+
+    async def _publish_once_more_if_closed(
+        self, envelope: Envelope, confirm: bool, mandatory: bool
+    ) -> None:
+        """Publish on the shared channel; if the broker closed it (403, 404, 406), once
+        more on a new one.
+
+        The broker closes a channel for one refused publish, and every publish pending
+        on it fails with that error: the refused one and the ones after it, which the
+        broker discarded. Sent once more, the others go through (at least once: one
+        enqueued before the close may be enqueued twice) and the refused one fails
+        again, with its own error. Never more than twice: no loop.
+        """
+        properties = _to_properties(envelope)
+        for attempt in (1, 2):
+            channel = await self._publish_channel(confirm, envelope.exchange)
+            try:
+                await channel.basic_publish(
+                    envelope.body,
+                    exchange=envelope.exchange,
+                    routing_key=envelope.routing_key,
+                    properties=properties,
+                    mandatory=mandatory,
+                )
+            except (aiormq.exceptions.ChannelClosed, aiormq.exceptions.ChannelInvalidStateError):
+                if attempt == 2 or not self.is_connected:
+                    raise
+                log.debug("publish channel closed by the broker; publishing once more")
+            else:
+                return
 
     # -- consuming -------------------------------------------------------------------
 

@@ -279,8 +279,10 @@ class Recovery:
         self._watchers: list[Callable[[Attachment], None]] = []
         self.cancels = 0
         """Consumers that ended without being asked to (all reasons)."""
-        transport.on_connection_lost(self._on_connection_lost)
-        transport.on_connection_restored(self.restore)
+        self._unregister = (
+            transport.on_connection_lost(self._on_connection_lost),
+            transport.on_connection_restored(self.restore),
+        )
 
     @property
     def attachments(self) -> tuple[Attachment, ...]:
@@ -456,8 +458,11 @@ class Recovery:
             self._on_escalate(f"consumer of {attachment.label}: {why}")
 
     async def aclose(self) -> None:
-        """Close every consumer (requeueing what is unsettled). Idempotent."""
+        """Close every consumer (requeueing what is unsettled) and leave the
+        transport's callbacks. Idempotent."""
         self._closed = True
+        for unregister in self._unregister:
+            unregister()
         self._link.set()
         if self._timer is not None:
             self._timer.cancel()

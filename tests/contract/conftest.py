@@ -25,6 +25,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
+import aio_pika
 import pytest
 
 from amqp_agents.config import ConnectionSettings
@@ -195,6 +196,10 @@ class Backend(abc.ABC):
         """Delete a queue as an operator does (any owner, exclusive ones too)."""
 
     @abc.abstractmethod
+    async def operator_deletes_exchange(self, exchange: str) -> None:
+        """Delete an exchange (and its bindings) behind the library's back."""
+
+    @abc.abstractmethod
     async def close_consumer_channel(self, transport: Transport, consumer: ConsumerHandle) -> None:
         """Make the broker close a consumer's channel with an error (406)."""
 
@@ -285,6 +290,14 @@ class RabbitBackend(Backend):
         vhost = unquote(urlsplit(self._url).path[1:])
         await self._admin.arun("delete_queue", "-p", vhost, queue)
 
+    async def operator_deletes_exchange(self, exchange: str) -> None:
+        connection = await aio_pika.connect(self._url)
+        try:
+            channel = await connection.channel()
+            await channel.exchange_delete(exchange)
+        finally:
+            await connection.close()
+
     async def close_consumer_channel(self, transport: Transport, consumer: ConsumerHandle) -> None:
         # An ack of a delivery tag the channel never had: RabbitMQ closes the channel
         # with 406 PRECONDITION_FAILED ("unknown delivery tag").
@@ -332,6 +345,9 @@ class MemoryBackend(Backend):
 
     async def operator_deletes_queue(self, queue: str) -> None:
         self.broker.delete_queue(queue)
+
+    async def operator_deletes_exchange(self, exchange: str) -> None:
+        self.broker.delete_exchange(exchange)
 
     async def close_consumer_channel(self, transport: Transport, consumer: ConsumerHandle) -> None:
         assert isinstance(transport, InMemoryTransport)

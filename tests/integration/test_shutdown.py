@@ -18,7 +18,7 @@ import pytest
 from pydantic import BaseModel
 
 from amqp_agents.config import WorkerSettings
-from amqp_agents.models.wire import Topology
+from amqp_agents.models.wire import Topology, attempt_from
 from amqp_agents.rpc.client import RpcClient
 from amqp_agents.runtime.agent import Agent, action
 from amqp_agents.runtime.worker import Worker
@@ -316,7 +316,9 @@ async def test_stop_requeues_deliveries_waiting_for_a_slot(
     broker_admin: BrokerAdmin,
     module_vhost: str,
 ) -> None:
-    """With concurrency=1, deliveries waiting for the slot are requeued on stop, never handled."""
+    """With concurrency=1, deliveries waiting for the slot are given back on stop, never
+    handled: back in their queues as they came (not redelivered, so not counted as an
+    attempt)."""
     journal = Journal()
     # Prefetch is per queue (= concurrency), the slot is per worker: three agents with one
     # request each give one running handler and two deliveries waiting for the slot.
@@ -355,5 +357,6 @@ async def test_stop_requeues_deliveries_waiting_for_a_slot(
     await await_until(settled, timeout_s=5, what="running acked, waiting ones back in queue")
     for name in waiting:
         (delivery,) = await take_deliveries(observer, TOPOLOGY.agent_queue(name), 1)
-        assert delivery.envelope.redelivered
+        assert not delivery.envelope.redelivered
+        assert attempt_from(delivery.envelope) == 1
         await delivery.nack(requeue=True)

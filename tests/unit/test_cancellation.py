@@ -90,8 +90,10 @@ class Latency:
     def is_blocked(self) -> bool:
         return bool(getattr(self._inner, "is_blocked", False))
 
-    def on_connection_lost(self, callback: Callable[[BaseException | None], None]) -> None:
-        self._inner.on_connection_lost(callback)
+    def on_connection_lost(
+        self, callback: Callable[[BaseException | None], None]
+    ) -> Callable[[], None]:
+        return self._inner.on_connection_lost(callback)
 
     async def connect(self) -> None:
         await self.hop()

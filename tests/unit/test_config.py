@@ -9,6 +9,7 @@ from pydantic import SecretStr, ValidationError
 from amqp_agents.config import (
     DEFAULT_URL,
     ConnectionSettings,
+    RetryPolicy,
     RpcSettings,
     Settings,
     WorkerSettings,
@@ -200,3 +201,10 @@ def test_the_url_can_come_from_a_mounted_file(
     settings = load_settings()
     assert settings.url.get_secret_value() == "amqp://app:s3cret@rabbit:5672/prod"
     assert settings.connection.url.get_secret_value() == "amqp://app:s3cret@rabbit:5672/prod"
+
+
+def test_all_tries_of_a_delivery_must_fit_the_brokers_ack_timeout() -> None:
+    """Each try may fit while all of them (and the backoffs) do not: refused at once."""
+    WorkerSettings(action_timeout_s=500, retry=RetryPolicy(attempts=3))  # 1504 s: fits
+    with pytest.raises(ValidationError, match="delivery-ack timeout"):
+        WorkerSettings(action_timeout_s=700, retry=RetryPolicy(attempts=3))
