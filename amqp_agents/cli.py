@@ -320,6 +320,7 @@ def _exit_when_lost(transport: Transport, settings: Settings, lost: asyncio.Even
 async def _exporter(args: argparse.Namespace, settings: Settings) -> int:
     names = _queue_names(args, settings)
     metrics = Metrics()
+    metrics.initialise(actions={}, queues=names)  # probe errors at 0, not "No data"
     transport = create_transport(settings.connection)
     monitor = QueueMonitor(
         transport, metrics, lambda: names, interval_s=settings.metrics.depth_interval_s
