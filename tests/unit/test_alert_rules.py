@@ -13,6 +13,7 @@ comes with Debian's ``prometheus`` package (.ci/run installs it); a missing one 
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -27,6 +28,7 @@ RULES = ROOT / "deploy" / "prometheus" / "alerts.yml"
 RULE_TESTS = ROOT / "deploy" / "prometheus" / "alerts.test.yml"
 MANIFEST = ROOT / "deploy" / "k8s" / "prometheusrule.yaml"
 GENERATOR = ROOT / "scripts" / "prometheusrule"
+DASHBOARD = ROOT / "deploy" / "grafana" / "amqp-agents.json"
 
 # Rules as they were when issue #16 was filed: each must fail the unit tests.
 _QUEUES = 'queue!~".+[.]dead|.+[.]retry[.].+"'
@@ -121,12 +123,22 @@ def test_every_alert_has_a_firing_and_a_quiet_case() -> None:
     firing: set[str] = set()
     quiet: set[str] = set()
     for case in tests["tests"]:
-        for check in case["alert_rule_test"]:
+        for check in case.get("alert_rule_test", []):
             (firing if check.get("exp_alerts") else quiet).add(check["alertname"])
     names = {rule["alert"] for rule in _alerts(_rules())}
     assert names - firing == set(), "never expected to fire"
     assert names - quiet == set(), "never expected to stay quiet"
     assert firing | quiet <= names, "tests of alerts that do not exist"
+
+
+def test_dashboard_expressions_tested_here_are_the_dashboards() -> None:
+    """Each promql_expr_test of alerts.test.yml is a query of the Grafana dashboard."""
+    tests = yaml.safe_load(RULE_TESTS.read_text(encoding="utf-8"))
+    exprs = [check["expr"] for case in tests["tests"] for check in case.get("promql_expr_test", [])]
+    assert exprs
+    dashboard = json.loads(DASHBOARD.read_text(encoding="utf-8"))
+    queries = {target["expr"] for panel in dashboard["panels"] for target in panel["targets"]}
+    assert [expr for expr in exprs if expr not in queries] == []
 
 
 @pytest.mark.parametrize("alert", sorted(OLD_RULES))
