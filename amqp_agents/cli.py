@@ -200,9 +200,31 @@ def _worker_probes(
     return {"/healthz": healthz, "/readyz": readyz, "/metrics": metrics_page}
 
 
+def _initialise_metrics(metrics: Metrics, agents: Sequence[Agent], settings: Settings) -> None:
+    """Every label set the agents can produce, at 0 before any work (see Metrics.initialise)."""
+    topology = settings.topology
+    groups = sorted(
+        {spec.group for agent in agents for spec, _ in agent.event_handlers() if spec.group}
+    )
+    agent_queues = [topology.agent_queue(agent.name) for agent in agents]
+    group_queues = [topology.group_queue(group) for group in groups]
+    metrics.initialise(
+        actions={agent.name: agent.action_names for agent in agents},
+        groups=groups,
+        queues=[
+            *agent_queues,
+            *(topology.agent_dead_letter_queue(agent.name) for agent in agents),
+            *group_queues,
+            *(topology.group_dead_letter_queue(group) for group in groups),
+        ],
+        consumed_queues=[*agent_queues, *group_queues],
+    )
+
+
 async def _run(args: argparse.Namespace, settings: Settings) -> int:
     agents = load_agents(args.target)
     metrics = Metrics()
+    _initialise_metrics(metrics, agents, settings)
 
     def build_worker(transport: Transport) -> Worker:
         return Worker(
@@ -299,6 +321,7 @@ def _exit_when_lost(transport: Transport, settings: Settings, lost: asyncio.Even
 async def _exporter(args: argparse.Namespace, settings: Settings) -> int:
     names = _queue_names(args, settings)
     metrics = Metrics()
+    metrics.initialise(actions={}, queues=names)  # probe errors at 0, not "No data"
     transport = create_transport(settings.connection)
     monitor = QueueMonitor(
         transport, metrics, lambda: names, interval_s=settings.metrics.depth_interval_s

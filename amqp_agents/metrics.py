@@ -31,23 +31,42 @@ Names (``amqp_agents_`` prefix)::
     rpc_calls_total{agent,action,outcome}   outcome: ok or the error code
     rpc_duration_seconds{agent,action}      (histogram, round trip)
     rpc_pending_calls                  calls waiting for their reply
+
+A labelled counter has no series until its first increment, and Prometheus cannot see
+that first increment (``increase()`` needs a sample before it): a panel says "No data"
+instead of 0 and an alert on the first dead letter never fires. :meth:`Metrics.initialise`
+creates, at 0, every label set a worker can know before it takes work.
 """
 
 from __future__ import annotations
 
 from enum import StrEnum
-from typing import Any, Final, TypeVar
+from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from amqp_agents.models.messages import ErrorCode
 
-__all__ = ["CONTENT_TYPE", "Metrics", "Outcome", "code_label"]
+if TYPE_CHECKING:
+    from collections.abc import Iterable, Mapping
+
+__all__ = [
+    "CONSUMER_END_REASONS",
+    "CONTENT_TYPE",
+    "OTHER_ACTION",
+    "Metrics",
+    "Outcome",
+    "code_label",
+]
 
 CONTENT_TYPE: Final = CONTENT_TYPE_LATEST
 _PREFIX: Final = "amqp_agents"
 _STANDARD_CODES: Final = frozenset(code.value for code in ErrorCode)
+OTHER_ACTION: Final = "other"
+"""The ``action`` label of a request for an action the agent does not declare."""
+CONSUMER_END_REASONS: Final = ("cancelled", "channel_closed", "connection_lost")
+"""The ``reason`` values of ``consumer_cancels_total`` (the transport's ConsumerEnd values)."""
 # Latency buckets from 1 ms to 60 s: local RPC is around a millisecond.
 _BUCKETS: Final = (
     0.001,
@@ -218,6 +237,44 @@ class Metrics:
         if found is None:
             found = self._children[key] = metric.labels(*values)
         return found
+
+    def initialise(
+        self,
+        *,
+        actions: Mapping[str, Iterable[str]],
+        groups: Iterable[str] = (),
+        queues: Iterable[str] = (),
+        consumed_queues: Iterable[str] = (),
+    ) -> None:
+        """Create every known label set at 0, so each series exists before its first event.
+
+        ``actions`` maps each agent to the actions it declares (``other`` is added);
+        ``groups`` are the event groups subscribed to; ``queues`` the queues whose depth
+        is probed; ``consumed_queues`` those consumed (agent and group queues). Codes are
+        the standard ones and ``OTHER``; outcomes every :class:`Outcome`. Idempotent.
+        The ``consumer_attached`` gauge is left alone: 0 would claim a re-attach.
+        """
+        codes = sorted({code_label(code.value) for code in ErrorCode} | {code_label("")})
+        for agent, names in actions.items():
+            self.child(self.messages_received, agent)
+            for code in codes:
+                self.child(self.dead_letters, agent, code)
+            for action in sorted({*names, OTHER_ACTION}):
+                self.child(self.handler_duration, agent, action)
+                self.child(self.handler_timeouts, agent, action)
+                self.child(self.retries, agent, action)
+                for outcome in Outcome:
+                    self.child(self.messages_handled, agent, action, outcome.value)
+                for code in codes:
+                    self.child(self.error_replies, agent, action, code)
+        for group in groups:
+            for outcome in Outcome:
+                self.child(self.events_consumed, group, outcome.value)
+        for queue in queues:
+            self.child(self.queue_depth_errors, queue)
+        for queue in consumed_queues:
+            for reason in CONSUMER_END_REASONS:
+                self.child(self.consumer_cancels, queue, reason)
 
     def exposition(self) -> bytes:
         """The text format for ``/metrics``."""

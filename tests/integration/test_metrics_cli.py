@@ -296,6 +296,8 @@ async def test_exporter_serves_the_real_depth_and_exits_0_on_sigterm(
             assert (await observer.queue_info(queue)).messages == 3
             assert sample(page, CONSUMERS, queue=queue) == 0
             assert sample(page, DEPTH, queue=dead) == 0
+            # Created at 0 at start (Metrics.initialise), not on the first failure.
+            assert sample(page, DEPTH_ERRORS, queue=dead) == 0
             for _ in range(2):
                 await client.notify(name, "hold", timeout_s=60)
         page = await page_where(

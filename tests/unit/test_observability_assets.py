@@ -5,8 +5,11 @@ Every ``amqp_agents_*`` name in the PromQL of ``deploy/grafana/amqp-agents.json`
 and every label used in a selector, a ``by``/``without`` clause, a legend or an alert
 annotation must be one that series carries (or one Prometheus attaches: job, instance).
 So renaming a metric or a label fails here instead of leaving a blank panel or an alert
-that can never fire. PyYAML is not a dependency: the rules file is read by a small
-line reader made for its one shape, cross-checked against the ``expr:`` lines.
+that can never fire. The few series from elsewhere (``up``, RabbitMQ's per-queue
+metrics) are listed in EXTERNAL_SERIES; tests/integration/test_prometheus.py checks
+them, and every query, against a real Prometheus scraping a worker and RabbitMQ.
+The rules file is read by a small line reader made for its one shape, cross-checked
+against the ``expr:`` lines.
 """
 
 import json
@@ -19,7 +22,7 @@ import pytest
 from prometheus_client.metrics import MetricWrapperBase
 
 from amqp_agents.cli import main
-from amqp_agents.metrics import Metrics, Outcome, code_label
+from amqp_agents.metrics import CONSUMER_END_REASONS, Metrics, Outcome, code_label
 from amqp_agents.models.messages import ErrorCode
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -29,6 +32,14 @@ PROMETHEUS = ROOT / "deploy" / "prometheus" / "prometheus.yml"
 
 TARGET_LABELS = frozenset({"job", "instance"})
 """Labels Prometheus attaches to every series it scrapes."""
+WORKER_JOB = "amqp-agents-worker"
+EXTERNAL_SERIES = {
+    "up": frozenset(),
+    # rabbitmq_prometheus, /metrics/detailed?family=queue_coarse_metrics&family=queue_consumer_count
+    "rabbitmq_detailed_queue_consumers": frozenset({"vhost", "queue"}),
+    "rabbitmq_detailed_queue_messages_ready": frozenset({"vhost", "queue"}),
+}
+"""Series the rules and the dashboard read that the library does not export."""
 GRAFANA_VARIABLES = frozenset({"__rate_interval", "__interval", "__range"})
 AGGREGATIONS = frozenset(
     {"sum", "avg", "min", "max", "count", "group", "stddev", "stdvar", "topk", "bottomk"}
@@ -41,10 +52,12 @@ LABEL_VALUES = {
     "code": CODE_LABELS,
     # messages_handled and events_consumed use Outcome; rpc_calls uses ok or the code.
     "outcome": frozenset(outcome.value for outcome in Outcome) | CODE_LABELS,
+    "reason": frozenset(CONSUMER_END_REASONS),
+    "job": frozenset({WORKER_JOB}),
 }
 
 _STRING = re.compile(r'"(?:[^"\\]|\\.)*"|\'(?:[^\'\\]|\\.)*\'|`[^`]*`')
-_SELECTOR = re.compile(r"\b(amqp_agents_[a-z0-9_]+)\s*(\{[^}]*\})?")
+_SELECTOR = re.compile(r"\b(amqp_agents_[a-z0-9_]+|rabbitmq_[a-z0-9_]+|up(?=\s*\{))\s*(\{[^}]*\})?")
 _MATCHER = re.compile(
     r'\s*([A-Za-z_]\w*)\s*(=~|!~|!=|=)\s*("(?:[^"\\]|\\.)*"|\'(?:[^\'\\]|\\.)*\'|`[^`]*`)\s*(,|$)'
 )
@@ -67,11 +80,12 @@ def _exposed_series() -> tuple[dict[str, frozenset[str]], dict[str, frozenset[st
         families[family.name] = frozenset(sample.name for sample in family.samples)
         for sample in family.samples:
             series.setdefault(sample.name, set()).update(sample.labels)
-    return {name: frozenset(labels) for name, labels in series.items()}, families
+    exposed = {name: frozenset(labels) for name, labels in series.items()}
+    return exposed | EXTERNAL_SERIES, families
 
 
 SERIES, FAMILIES = _exposed_series()
-NAMES = Metrics.names()
+NAMES = Metrics.names() | EXTERNAL_SERIES.keys()
 
 
 def _mask_strings(expr: str) -> str:
@@ -97,7 +111,7 @@ def _paren_pairs(masked: str) -> dict[int, int]:
 
 
 def _metrics_in(expr: str) -> list[tuple[int, str]]:
-    """(offset, name) of every amqp_agents_* name in ``expr``."""
+    """(offset, name) of every amqp_agents_*, rabbitmq_* and up{...} name in ``expr``."""
     return [(m.start(), m[1]) for m in _SELECTOR.finditer(_mask_strings(expr))]
 
 
@@ -202,6 +216,10 @@ def test_exposed_series_are_what_metrics_names_lists() -> None:
         ('amqp_agents_error_replies_total{code=~"TIMEOUT|BOOM"}', "code='BOOM'"),
         ("sum by (agent) (amqp_agents_in_flight", "unbalanced"),
         ("amqp_agents_in_flight / on (agent) amqp_agents_concurrency_limit", "'agent' (on)"),
+        ("rabbitmq_detailed_queue_consumer", "not in Metrics.names()"),
+        ('rabbitmq_detailed_queue_consumers{queues="a"}', "has no label 'queues'"),
+        ('up{job="amqp-agents"}', "job='amqp-agents'"),
+        ('amqp_agents_consumer_cancels_total{reason="deleted"}', "reason='deleted'"),
     ],
 )
 def test_checker_reports_drift(expr: str, problem: str) -> None:
@@ -389,7 +407,7 @@ def test_alert_rules_name_only_exported_metrics_and_labels() -> None:
         expr = rule["expr"]
         problems += [f"{rule['alert']}: {p}" for p in expr_problems(expr)]
         if not _metrics_in(expr):
-            problems.append(f"{rule['alert']}: names no amqp_agents metric")
+            problems.append(f"{rule['alert']}: names no metric we know")
         for key in ("annotations.summary", "annotations.description"):
             for found in re.finditer(r"\$labels\.(\w+)", rule.get(key, "")):
                 if found[1] not in _labels_in(expr):
@@ -417,8 +435,33 @@ def test_alert_rules_cover_the_briefed_failures() -> None:
         "amqp_agents_dead_letters_total",
         "amqp_agents_connection_losses_total",
         "amqp_agents_queue_depth_errors_total",
+        "amqp_agents_consumer_attached",
+        "amqp_agents_consumer_cancels_total",
+        # what a dead worker cannot report: its scrape, and RabbitMQ's consumer count
+        f'up{{job="{WORKER_JOB}"}}',
+        "rabbitmq_detailed_queue_consumers",
     ):
         assert any(needle in expr for expr in exprs), needle
+
+
+def test_alert_rules_read_only_the_scraped_rabbitmq_families() -> None:
+    """RabbitMQ series in the rules come from the families prometheus.yml asks for."""
+    config = PROMETHEUS.read_text(encoding="utf-8")
+    assert re.search(r"job_name:\s*rabbitmq\b", config)
+    assert "metrics_path: /metrics/detailed" in config
+    families = re.search(r"family:\s*\[([^\]]*)\]", config)
+    assert families
+    assert {f.strip() for f in families[1].split(",")} == {
+        "queue_coarse_metrics",
+        "queue_consumer_count",
+    }
+    used = {
+        name
+        for rule in _alert_rules(ALERTS.read_text(encoding="utf-8"))
+        for _, name in _metrics_in(rule["expr"])
+        if name.startswith("rabbitmq_")
+    }
+    assert used == {name for name in EXTERNAL_SERIES if name.startswith("rabbitmq_")}
 
 
 # -- the scrape config ---------------------------------------------------------------
@@ -434,7 +477,7 @@ def test_prometheus_scrapes_the_metrics_port_and_loads_the_alerts(
     assert rule_files
     assert [line.strip("- \n") for line in rule_files[1].splitlines()] == ["alerts.yml"]
     assert (PROMETHEUS.parent / "alerts.yml").is_file()
-    assert re.search(r"job_name:\s*amqp-agents\b", config)
+    assert re.search(rf"job_name:\s*{WORKER_JOB}\n", config)
     assert re.search(r"-\s*worker:9100\b", config)
     for doc in (ROOT / "README.md", ROOT / "deploy" / "README.md"):
         assert "--metrics-port 9100" in doc.read_text(encoding="utf-8"), doc
