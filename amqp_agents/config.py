@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, Self
+from typing import Any, ClassVar, Self
 from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import (
@@ -36,6 +36,7 @@ from amqp_agents.models.wire import Topology
 
 __all__ = [
     "DEFAULT_URL",
+    "MAX_TIMEOUT_S",
     "NO_RETRY",
     "ConnectionSettings",
     "MetricsSettings",
@@ -52,6 +53,11 @@ DEFAULT_URL = "amqp://guest:guest@localhost:5672/"
 # RabbitMQ's default delivery-ack timeout (consumer_timeout) is 30 minutes: a handler
 # still running then gets its channel closed. Handler timeouts stay well below it.
 BROKER_ACK_TIMEOUT_S = 1800.0
+# The longest a call may wait for its reply: one day. A request's deadline becomes its
+# AMQP ``expiration``, which the broker refuses beyond about 49 days (a 32-bit count of
+# milliseconds) by closing the channel; a bound far below that keeps every timeout a
+# caller can give a valid expiration, and no caller should wait longer for a reply.
+MAX_TIMEOUT_S = 86_400.0
 
 
 def redact_url(url: str) -> str:
@@ -252,8 +258,11 @@ class RpcSettings(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    timeout_s: float = Field(default=30.0, gt=0)
-    """Default time a call waits for its reply."""
+    max_timeout_s: ClassVar[float] = MAX_TIMEOUT_S
+    """The longest timeout a call accepts (one day): it must fit an AMQP expiration."""
+
+    timeout_s: float = Field(default=30.0, gt=0, le=MAX_TIMEOUT_S)
+    """Default time a call waits for its reply (at most ``max_timeout_s``)."""
 
 
 class Settings(BaseSettings):

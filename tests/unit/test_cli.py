@@ -12,7 +12,7 @@ from pydantic import ValidationError
 from amqp_agents.cli import _parser, _settings, load_agents, main
 from amqp_agents.errors import ConfigurationError
 from amqp_agents.examples.tasks import AuditAgent, TaskManager
-from amqp_agents.runtime.agent import Agent
+from amqp_agents.runtime.agent import Agent, action
 
 MODULE = "fake_agents_for_cli"
 UNREACHABLE_URL = "amqp://guest:guest@127.0.0.1:1/"
@@ -24,11 +24,19 @@ class Alpha(Agent):
 
     name = "alpha"
 
+    @action("ping")
+    async def ping(self) -> None:
+        """Answers with nothing."""
+
 
 class Beta(Agent):
     """Another minimal agent."""
 
     name = "beta"
+
+    @action("ping")
+    async def ping(self) -> None:
+        """Answers with nothing."""
 
 
 @pytest.fixture(autouse=True)
