@@ -12,16 +12,27 @@ import asyncio
 import importlib
 import json
 import logging
+import math
 import os
 import signal
 import sys
+from importlib import metadata
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from pydantic import SecretStr, ValidationError
 from pydantic_settings import SettingsError
 
-from amqp_agents.config import Settings, load_settings, redact_url
+from amqp_agents.config import (
+    DEFAULT_URL,
+    MAX_TIMEOUT_S,
+    MetricsSettings,
+    RpcSettings,
+    Settings,
+    WorkerSettings,
+    load_settings,
+    redact_url,
+)
 from amqp_agents.errors import (
     AmqpAgentsError,
     BrokerUnavailableError,
@@ -85,81 +96,289 @@ def load_agents(target: str) -> list[Agent]:
     return agents
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="amqp-agents", description="Agents that answer requests over RabbitMQ."
-    )
+_EPILOG = """\
+examples:
+  amqp-agents run amqp_agents.examples.tasks:app --metrics-port 9100
+  amqp-agents call task_manager task_add '{"title": "write docs"}' --priority 7
+  amqp-agents call task_manager task_add @payload.json       (or - for stdin)
+  amqp-agents listen 'task.*' --count 10
+  amqp-agents dead-letters task_manager --replay 1
+  amqp-agents demo
+
+global options (--url, --config, --log-level, --log-json) go before or after the command.
+settings come from AMQP_AGENTS_* environment variables (config/amqp-agents.env.example);
+command-line options override them.
+
+exit codes:
+  0    success
+  1    an error reply (still printed), or a failure such as an unreachable broker
+  2    bad usage or configuration (one line on stderr names the problem)
+  130  stopped at once by a second Ctrl-C (143 for a second SIGTERM)
+"""
+
+_LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose usage errors are one line on stderr, exit code 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
+
+
+class _Help(argparse.RawDescriptionHelpFormatter):
+    """Keeps the epilog's layout (examples, exit codes) as written."""
+
+
+def _number(
+    kind: Callable[[str], float], *, minimum: float, maximum: float = math.inf, what: str
+) -> Callable[[str], float]:
+    """An argparse type: a finite number in [minimum, maximum]."""
+
+    def parse(text: str) -> float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a {what}") from None
+        if not (math.isfinite(value) and minimum <= value <= maximum):
+            bound = (
+                f"between {minimum:g} and {maximum:g}"
+                if maximum < math.inf
+                else (f"at least {minimum:g}")
+            )
+            raise argparse.ArgumentTypeError(f"must be {bound}, not {text}")
+        return value
+
+    return parse
+
+
+_SECONDS = _number(float, minimum=1e-3, what="number of seconds")
+_COUNT = _number(int, minimum=1, what="whole number")
+
+
+def _global_options(parser: argparse.ArgumentParser, *, suppress: bool) -> None:
+    """The options every command takes. On a command's parser their defaults are
+    suppressed, so that one given before the command is not reset after it."""
+    extra: dict[str, Any] = {"default": argparse.SUPPRESS} if suppress else {}
     parser.add_argument(
-        "--url", help="broker URL (default: $AMQP_URL or amqp://guest:guest@localhost:5672/)"
+        "--url",
+        help="broker URL, vhost in the path, or memory://"
+        f" (default: $AMQP_URL, else {DEFAULT_URL})",
+        **extra,
     )
     parser.add_argument(
         "--config",
         type=Path,
         metavar="FILE",
         help="settings file (.json or .toml); environment variables override it",
+        **extra,
     )
     parser.add_argument(
-        "--log-json", action="store_true", help="log one JSON object per line (to stderr)"
+        "--log-json",
+        action="store_true",
+        help="log one JSON object per line (to stderr) instead of text",
+        **extra,
     )
     parser.add_argument(
-        "--log-level", help="DEBUG, INFO, WARNING, ERROR (default INFO; WARNING for demo)"
+        "--log-level",
+        type=str.upper,
+        choices=_LOG_LEVELS,
+        metavar="LEVEL",
+        help=f"{', '.join(_LOG_LEVELS)} (default: INFO; WARNING for demo)",
+        **extra,
     )
-    commands = parser.add_subparsers(dest="command", required=True)
 
-    run = commands.add_parser("run", help="run a worker for the agents MODULE:ATTR names")
-    run.add_argument("target", metavar="MODULE:ATTR")
+
+def _parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="amqp-agents",
+        description="Agents that answer requests and events over RabbitMQ.",
+        epilog=_EPILOG,
+        formatter_class=_Help,
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    _global_options(parser, suppress=False)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    common = _Parser(add_help=False)
+    _global_options(common, suppress=True)
+
+    def command(name: str, text: str, epilog: str | None = None) -> argparse.ArgumentParser:
+        return commands.add_parser(
+            name,
+            help=text,
+            description=text,
+            epilog=epilog,
+            parents=[common],
+            formatter_class=_Help,
+        )
+
+    worker = WorkerSettings()
+    run = command(
+        "run",
+        "run a worker for the agents MODULE:ATTR names",
+        "example: amqp-agents run greeter:Greeter --metrics-port 9100\n\n"
+        "SIGTERM or Ctrl-C stops it gracefully (exit 0); a second one stops it at once,\n"
+        "and the broker requeues the requests still running.",
+    )
     run.add_argument(
-        "--metrics-port", type=int, help="serve /metrics, /healthz and /readyz on this port"
+        "target",
+        metavar="MODULE:ATTR",
+        help="an agent class, an instance, a list of them, or a function returning one",
     )
-    run.add_argument("--concurrency", type=int, help="handlers running at once")
-    run.add_argument("--grace-period", type=float, help="seconds in-flight work may finish on stop")
+    run.add_argument(
+        "--metrics-port",
+        type=int,
+        metavar="PORT",
+        help="serve /metrics, /healthz and /readyz on this port"
+        " (default: $AMQP_AGENTS_METRICS__PORT, else not served)",
+    )
+    run.add_argument(
+        "--metrics-host",
+        metavar="HOST",
+        help="address to serve them on (default: $AMQP_AGENTS_METRICS__HOST, else"
+        f" {MetricsSettings().host}: every interface)",
+    )
+    run.add_argument(
+        "--concurrency",
+        type=int,
+        metavar="N",
+        help="handlers running at once, and each queue's prefetch"
+        f" (default: $AMQP_AGENTS_WORKER__CONCURRENCY, else {worker.concurrency})",
+    )
+    run.add_argument(
+        "--grace-period",
+        type=float,
+        metavar="SECONDS",
+        help="how long in-flight work may finish on stop"
+        f" (default: $AMQP_AGENTS_WORKER__GRACE_PERIOD_S, else {worker.grace_period_s:g})",
+    )
 
-    call = commands.add_parser("call", help="call an agent and print its reply")
-    call.add_argument("agent")
-    call.add_argument("action")
-    call.add_argument("payload", nargs="?", default="{}", metavar="JSON")
-    call.add_argument("--priority", type=int, default=int(Priority.NORMAL), help="0-9")
-    call.add_argument("--timeout", type=float, help="seconds to wait for the reply")
+    call = command(
+        "call",
+        "call an agent and print its reply (JSON, on stdout)",
+        "examples:\n"
+        '  amqp-agents call greeter greet \'{"name": "Ada"}\' --timeout 5\n'
+        "  amqp-agents call greeter greet @payload.json\n"
+        '  echo \'{"name": "Ada"}\' | amqp-agents call greeter greet -\n\n'
+        "exit codes: 0 a successful reply, 1 an error reply (printed) or a failure,\n"
+        "2 bad usage (invalid JSON, priority, timeout, name)",
+    )
+    call.add_argument("agent", metavar="AGENT", help="the agent's name (its routing key)")
+    call.add_argument("action", metavar="ACTION", help="the action to run")
+    call.add_argument(
+        "payload",
+        nargs="?",
+        default="{}",
+        metavar="PAYLOAD",
+        help="a JSON object; @FILE reads it from a file, - from stdin (default: {})",
+    )
+    call.add_argument(
+        "--priority",
+        type=int,
+        default=int(Priority.NORMAL),
+        choices=range(10),
+        metavar="0-9",
+        help=f"0 (lowest) to 9 (highest) (default: {int(Priority.NORMAL)})",
+    )
+    call.add_argument(
+        "--timeout",
+        type=_number(float, minimum=1e-3, maximum=MAX_TIMEOUT_S, what="number of seconds"),
+        metavar="SECONDS",
+        help="how long to wait for the reply, at most one day"
+        f" (default: $AMQP_AGENTS_RPC__TIMEOUT_S, else {RpcSettings().timeout_s:g})",
+    )
 
-    publish = commands.add_parser("publish", help="publish an event")
-    publish.add_argument("event_type", metavar="EVENT_TYPE")
-    publish.add_argument("payload", nargs="?", default="{}", metavar="JSON")
+    publish = command(
+        "publish",
+        "publish an event",
+        'example: amqp-agents publish task.created \'{"id": "42"}\'',
+    )
+    publish.add_argument("event_type", metavar="EVENT_TYPE", help="dotted words: task.created")
+    publish.add_argument(
+        "payload",
+        nargs="?",
+        default="{}",
+        metavar="PAYLOAD",
+        help="a JSON object; @FILE reads it from a file, - from stdin (default: {})",
+    )
 
-    listen = commands.add_parser("listen", help="print events matching PATTERN as they happen")
+    listen = command(
+        "listen",
+        "print events matching PATTERN as JSON lines, until stopped",
+        "example: amqp-agents listen 'task.*' --duration 60\n\n"
+        "A summary goes to stderr when it ends (Ctrl-C, --count or --duration).",
+    )
     listen.add_argument("pattern", metavar="PATTERN", help="topic pattern: task.*, task.#, #")
     listen.add_argument(
-        "--group", help="consume the durable group queue events.GROUP instead of a private one"
+        "--group",
+        help="consume the durable group queue events.GROUP, shared with the group's other"
+        " members (default: a private queue of this listener's own)",
     )
-    listen.add_argument("--count", type=int, help="exit after this many events")
-    listen.add_argument("--duration", type=float, help="exit after this many seconds")
+    listen.add_argument(
+        "--count", type=_COUNT, metavar="N", help="exit after N events (default: no limit)"
+    )
+    listen.add_argument(
+        "--duration",
+        type=_SECONDS,
+        metavar="SECONDS",
+        help="exit after this many seconds (default: no limit)",
+    )
 
     for name, text in (
         ("queues", "print ready messages and consumers of agent and event queues"),
         ("exporter", "serve only queue-depth metrics (for queues whose consumers are not ours)"),
     ):
-        sub = commands.add_parser(name, help=text)
+        sub = command(
+            name,
+            text,
+            f"example: amqp-agents {name} --agent task_manager"
+            + (" --port 9101" if name == "exporter" else ""),
+        )
         sub.add_argument("queue", nargs="*", metavar="QUEUE", help="queue names, as they are")
-        sub.add_argument("--agent", action="append", help="an agent: its queue and .dead")
-        sub.add_argument("--group", action="append", help="an event group: its queue and .dead")
+        sub.add_argument(
+            "--agent", action="append", help="an agent: its queue and .dead (repeatable)"
+        )
+        sub.add_argument(
+            "--group", action="append", help="an event group: its queue and .dead (repeatable)"
+        )
         sub.add_argument("--app", metavar="MODULE:ATTR", help="every agent of an app")
         if name == "exporter":
             sub.add_argument("--port", type=int, required=True, help="port for /metrics")
 
-    dead = commands.add_parser(
-        "dead-letters", help="list an agent's dead letters, or replay them to the agent"
+    dead = command(
+        "dead-letters",
+        "list an agent's dead letters, or replay them to the agent",
+        "examples:\n  amqp-agents dead-letters payments\n"
+        "  amqp-agents dead-letters payments --replay 1",
     )
-    dead.add_argument("agent", metavar="AGENT")
-    dead.add_argument("--limit", type=int, default=20, help="how many to list (oldest first)")
+    dead.add_argument("agent", metavar="AGENT", help="the agent's name")
     dead.add_argument(
-        "--replay", type=int, metavar="N", help="send the oldest N back to the agent's queue"
+        "--limit",
+        type=_COUNT,
+        default=20,
+        metavar="N",
+        help="how many to list, oldest first (default: 20)",
+    )
+    dead.add_argument(
+        "--replay",
+        type=_COUNT,
+        metavar="N",
+        help="send the oldest N back to the agent's queue instead of listing",
     )
 
-    commands.add_parser(
+    command(
         "demo",
-        help="run the example app end to end in one process and print a transcript"
+        "run the example app end to end in one process and print a transcript"
         " (on the in-process broker unless --url is given)",
     )
     return parser
+
+
+def _version() -> str:
+    try:
+        return metadata.version("amqp-agents")
+    except metadata.PackageNotFoundError:  # pragma: no cover - run from a bare checkout
+        return "unknown"
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -167,6 +386,13 @@ def _settings(args: argparse.Namespace) -> Settings:
     overrides: dict[str, Any] = {}
     if args.url:
         overrides["url"] = SecretStr(args.url)
+    metrics: dict[str, Any] = {}
+    if getattr(args, "metrics_port", None) is not None:
+        metrics["port"] = args.metrics_port
+    if getattr(args, "metrics_host", None) is not None:
+        metrics["host"] = args.metrics_host
+    if metrics:
+        overrides["metrics"] = metrics
     worker: dict[str, Any] = {}
     if getattr(args, "concurrency", None) is not None:
         worker["concurrency"] = args.concurrency
@@ -220,32 +446,94 @@ async def _run(args: argparse.Namespace, settings: Settings) -> int:
     once = settings.connection.model_copy(update={"reconnect": False})
     supervisor = Supervisor(lambda: create_transport(once), build_worker, metrics=metrics)
     stop = asyncio.Event()
+    serving = asyncio.ensure_future(supervisor.run(stop))
+    stopped_at_once: list[int] = []
+
+    def on_signal(signum: int) -> None:
+        in_flight = supervisor.worker.in_flight if supervisor.worker is not None else 0
+        name = signal.Signals(signum).name
+        if not stop.is_set():
+            log.info(
+                "%s: stopping gracefully, %d request(s) in flight, up to %gs to finish"
+                " (send it again to stop at once)",
+                name,
+                in_flight,
+                settings.worker.grace_period_s,
+            )
+            stop.set()
+            return
+        log.warning(
+            "%s again: stopping at once; the broker requeues the %d request(s) in flight",
+            name,
+            in_flight,
+        )
+        stopped_at_once.append(signum)
+        serving.cancel()
+
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
+        loop.add_signal_handler(signum, on_signal, signum)
     watch = LoopWatch()
     # Probes first: liveness holds while connecting, readiness says 503 until consuming.
     probes: HealthServer | None = None
-    if args.metrics_port is not None:
+    port = settings.metrics.port
+    if port is not None:
         probes = HealthServer(
             _worker_probes(supervisor, metrics, watch, settings.metrics.loop_lag_limit_s),
-            port=args.metrics_port,
+            host=settings.metrics.host,
+            port=port,
         )
-        await probes.start()
+        try:
+            await probes.start()
+        except BaseException:
+            serving.cancel()
+            await asyncio.gather(serving, return_exceptions=True)
+            raise
         watch.start()
-    log.info(
-        "worker for %s on %s",
-        ", ".join(agent.name for agent in agents),
-        redact_url(settings.url.get_secret_value()),
-    )
+    _log_start(agents, settings, probes)
     try:
-        await supervisor.run(stop)
+        await serving
+    except asyncio.CancelledError:
+        if not stopped_at_once:
+            raise
     finally:
         await watch.aclose()
         if probes is not None:
             await probes.aclose()
+    if stopped_at_once:
+        log.info("worker stopped at once (%d reconnect(s))", supervisor.reconnects)
+        return 128 + stopped_at_once[0]
     log.info("worker stopped (%d reconnect(s))", supervisor.reconnects)
     return 0
+
+
+def _log_start(agents: Sequence[Agent], settings: Settings, probes: HealthServer | None) -> None:
+    """Say what this worker serves, where, and on which event loop."""
+    log.info(
+        "worker on %s, %s event loop, concurrency %d",
+        redact_url(settings.url.get_secret_value()),
+        _loop_name(),
+        settings.worker.concurrency,
+    )
+    for agent in agents:
+        actions = ", ".join(sorted(agent.action_names)) or "none"
+        patterns = ", ".join(
+            f"{spec.pattern} ({'broadcast' if spec.group is None else 'group ' + spec.group})"
+            for spec, _handler in agent.event_handlers()
+        )
+        log.info(
+            "agent %s: actions %s; events %s",
+            agent.name,
+            actions,
+            patterns or "none",
+            extra={"agent": agent.name},
+        )
+    if probes is None:
+        log.info("metrics and probes not served (use --metrics-port)")
+    else:
+        host = settings.metrics.host
+        shown = f"[{host}]" if ":" in host else host
+        log.info("serving /metrics, /healthz and /readyz on http://%s:%d", shown, probes.port)
 
 
 def _queue_names(args: argparse.Namespace, settings: Settings) -> list[str]:
@@ -337,7 +625,22 @@ async def _exporter(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def _read_payload(text: str) -> str:
+    """The payload argument's text: ``-`` reads stdin, ``@FILE`` a file, else itself."""
+    if text == "-":
+        return sys.stdin.read()
+    if text.startswith("@"):
+        path = Path(text[1:])
+        try:
+            return path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            raise ConfigurationError(f"cannot read the payload file {path}: {reason}") from None
+    return text
+
+
 def _json_object(text: str) -> dict[str, Any]:
+    text = _read_payload(text)
     try:
         payload = json.loads(text)
     except json.JSONDecodeError as exc:
@@ -375,13 +678,12 @@ async def _publish(args: argparse.Namespace, settings: Settings) -> int:
 
 
 async def _listen(args: argparse.Namespace, settings: Settings) -> int:
-    if args.count is not None and args.count < 1:
-        raise ConfigurationError("--count must be at least 1")
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     seen = 0
+    started = loop.time()
 
     async def show(event: Event) -> None:
         nonlocal seen
@@ -423,15 +725,24 @@ async def _listen(args: argparse.Namespace, settings: Settings) -> int:
     finally:
         await transport.aclose()
     if lost.is_set():
+        why = "the broker connection was lost"
+    elif args.count is not None and seen >= args.count:
+        why = f"--count {args.count} reached"
+    elif stop.is_set():
+        why = "stopped"
+    else:
+        why = f"--duration {args.duration:g}s passed"
+    print(
+        f"listened for {args.pattern!r} {loop.time() - started:.1f}s: {seen} event(s); {why}",
+        file=sys.stderr,
+        flush=True,
+    )
+    if lost.is_set():
         raise BrokerUnavailableError("the broker connection was lost")
     return 0
 
 
 async def _dead_letters(args: argparse.Namespace, settings: Settings) -> int:
-    if args.replay is not None and args.replay < 1:
-        raise ConfigurationError("--replay must be at least 1")
-    if args.limit < 1:
-        raise ConfigurationError("--limit must be at least 1")
     transport = create_transport(settings.connection)
     await transport.connect()
     try:
@@ -525,8 +836,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             "queues": _queues,
             "exporter": _exporter,
         }
-        return asyncio.run(command[args.command](args, settings))
-    except (ConfigurationError, ValidationError, SettingsError) as exc:
+        with asyncio.Runner(loop_factory=_loop_factory(settings.event_loop)) as runner:
+            return runner.run(command[args.command](args, settings))
+    except ValidationError as exc:
+        print(f"amqp-agents: configuration error: {_describe(exc)}", file=sys.stderr)
+        return 2
+    except (ConfigurationError, SettingsError) as exc:
         print(f"amqp-agents: configuration error: {exc}", file=sys.stderr)
         return 2
     except AmqpAgentsError as exc:
@@ -534,3 +849,43 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+
+
+def _describe(exc: ValidationError) -> str:
+    """A validation error as one line: each bad setting's dotted name and what is wrong
+    (pydantic's own text spans lines and ends in a link per error)."""
+    parts = []
+    for error in exc.errors(include_url=False, include_input=False):
+        where = ".".join(str(part) for part in error["loc"])
+        parts.append(f"{where}: {error['msg']}" if where else error["msg"])
+    return "; ".join(parts)
+
+
+def _loop_factory(choice: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """The event loop ``event_loop`` asks for: uvloop when installed (``auto``), unless
+    ``asyncio`` is chosen; ``uvloop`` insists on it.
+
+    Raises:
+        ConfigurationError: ``uvloop`` is asked for but not installed.
+    """
+    if choice == "asyncio":
+        return None
+    try:
+        import uvloop  # an optional extra (amqp-agents[speed])
+    except ImportError:
+        if choice == "uvloop":
+            raise ConfigurationError(
+                "event_loop is uvloop but uvloop is not installed: pip install 'amqp-agents[speed]'"
+            ) from None
+        return None
+    factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
+    return factory
+
+
+def _loop_name() -> str:
+    """``uvloop`` or ``asyncio``: the running loop's kind, for the start log line."""
+    return (
+        "uvloop"
+        if type(asyncio.get_running_loop()).__module__.startswith("uvloop")
+        else ("asyncio")
+    )

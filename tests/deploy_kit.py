@@ -91,6 +91,8 @@ def settings_env_names() -> frozenset[str]:
         annotation = field.annotation
         if isinstance(annotation, type) and issubclass(annotation, BaseModel):
             names.update(env_names_of(annotation, f"{prefix}{group.upper()}{delimiter}"))
+        elif group != "url":  # a top-level setting, such as event_loop
+            names.add(f"{prefix}{group.upper()}")
     names.discard("AMQP_AGENTS_CONNECTION__URL")
     return frozenset(names)
 

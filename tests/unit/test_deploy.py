@@ -880,7 +880,7 @@ def test_invalid_setting_in_the_config_file_fails_at_start_naming_it(
     done = run_cli("--config", str(config), "--url", "memory://", "queues", "x", env=cli_env())
     assert done.returncode == 2, done.stderr
     assert "configuration error" in done.stderr
-    assert re.search(rf"(^|\s){re.escape(named)}(\s|$)", done.stderr, re.M), done.stderr
+    assert re.search(rf"(^|\s){re.escape(named)}(:|\s|$)", done.stderr, re.M), done.stderr
     assert "Traceback" not in done.stderr
 
 
