@@ -15,5 +15,5 @@ def test_demo_on_rabbitmq_exits_zero(
     assert main(["--url", url_for_vhost(broker_url, fresh_vhost), "demo"]) == 0
     out = capsys.readouterr().out
     assert "amqp-agents demo on amqp://guest:***@" in out
-    assert "   task 1: HIGH: the server is down" in out
+    assert "   1. HIGH: the server is down" in out
     assert "every reply was as expected" in out
