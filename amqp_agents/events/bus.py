@@ -255,6 +255,14 @@ class EventBus:
             self._replies.drain()
             await self._replies.aclose()
 
+    async def __aenter__(self) -> EventBus:
+        """:meth:`start`; ``async with EventBus(transport) as bus:`` closes it after."""
+        await self.start()
+        return self
+
+    async def __aexit__(self, *_exc_info: object) -> None:
+        await self.aclose()
+
     # -- publishing ------------------------------------------------------------------
 
     async def publish(self, event_type: str, payload: Payload = None) -> str:
