@@ -82,7 +82,7 @@ def test_call_prints_reply_and_exits_0(tasks_worker: CliProcess, vhost_url: str)
     assert reply["ok"] is True
     assert reply["data"]["title"] == "x"
     assert reply["data"]["completed"] is False
-    assert isinstance(reply["data"]["id"], int)
+    assert isinstance(reply["data"]["id"], str)
 
 
 def test_call_error_reply_exits_1(tasks_worker: CliProcess, vhost_url: str) -> None:
