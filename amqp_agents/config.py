@@ -125,7 +125,7 @@ class ConnectionSettings(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid", hide_input_in_errors=True)
 
-    url: SecretStr = Field(default_factory=url_from_environment)
+    url: SecretStr = Field(default_factory=url_from_environment, validate_default=True)
     heartbeat_s: int = Field(default=10, ge=1, le=600)
     """Seconds between heartbeats; a link silent for about 3x this is declared dead."""
     connect_timeout_s: float = Field(default=10.0, gt=0)
