@@ -159,7 +159,8 @@ class InMemoryTaskStore:
 
 
 class TaskStoreSettings(BaseSettings):
-    """Where the example app keeps its tasks: ``TASKS_STORE_URL``, ``TASKS_KEY_PREFIX``."""
+    """Where the example app keeps its tasks: ``TASKS_STORE_URL``, ``TASKS_KEY_PREFIX``,
+    ``TASKS_OPEN_TIMEOUT_S``."""
 
     model_config = SettingsConfigDict(env_prefix="TASKS_", extra="forbid", frozen=True)
 
@@ -167,6 +168,8 @@ class TaskStoreSettings(BaseSettings):
     """``memory://`` (one process) or ``redis://[:password@]host:port/db`` (shared)."""
     key_prefix: str = Field(default="tasks:", min_length=1, max_length=100)
     """Prefix of every Redis key of the store (one app per prefix)."""
+    open_timeout_s: float = Field(default=30.0, gt=0, le=600)
+    """How long a starting worker waits for the store to answer before it gives up."""
 
 
 def open_store(settings: TaskStoreSettings) -> TaskStore:
@@ -187,7 +190,11 @@ def open_store(settings: TaskStoreSettings) -> TaskStore:
                 f"TASKS_STORE_URL is a Redis URL but {exc.name} is not installed:"
                 " pip install 'amqp-agents[redis]'"
             ) from None
-        return RedisTaskStore(settings.store_url, key_prefix=settings.key_prefix)
+        return RedisTaskStore(
+            settings.store_url,
+            key_prefix=settings.key_prefix,
+            open_timeout_s=settings.open_timeout_s,
+        )
     raise ConfigurationError(
         f"TASKS_STORE_URL must start with memory:// or redis://, not {scheme}://"
     )

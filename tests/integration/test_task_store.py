@@ -8,14 +8,14 @@ from pathlib import Path
 
 import pytest
 
-from amqp_agents.errors import BrokerUnavailableError
+from amqp_agents.errors import ConfigurationError, RetryableError
 from amqp_agents.examples.redis_store import RedisTaskStore
 from amqp_agents.examples.tasks import Task
 from amqp_agents.models.messages import ErrorCode
 from amqp_agents.rpc.client import RpcClient
 from amqp_agents.testing import url_for_vhost
 from amqp_agents.transport.rabbitmq import RabbitTransport
-from tests.agents_for_tests import CliProcess, await_until, cli_env
+from tests.agents_for_tests import CliProcess, await_until, cli_env, run_cli
 
 Connect = Callable[..., Awaitable[RabbitTransport]]
 
@@ -53,12 +53,45 @@ async def test_redis_store_keeps_tasks_for_every_connection(
 
 
 async def test_unreachable_redis_fails_at_open_without_the_password() -> None:
-    """open() raises BrokerUnavailableError naming the store, its password redacted."""
-    store = RedisTaskStore("redis://:hunter2@127.0.0.1:1/0")
-    with pytest.raises(BrokerUnavailableError, match="cannot reach the task store") as caught:
+    """open() waits up to open_timeout_s, then raises ConfigurationError naming the store,
+    its password redacted."""
+    store = RedisTaskStore("redis://:hunter2@127.0.0.1:1/0", open_timeout_s=0.3)
+    with pytest.raises(ConfigurationError, match="cannot reach the task store") as caught:
         await store.open()
     await store.aclose()
     assert "hunter2" not in str(caught.value)
+    assert "within 0.3s" in str(caught.value)
+
+
+async def test_an_outage_while_running_is_a_retryable_failure(redis_prefix: str) -> None:
+    """Commands on an unreachable Redis raise RetryableError (UNAVAILABLE): the worker
+    retries them instead of answering INTERNAL_ERROR."""
+    store = RedisTaskStore("redis://127.0.0.1:1/0", key_prefix=redis_prefix)
+    try:
+        with pytest.raises(RetryableError, match="the task store is unavailable"):
+            await store.add("x")
+        with pytest.raises(RetryableError):
+            await store.get("x")
+    finally:
+        await store.aclose()
+
+
+def test_a_worker_whose_store_is_unreachable_exits_2_in_one_line(tmp_path: Path) -> None:
+    """`run` of the example app with a Redis that never answers: exit 2 and one clear
+    line, after the store's open timeout (TASKS_OPEN_TIMEOUT_S; not a reconnect loop)."""
+    env = cli_env(TASKS_STORE_URL="redis://127.0.0.1:1/0", TASKS_OPEN_TIMEOUT_S="0.5")
+    done = run_cli(
+        "--url", "memory://", "run", "amqp_agents.examples.tasks:app", env=env, timeout_s=60
+    )
+    assert done.returncode == 2, done.stderr
+    errors = [line for line in done.stderr.splitlines() if "amqp-agents:" in line]
+    assert errors == [
+        "amqp-agents: configuration error: cannot reach the task store at"
+        " redis://127.0.0.1:1/0 within 0.5s: Error 111 connecting to 127.0.0.1:1."
+        " Connection refused."
+    ]
+    assert "Traceback" not in done.stderr
+    assert "reconnect" not in done.stderr
 
 
 class _Replica:
