@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from amqp_agents.cli import _parser
+from amqp_agents.cli_parser import build_parser as _parser
 from amqp_agents.testing import url_for_vhost
 from tests.agents_for_tests import CLI, ROOT, cli_env, free_port
 
