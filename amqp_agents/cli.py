@@ -7,7 +7,6 @@ handlers; everything below it takes explicit arguments. Exit codes: 0 success,
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import importlib
 import json
@@ -21,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 from pydantic import SecretStr, ValidationError
 from pydantic_settings import SettingsError
 
+from amqp_agents.cli_parser import build_parser
 from amqp_agents.config import Settings, load_settings, redact_url
 from amqp_agents.errors import (
     AmqpAgentsError,
@@ -32,7 +32,7 @@ from amqp_agents.events.bus import DeliveryGuard, EventBus, Process
 from amqp_agents.examples.demo import run_demo
 from amqp_agents.logs import configure as configure_logging
 from amqp_agents.metrics import CONTENT_TYPE, Metrics
-from amqp_agents.models.messages import Event, Priority
+from amqp_agents.models.messages import Event  # noqa: TC001  # handler annotations are read at run time
 from amqp_agents.rpc.client import RpcClient
 from amqp_agents.runtime.agent import Agent
 from amqp_agents.runtime.dead_letters import DeadLetters
@@ -44,6 +44,7 @@ from amqp_agents.transport.factory import create_transport, is_memory_url
 from amqp_agents.transport.memory import InMemoryBroker
 
 if TYPE_CHECKING:
+    import argparse
     from collections.abc import Callable, Sequence
 
     from amqp_agents.transport.base import Delivery, Transport
@@ -85,88 +86,18 @@ def load_agents(target: str) -> list[Agent]:
     return agents
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="amqp-agents", description="Agents that answer requests over RabbitMQ."
-    )
-    parser.add_argument(
-        "--url", help="broker URL (default: $AMQP_URL or amqp://guest:guest@localhost:5672/)"
-    )
-    parser.add_argument(
-        "--config",
-        type=Path,
-        metavar="FILE",
-        help="settings file (.json or .toml); environment variables override it",
-    )
-    parser.add_argument(
-        "--log-json", action="store_true", help="log one JSON object per line (to stderr)"
-    )
-    parser.add_argument(
-        "--log-level", help="DEBUG, INFO, WARNING, ERROR (default INFO; WARNING for demo)"
-    )
-    commands = parser.add_subparsers(dest="command", required=True)
-
-    run = commands.add_parser("run", help="run a worker for the agents MODULE:ATTR names")
-    run.add_argument("target", metavar="MODULE:ATTR")
-    run.add_argument(
-        "--metrics-port", type=int, help="serve /metrics, /healthz and /readyz on this port"
-    )
-    run.add_argument("--concurrency", type=int, help="handlers running at once")
-    run.add_argument("--grace-period", type=float, help="seconds in-flight work may finish on stop")
-
-    call = commands.add_parser("call", help="call an agent and print its reply")
-    call.add_argument("agent")
-    call.add_argument("action")
-    call.add_argument("payload", nargs="?", default="{}", metavar="JSON")
-    call.add_argument("--priority", type=int, default=int(Priority.NORMAL), help="0-9")
-    call.add_argument("--timeout", type=float, help="seconds to wait for the reply")
-
-    publish = commands.add_parser("publish", help="publish an event")
-    publish.add_argument("event_type", metavar="EVENT_TYPE")
-    publish.add_argument("payload", nargs="?", default="{}", metavar="JSON")
-
-    listen = commands.add_parser("listen", help="print events matching PATTERN as they happen")
-    listen.add_argument("pattern", metavar="PATTERN", help="topic pattern: task.*, task.#, #")
-    listen.add_argument(
-        "--group", help="consume the durable group queue events.GROUP instead of a private one"
-    )
-    listen.add_argument("--count", type=int, help="exit after this many events")
-    listen.add_argument("--duration", type=float, help="exit after this many seconds")
-
-    for name, text in (
-        ("queues", "print ready messages and consumers of agent and event queues"),
-        ("exporter", "serve only queue-depth metrics (for queues whose consumers are not ours)"),
-    ):
-        sub = commands.add_parser(name, help=text)
-        sub.add_argument("queue", nargs="*", metavar="QUEUE", help="queue names, as they are")
-        sub.add_argument("--agent", action="append", help="an agent: its queue and .dead")
-        sub.add_argument("--group", action="append", help="an event group: its queue and .dead")
-        sub.add_argument("--app", metavar="MODULE:ATTR", help="every agent of an app")
-        if name == "exporter":
-            sub.add_argument("--port", type=int, required=True, help="port for /metrics")
-
-    dead = commands.add_parser(
-        "dead-letters", help="list an agent's dead letters, or replay them to the agent"
-    )
-    dead.add_argument("agent", metavar="AGENT")
-    dead.add_argument("--limit", type=int, default=20, help="how many to list (oldest first)")
-    dead.add_argument(
-        "--replay", type=int, metavar="N", help="send the oldest N back to the agent's queue"
-    )
-
-    commands.add_parser(
-        "demo",
-        help="run the example app end to end in one process and print a transcript"
-        " (on the in-process broker unless --url is given)",
-    )
-    return parser
-
-
 def _settings(args: argparse.Namespace) -> Settings:
     """Settings: file (--config), then environment, then command-line options on top."""
     overrides: dict[str, Any] = {}
     if args.url:
         overrides["url"] = SecretStr(args.url)
+    metrics: dict[str, Any] = {}
+    if getattr(args, "metrics_port", None) is not None:
+        metrics["port"] = args.metrics_port
+    if getattr(args, "metrics_host", None) is not None:
+        metrics["host"] = args.metrics_host
+    if metrics:
+        overrides["metrics"] = metrics
     worker: dict[str, Any] = {}
     if getattr(args, "concurrency", None) is not None:
         worker["concurrency"] = args.concurrency
@@ -243,32 +174,94 @@ async def _run(args: argparse.Namespace, settings: Settings) -> int:
     healing = settings.connection.model_copy(update={"reconnect": True})
     supervisor = Supervisor(lambda: create_transport(healing), build_worker, metrics=metrics)
     stop = asyncio.Event()
+    serving = asyncio.ensure_future(supervisor.run(stop))
+    stopped_at_once: list[int] = []
+
+    def on_signal(signum: int) -> None:
+        in_flight = supervisor.worker.in_flight if supervisor.worker is not None else 0
+        name = signal.Signals(signum).name
+        if not stop.is_set():
+            log.info(
+                "%s: stopping gracefully, %d request(s) in flight, up to %gs to finish"
+                " (send it again to stop at once)",
+                name,
+                in_flight,
+                settings.worker.grace_period_s,
+            )
+            stop.set()
+            return
+        log.warning(
+            "%s again: stopping at once; the broker requeues the %d request(s) in flight",
+            name,
+            in_flight,
+        )
+        stopped_at_once.append(signum)
+        serving.cancel()
+
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
+        loop.add_signal_handler(signum, on_signal, signum)
     watch = LoopWatch()
     # Probes first: liveness holds while connecting, readiness says 503 until consuming.
     probes: HealthServer | None = None
-    if args.metrics_port is not None:
+    port = settings.metrics.port
+    if port is not None:
         probes = HealthServer(
             _worker_probes(supervisor, metrics, watch, settings.metrics.loop_lag_limit_s),
-            port=args.metrics_port,
+            host=settings.metrics.host,
+            port=port,
         )
-        await probes.start()
+        try:
+            await probes.start()
+        except BaseException:
+            serving.cancel()
+            await asyncio.gather(serving, return_exceptions=True)
+            raise
         watch.start()
-    log.info(
-        "worker for %s on %s",
-        ", ".join(agent.name for agent in agents),
-        redact_url(settings.url.get_secret_value()),
-    )
+    _log_start(agents, settings, probes)
     try:
-        await supervisor.run(stop)
+        await serving
+    except asyncio.CancelledError:
+        if not stopped_at_once:
+            raise
     finally:
         await watch.aclose()
         if probes is not None:
             await probes.aclose()
+    if stopped_at_once:
+        log.info("worker stopped at once (%d reconnect(s))", supervisor.reconnects)
+        return 128 + stopped_at_once[0]
     log.info("worker stopped (%d reconnect(s))", supervisor.reconnects)
     return 0
+
+
+def _log_start(agents: Sequence[Agent], settings: Settings, probes: HealthServer | None) -> None:
+    """Say what this worker serves, where, and on which event loop."""
+    log.info(
+        "worker on %s, %s event loop, concurrency %d",
+        redact_url(settings.url.get_secret_value()),
+        _loop_name(),
+        settings.worker.concurrency,
+    )
+    for agent in agents:
+        actions = ", ".join(sorted(agent.action_names)) or "none"
+        patterns = ", ".join(
+            f"{spec.pattern} ({'broadcast' if spec.group is None else 'group ' + spec.group})"
+            for spec, _handler in agent.event_handlers()
+        )
+        log.info(
+            "agent %s: actions %s; events %s",
+            agent.name,
+            actions,
+            patterns or "none",
+            extra={"agent": agent.name},
+        )
+    if probes is None:
+        log.info("metrics and probes not served (use --metrics-port)")
+    else:
+        host = settings.metrics.host
+        shown = f"[{host}]" if ":" in host else host
+        log.info("serving /metrics, /healthz and /readyz on http://%s:%d", shown, probes.port)
 
 
 def _queue_names(args: argparse.Namespace, settings: Settings) -> list[str]:
@@ -361,7 +354,22 @@ async def _exporter(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def _read_payload(text: str) -> str:
+    """The payload argument's text: ``-`` reads stdin, ``@FILE`` a file, else itself."""
+    if text == "-":
+        return sys.stdin.read()
+    if text.startswith("@"):
+        path = Path(text[1:])
+        try:
+            return path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            raise ConfigurationError(f"cannot read the payload file {path}: {reason}") from None
+    return text
+
+
 def _json_object(text: str) -> dict[str, Any]:
+    text = _read_payload(text)
     try:
         payload = json.loads(text)
     except json.JSONDecodeError as exc:
@@ -399,13 +407,12 @@ async def _publish(args: argparse.Namespace, settings: Settings) -> int:
 
 
 async def _listen(args: argparse.Namespace, settings: Settings) -> int:
-    if args.count is not None and args.count < 1:
-        raise ConfigurationError("--count must be at least 1")
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     seen = 0
+    started = loop.time()
 
     async def show(event: Event) -> None:
         nonlocal seen
@@ -447,15 +454,24 @@ async def _listen(args: argparse.Namespace, settings: Settings) -> int:
     finally:
         await transport.aclose()
     if lost.is_set():
+        why = "the broker connection was lost"
+    elif args.count is not None and seen >= args.count:
+        why = f"--count {args.count} reached"
+    elif stop.is_set():
+        why = "stopped"
+    else:
+        why = f"--duration {args.duration:g}s passed"
+    print(
+        f"listened for {args.pattern!r} {loop.time() - started:.1f}s: {seen} event(s); {why}",
+        file=sys.stderr,
+        flush=True,
+    )
+    if lost.is_set():
         raise BrokerUnavailableError("the broker connection was lost")
     return 0
 
 
 async def _dead_letters(args: argparse.Namespace, settings: Settings) -> int:
-    if args.replay is not None and args.replay < 1:
-        raise ConfigurationError("--replay must be at least 1")
-    if args.limit < 1:
-        raise ConfigurationError("--limit must be at least 1")
     transport = create_transport(settings.connection)
     await transport.connect()
     try:
@@ -529,7 +545,7 @@ async def _call(args: argparse.Namespace, settings: Settings) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``amqp-agents`` and ``python -m amqp_agents``."""
-    args = _parser().parse_args(argv)
+    args = build_parser().parse_args(argv)
     configure_logging(
         args.log_level or ("WARNING" if args.command == "demo" else "INFO"),
         json_lines=args.log_json,
@@ -549,8 +565,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             "queues": _queues,
             "exporter": _exporter,
         }
-        return asyncio.run(command[args.command](args, settings))
-    except (ConfigurationError, ValidationError, SettingsError) as exc:
+        with asyncio.Runner(loop_factory=_loop_factory(settings.event_loop)) as runner:
+            return runner.run(command[args.command](args, settings))
+    except ValidationError as exc:
+        print(f"amqp-agents: configuration error: {_describe(exc)}", file=sys.stderr)
+        return 2
+    except (ConfigurationError, SettingsError) as exc:
         print(f"amqp-agents: configuration error: {exc}", file=sys.stderr)
         return 2
     except AmqpAgentsError as exc:
@@ -558,3 +578,43 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+
+
+def _describe(exc: ValidationError) -> str:
+    """A validation error as one line: each bad setting's dotted name and what is wrong
+    (pydantic's own text spans lines and ends in a link per error)."""
+    parts = []
+    for error in exc.errors(include_url=False, include_input=False):
+        where = ".".join(str(part) for part in error["loc"])
+        parts.append(f"{where}: {error['msg']}" if where else error["msg"])
+    return "; ".join(parts)
+
+
+def _loop_factory(choice: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """The event loop ``event_loop`` asks for: uvloop when installed (``auto``), unless
+    ``asyncio`` is chosen; ``uvloop`` insists on it.
+
+    Raises:
+        ConfigurationError: ``uvloop`` is asked for but not installed.
+    """
+    if choice == "asyncio":
+        return None
+    try:
+        import uvloop  # an optional extra (amqp-agents[speed])
+    except ImportError:
+        if choice == "uvloop":
+            raise ConfigurationError(
+                "event_loop is uvloop but uvloop is not installed: pip install 'amqp-agents[speed]'"
+            ) from None
+        return None
+    factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
+    return factory
+
+
+def _loop_name() -> str:
+    """``uvloop`` or ``asyncio``: the running loop's kind, for the start log line."""
+    return (
+        "uvloop"
+        if type(asyncio.get_running_loop()).__module__.startswith("uvloop")
+        else ("asyncio")
+    )

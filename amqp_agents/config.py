@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, Self
+from typing import Any, ClassVar, Literal, Self
 from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import (
@@ -36,7 +36,9 @@ from amqp_agents.models.wire import Topology
 
 __all__ = [
     "DEFAULT_URL",
+    "MAX_TIMEOUT_S",
     "NO_RETRY",
+    "URL_VARIABLES",
     "ConnectionSettings",
     "MetricsSettings",
     "RetryPolicy",
@@ -46,12 +48,20 @@ __all__ = [
     "WorkerSettings",
     "load_settings",
     "redact_url",
+    "url_from_environment",
 ]
 
 DEFAULT_URL = "amqp://guest:guest@localhost:5672/"
+URL_VARIABLES = ("AMQP_URL", "AMQP_AGENTS_URL")
+"""Environment variables holding the broker URL, the first set wins."""
 # RabbitMQ's default delivery-ack timeout (consumer_timeout) is 30 minutes: a handler
 # still running then gets its channel closed. Handler timeouts stay well below it.
 BROKER_ACK_TIMEOUT_S = 1800.0
+# The longest a call may wait for its reply: one day. A request's deadline becomes its
+# AMQP ``expiration``, which the broker refuses beyond about 49 days (a 32-bit count of
+# milliseconds) by closing the channel; a bound far below that keeps every timeout a
+# caller can give a valid expiration, and no caller should wait longer for a reply.
+MAX_TIMEOUT_S = 86_400.0
 
 
 def redact_url(url: str) -> str:
@@ -96,12 +106,26 @@ class TlsSettings(BaseModel):
         return self
 
 
+def url_from_environment() -> SecretStr:
+    """The broker URL as :class:`Settings` reads it: ``AMQP_URL``, else
+    ``AMQP_AGENTS_URL``, else :data:`DEFAULT_URL`."""
+    for name in URL_VARIABLES:
+        if name in os.environ:
+            return SecretStr(os.environ[name])
+    return SecretStr(DEFAULT_URL)
+
+
 class ConnectionSettings(BaseModel):
-    """How to reach the broker."""
+    """How to reach the broker.
+
+    Without ``url``, the URL is the one :class:`Settings` would read (``AMQP_URL``, else
+    ``AMQP_AGENTS_URL``, else the local default), so a script and a worker given the
+    same environment reach the same broker and vhost.
+    """
 
     model_config = ConfigDict(frozen=True, extra="forbid", hide_input_in_errors=True)
 
-    url: SecretStr = SecretStr(DEFAULT_URL)
+    url: SecretStr = Field(default_factory=url_from_environment, validate_default=True)
     heartbeat_s: int = Field(default=10, ge=1, le=600)
     """Seconds between heartbeats; a link silent for about 3x this is declared dead."""
     connect_timeout_s: float = Field(default=10.0, gt=0)
@@ -258,14 +282,26 @@ class WorkerSettings(BaseModel):
 
 
 class MetricsSettings(BaseModel):
-    """Metrics and probes (served with ``--metrics-port``)."""
+    """Metrics and probes (served by ``amqp-agents run`` when a port is set)."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
+
+    port: int | None = Field(default=None, ge=0, le=65_535)
+    """Serve ``/metrics``, ``/healthz`` and ``/readyz`` on this port (``--metrics-port``);
+    unset: not served."""
+    host: str = "0.0.0.0"  # noqa: S104  # probes must be reachable from the kubelet
+    """The address to serve them on (``--metrics-host``); ``127.0.0.1`` keeps them local."""
 
     depth_interval_s: float = Field(default=5.0, gt=0)
     """How often queue depth and consumers are probed."""
     loop_lag_limit_s: float = Field(default=5.0, gt=0)
     """/healthz fails while the event loop lags behind by more than this."""
+
+    @field_validator("port", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: object) -> object:
+        # An empty environment variable (KEY=) means "not served", as in the env example.
+        return None if value == "" else value
 
 
 class RpcSettings(BaseModel):
@@ -273,8 +309,11 @@ class RpcSettings(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    timeout_s: float = Field(default=30.0, gt=0)
-    """Default time a call waits for its reply."""
+    max_timeout_s: ClassVar[float] = MAX_TIMEOUT_S
+    """The longest timeout a call accepts (one day): it must fit an AMQP expiration."""
+
+    timeout_s: float = Field(default=30.0, gt=0, le=MAX_TIMEOUT_S)
+    """Default time a call waits for its reply (at most ``max_timeout_s``)."""
 
 
 class Settings(BaseSettings):
@@ -299,6 +338,9 @@ class Settings(BaseSettings):
     rpc: RpcSettings = RpcSettings()
     metrics: MetricsSettings = MetricsSettings()
     topology: Topology = Topology()
+    event_loop: Literal["auto", "uvloop", "asyncio"] = "auto"
+    """The CLI's event loop: ``auto`` takes uvloop when it is installed (the ``speed``
+    extra, and the container image), ``asyncio`` never does, ``uvloop`` insists."""
 
     @model_validator(mode="after")
     def _one_url(self) -> Self:
@@ -384,4 +426,4 @@ def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings
 
 
 def _url_in_environment() -> bool:
-    return any(os.environ.get(name) for name in ("AMQP_URL", "AMQP_AGENTS_URL"))
+    return any(os.environ.get(name) for name in URL_VARIABLES)

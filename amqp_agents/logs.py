@@ -61,3 +61,8 @@ def configure(level: str, *, json_lines: bool) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    # aiormq logs each failed connect or reconnect try at ERROR, just before the
+    # transport raises the same failure as a clear error of ours: one line per problem
+    # is enough, so aiormq's own lines show only when debugging.
+    debugging = root.getEffectiveLevel() <= logging.DEBUG
+    logging.getLogger("aiormq").setLevel(logging.NOTSET if debugging else logging.CRITICAL)

@@ -4,16 +4,22 @@ The broker is never optional: if it cannot be reached, every test that needs it
 *fails* (it is not skipped), so CI cannot go green without integration tests.
 ``AMQP_AGENTS_TEST_URL`` points the suite at another broker; with
 ``AMQP_AGENTS_TESTCONTAINERS=1`` a RabbitMQ container is started instead (needs Docker).
+Redis (the example app's shared task store) is never optional either:
+``AMQP_AGENTS_TEST_REDIS_URL``, else ``redis://127.0.0.1:6379/0``; each test uses keys
+under a prefix of its own and deletes them after.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
+import socket
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from urllib.parse import urlsplit
 
 import pytest
+from redis.asyncio import Redis
 
 from amqp_agents.config import ConnectionSettings
 from amqp_agents.testing import BrokerAdmin, broker_reachable, url_for_vhost
@@ -23,6 +29,7 @@ from amqp_agents.transport.rabbitmq import RabbitTransport
 pytest_plugins = ["amqp_agents.testing.pytest_plugin"]
 
 DEFAULT_TEST_URL = "amqp://guest:guest@127.0.0.1:5672/"
+DEFAULT_TEST_REDIS_URL = "redis://127.0.0.1:6379/0"
 
 
 @pytest.fixture(scope="session")
@@ -43,6 +50,37 @@ def broker_url() -> Iterator[str]:
             pytrace=False,
         )
     yield url
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> str:
+    """The Redis the example app's store tests use; unreachable fails the test."""
+    url = os.environ.get("AMQP_AGENTS_TEST_REDIS_URL", DEFAULT_TEST_REDIS_URL)
+    parts = urlsplit(url)
+    try:
+        with socket.create_connection((parts.hostname or "127.0.0.1", parts.port or 6379), 2):
+            pass
+    except OSError:
+        pytest.fail(
+            f"Redis is not reachable at {parts.hostname}:{parts.port}: start it with"
+            " scripts/services (tests that need it are never skipped)",
+            pytrace=False,
+        )
+    return url
+
+
+@pytest.fixture
+async def redis_prefix(redis_url: str) -> AsyncIterator[str]:
+    """A key prefix of this test's own; its keys are deleted after the test."""
+    prefix = f"test-{uuid.uuid4().hex[:12]}:"
+    yield prefix
+    client = Redis.from_url(redis_url)
+    try:
+        keys = [key async for key in client.scan_iter(match=f"{prefix}*")]
+        if keys:
+            await client.delete(*keys)
+    finally:
+        await client.aclose()
 
 
 @pytest.fixture(scope="session")

@@ -15,6 +15,7 @@ import yaml
 from pydantic import BaseModel
 
 from amqp_agents.config import Settings
+from amqp_agents.examples.tasks import TaskStoreSettings
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
@@ -27,6 +28,10 @@ COMPOSE = DEPLOY / "docker-compose.yml"
 
 EXAMPLE_APP = "amqp_agents.examples.tasks:app"
 METRICS_PORT = 9100
+WORKER = "amqp-agents-worker"
+"""Name of the worker's Deployment and Service (the kit also runs Redis)."""
+REDIS = "amqp-agents-redis"
+"""Name of the example app's Redis Deployment and Service."""
 
 
 def load_yaml_documents(path: Path) -> list[dict[str, Any]]:
@@ -61,7 +66,7 @@ def manifest(kind: str, name: str | None = None) -> dict[str, Any]:
 
 def worker_container() -> dict[str, Any]:
     """The Deployment's (only) container."""
-    [container] = manifest("Deployment")["spec"]["template"]["spec"]["containers"]
+    [container] = manifest("Deployment", WORKER)["spec"]["template"]["spec"]["containers"]
     assert isinstance(container, dict)
     return container
 
@@ -91,8 +96,17 @@ def settings_env_names() -> frozenset[str]:
         annotation = field.annotation
         if isinstance(annotation, type) and issubclass(annotation, BaseModel):
             names.update(env_names_of(annotation, f"{prefix}{group.upper()}{delimiter}"))
+        elif group != "url":  # a top-level setting, such as event_loop
+            names.add(f"{prefix}{group.upper()}")
     names.discard("AMQP_AGENTS_CONNECTION__URL")
     return frozenset(names)
+
+
+def example_app_env_names() -> frozenset[str]:
+    """The example app's own variables (its task store: ``TASKS_STORE_URL``, ...): the
+    kit sets them beside amqp-agents' settings."""
+    prefix = str(TaskStoreSettings.model_config.get("env_prefix", ""))
+    return frozenset(f"{prefix}{name}".upper() for name in TaskStoreSettings.model_fields)
 
 
 def configmap_env() -> dict[str, str]:

@@ -251,6 +251,14 @@ class EventBus:
         if self._owns_recovery:
             await self._recovery.aclose()  # leaves the transport's callbacks
 
+    async def __aenter__(self) -> EventBus:
+        """:meth:`start`; ``async with EventBus(transport) as bus:`` closes it after."""
+        await self.start()
+        return self
+
+    async def __aexit__(self, *_exc_info: object) -> None:
+        await self.aclose()
+
     # -- publishing ------------------------------------------------------------------
 
     async def publish(self, event_type: str, payload: Payload = None) -> str:

@@ -16,7 +16,7 @@ from amqp_agents.events.bus import EventBus
 from amqp_agents.examples.tasks import AuditAgent, TaskManager
 from amqp_agents.models.messages import AgentResponse, Event, Priority
 from amqp_agents.rpc.client import RpcClient
-from amqp_agents.runtime.worker import Worker
+from amqp_agents.runtime.worker import Worker, WorkerStats
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -97,20 +97,21 @@ async def _demo(
             lambda: client.call("task_manager", "task_list"),
             lambda data: len(data["tasks"]) >= 4,
         )
-        for task in listing["tasks"]:
-            say.line(f"   task {task['id']}: {task['title']}")
+        say.line("   task_list, oldest first:")
+        for position, task in enumerate(listing["tasks"], 1):
+            say.line(f"   {position}. {task['title']}")
         checks.append(bool(listing["tasks"][0]["title"].startswith("HIGH")))
 
         say.heading("4. request/reply")
         added = await say.call(client, "task_manager", "task_add", {"title": "write the demo"})
-        task_id = added.data["id"] if added.ok else 0
+        task_id = added.data["id"] if added.ok else ""
         completed = await say.call(client, "task_manager", "task_complete", {"id": task_id})
         fetched = await say.call(client, "task_manager", "task_get", {"id": task_id})
         checks += [added.ok, completed.ok, fetched.ok]
 
         say.heading("5. deliberate errors: each comes back as a clear error reply")
         for agent, action, payload, code in (
-            ("task_manager", "task_get", {"id": 999}, "NOT_FOUND"),
+            ("task_manager", "task_get", {"id": "no-such-task"}, "NOT_FOUND"),
             ("task_manager", "task_add", {"title": ""}, "INVALID_PAYLOAD"),
             ("task_manager", "task_fly", {}, "UNKNOWN_ACTION"),
             ("no_such_agent", "ping", {}, "NO_ROUTE"),
@@ -132,7 +133,7 @@ async def _demo(
         await bus.aclose()
         await client.aclose()
         await worker.stop()
-        say.line(f"   worker stats: {worker.stats}")
+        say.stats(worker.stats)
     return all(checks)
 
 
@@ -166,6 +167,29 @@ class _Printer:
         reply = await client.send(agent, action, payload, timeout_s=_STEP_TIMEOUT_S)
         if reply.error is None:
             self.line(f"   <- ok {json.dumps(reply.data)}")
-        else:
-            self.line(f"   <- {reply.error.code}: {reply.error.message}")
+            return reply
+        self.line(f"   <- {reply.error.code}: {reply.error.message}")
+        if isinstance(reply.error.details, list):
+            for detail in reply.error.details:
+                if isinstance(detail, dict):
+                    where = ".".join(str(part) for part in detail.get("loc", [])) or "(payload)"
+                    self.line(f"      field {where}: {detail.get('msg')}")
         return reply
+
+    def stats(self, stats: WorkerStats) -> None:
+        """The second worker's counters (``worker.stats``), each said in words."""
+        answered = stats.replied + stats.acked_without_reply
+        others = stats.received - answered - stats.invalid - stats.expired - stats.requeued
+        self.line(
+            f"   worker.stats: {stats.received} deliveries received since step 3:"
+            f" {stats.replied} requests answered with a reply,"
+        )
+        self.line(
+            f"   {stats.acked_without_reply} notify() requests acked without one (the"
+            f" backlog of step 2), and {others} events the audit agent recorded;"
+        )
+        self.line(
+            f"   {stats.invalid} undecodable, {stats.expired} expired, {stats.requeued}"
+            f" requeued, {stats.retried} retried, {stats.dead_lettered} dead-lettered,"
+            f" {stats.in_flight} still in flight"
+        )

@@ -5,17 +5,24 @@
 
 Run it with ``amqp-agents run amqp_agents.examples.tasks:app`` and call it with
 ``amqp-agents call task_manager task_add '{"title": "write docs"}'``.
+
+Tasks have string ids (``str(uuid4())``), unique across replicas. Where they live is
+chosen by ``TASKS_STORE_URL``: ``memory://`` (the default: one process, for the demo and
+tests) or ``redis://host:6379/0``, a store shared by every replica, so that a task made
+on one is found on any other when the app is scaled out (``amqp-agents[redis]``).
+The audit log stays per replica: each replica records the events it handled.
 """
 
 from __future__ import annotations
 
 import asyncio
-import itertools
+import uuid
 from typing import Protocol
 
 from pydantic import BaseModel, ConfigDict, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from amqp_agents.errors import NotFoundError
+from amqp_agents.errors import ConfigurationError, NotFoundError
 from amqp_agents.models.messages import Event
 from amqp_agents.runtime.agent import Agent, action, on_event
 
@@ -30,14 +37,16 @@ __all__ = [
     "TaskManager",
     "TaskRef",
     "TaskStore",
+    "TaskStoreSettings",
     "app",
+    "open_store",
 ]
 
 
 class Task(BaseModel):
     """A task as stored and returned."""
 
-    id: int
+    id: str
     title: str
     completed: bool = False
 
@@ -51,11 +60,12 @@ class TaskAdd(BaseModel):
 
 
 class TaskRef(BaseModel):
-    """Payload of ``task_get`` and ``task_complete``."""
+    """Payload of ``task_get`` and ``task_complete``: any id a task could have (one that
+    names no task is answered ``NOT_FOUND``)."""
 
     model_config = ConfigDict(extra="forbid")
 
-    id: int = Field(ge=1)
+    id: str = Field(min_length=1, max_length=100)
 
 
 class TaskList(BaseModel):
@@ -67,7 +77,7 @@ class TaskList(BaseModel):
 class TaskEvent(BaseModel):
     """Payload of ``task.created`` and ``task.completed``."""
 
-    id: int
+    id: str
     title: str
 
 
@@ -76,7 +86,7 @@ class AuditEntry(BaseModel):
 
     event_id: str
     type: str
-    task_id: int | None = None
+    task_id: str | None = None
 
 
 class AuditLog(BaseModel):
@@ -88,11 +98,16 @@ class AuditLog(BaseModel):
 class TaskStore(Protocol):
     """Where tasks live; swap in a database-backed one without touching the agent."""
 
-    async def add(self, title: str) -> Task:
-        """Store a new, open task."""
+    async def open(self) -> None:
+        """Get ready (reach the database); called when the agent starts, maybe again
+        after :meth:`aclose` (the worker restarts agents after a reconnect)."""
         ...
 
-    async def get(self, task_id: int) -> Task | None:
+    async def add(self, title: str) -> Task:
+        """Store a new, open task under a new unique id."""
+        ...
+
+    async def get(self, task_id: str) -> Task | None:
         """The task, or ``None``."""
         ...
 
@@ -104,22 +119,33 @@ class TaskStore(Protocol):
         """Replace a stored task."""
         ...
 
+    async def aclose(self) -> None:
+        """Release connections; called when the agent stops."""
+        ...
+
+
+def new_task_id() -> str:
+    """A task id no other replica can hand out."""
+    return str(uuid.uuid4())
+
 
 class InMemoryTaskStore:
-    """A :class:`TaskStore` in a dict, for the demo and tests."""
+    """A :class:`TaskStore` in a dict: one process only, for the demo and tests."""
 
     def __init__(self) -> None:
-        self._tasks: dict[int, Task] = {}
-        self._ids = itertools.count(1)
+        self._tasks: dict[str, Task] = {}  # insertion order: oldest first
         self._lock = asyncio.Lock()
+
+    async def open(self) -> None:
+        """Nothing to reach."""
 
     async def add(self, title: str) -> Task:
         async with self._lock:
-            task = Task(id=next(self._ids), title=title)
+            task = Task(id=new_task_id(), title=title)
             self._tasks[task.id] = task
             return task
 
-    async def get(self, task_id: int) -> Task | None:
+    async def get(self, task_id: str) -> Task | None:
         return self._tasks.get(task_id)
 
     async def list(self) -> list[Task]:
@@ -127,6 +153,51 @@ class InMemoryTaskStore:
 
     async def save(self, task: Task) -> None:
         self._tasks[task.id] = task
+
+    async def aclose(self) -> None:
+        """Nothing to release (the tasks stay)."""
+
+
+class TaskStoreSettings(BaseSettings):
+    """Where the example app keeps its tasks: ``TASKS_STORE_URL``, ``TASKS_KEY_PREFIX``,
+    ``TASKS_OPEN_TIMEOUT_S``."""
+
+    model_config = SettingsConfigDict(env_prefix="TASKS_", extra="forbid", frozen=True)
+
+    store_url: str = "memory://"
+    """``memory://`` (one process) or ``redis://[:password@]host:port/db`` (shared)."""
+    key_prefix: str = Field(default="tasks:", min_length=1, max_length=100)
+    """Prefix of every Redis key of the store (one app per prefix)."""
+    open_timeout_s: float = Field(default=30.0, gt=0, le=600)
+    """How long a starting worker waits for the store to answer before it gives up."""
+
+
+def open_store(settings: TaskStoreSettings) -> TaskStore:
+    """The store ``settings`` names.
+
+    Raises:
+        ConfigurationError: an unknown scheme, or Redis asked for without the ``redis``
+            package (``pip install 'amqp-agents[redis]'``).
+    """
+    scheme = settings.store_url.partition("://")[0]
+    if scheme == "memory":
+        return InMemoryTaskStore()
+    if scheme in ("redis", "rediss"):
+        try:
+            from amqp_agents.examples.redis_store import RedisTaskStore
+        except ImportError as exc:
+            raise ConfigurationError(
+                f"TASKS_STORE_URL is a Redis URL but {exc.name} is not installed:"
+                " pip install 'amqp-agents[redis]'"
+            ) from None
+        return RedisTaskStore(
+            settings.store_url,
+            key_prefix=settings.key_prefix,
+            open_timeout_s=settings.open_timeout_s,
+        )
+    raise ConfigurationError(
+        f"TASKS_STORE_URL must start with memory:// or redis://, not {scheme}://"
+    )
 
 
 class TaskManager(Agent):
@@ -137,6 +208,16 @@ class TaskManager(Agent):
     def __init__(self, store: TaskStore | None = None, *, name: str | None = None) -> None:
         super().__init__(name=name)
         self.store: TaskStore = store or InMemoryTaskStore()
+
+    async def start(self) -> None:
+        """Open the store: a worker whose store is unreachable does not start."""
+        await self.store.open()
+        await super().start()
+
+    async def shutdown(self) -> None:
+        """Close the store's connections."""
+        await self.store.aclose()
+        await super().shutdown()
 
     @action("task_add")
     async def add(self, payload: TaskAdd) -> Task:
@@ -189,7 +270,7 @@ class AuditAgent(Agent):
         self._entries[event.id] = AuditEntry(
             event_id=event.id,
             type=event.type,
-            task_id=task_id if isinstance(task_id, int) else None,
+            task_id=task_id if isinstance(task_id, str) else None,
         )
         if len(self._entries) > self._maxlen:
             del self._entries[next(iter(self._entries))]
@@ -201,5 +282,6 @@ class AuditAgent(Agent):
 
 
 def app() -> list[Agent]:
-    """The agents ``amqp-agents run amqp_agents.examples.tasks:app`` hosts."""
-    return [TaskManager(), AuditAgent()]
+    """The agents ``amqp-agents run amqp_agents.examples.tasks:app`` hosts, on the store
+    the ``TASKS_*`` environment variables name (in memory by default)."""
+    return [TaskManager(open_store(TaskStoreSettings())), AuditAgent()]

@@ -13,13 +13,14 @@ import types
 from typing import TYPE_CHECKING, Any, get_type_hints
 
 from pydantic import TypeAdapter, ValidationError
+from pydantic.errors import PydanticUserError
 
 from amqp_agents.errors import ConfigurationError, InvalidPayloadError
 
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-__all__ = ["adapter_for", "handler_argument", "validate_payload"]
+__all__ = ["adapter_for", "check_accepts_object", "handler_argument", "validate_payload"]
 
 
 def handler_argument(func: Callable[..., Any], *, bound: bool, what: str) -> Any:
@@ -54,6 +55,44 @@ def handler_argument(func: Callable[..., Any], *, bound: bool, what: str) -> Any
 def adapter_for(annotation: Any) -> TypeAdapter[Any]:
     """A validator for ``annotation`` (built once per handler, not per message)."""
     return TypeAdapter(annotation)
+
+
+def check_accepts_object(adapter: TypeAdapter[Any], *, what: str) -> None:
+    """Fail at definition time if no JSON object can ever validate against ``adapter``.
+
+    A request's payload is always a JSON object, so a handler annotated ``payload: int``
+    (or ``str``, ``list[...]``) would answer every request ``INVALID_PAYLOAD``. Judged
+    from the JSON schema; a type without one (arbitrary classes) is given the benefit of
+    the doubt.
+
+    Raises:
+        ConfigurationError: the annotation accepts no JSON object.
+    """
+    try:
+        schema = adapter.json_schema()
+    except PydanticUserError:
+        return
+    if not _accepts_object(schema, schema.get("$defs", {})):
+        raise ConfigurationError(
+            f"{what}: its payload annotation can never accept a JSON object, and a"
+            " request's payload always is one: annotate it with a pydantic model or"
+            " dict[str, Any]"
+        )
+
+
+def _accepts_object(schema: dict[str, Any], defs: dict[str, Any]) -> bool:
+    ref = schema.get("$ref")
+    if isinstance(ref, str) and ref.startswith("#/$defs/"):
+        return _accepts_object(defs.get(ref.removeprefix("#/$defs/"), {}), defs)
+    for key in ("anyOf", "oneOf"):
+        if key in schema:
+            return any(_accepts_object(branch, defs) for branch in schema[key])
+    if "allOf" in schema:
+        return all(_accepts_object(branch, defs) for branch in schema["allOf"])
+    kind = schema.get("type")
+    if kind is None:
+        return "const" not in schema and "enum" not in schema  # e.g. Any
+    return kind == "object" or (isinstance(kind, list) and "object" in kind)
 
 
 def validate_payload(adapter: TypeAdapter[Any], payload: Any) -> Any:

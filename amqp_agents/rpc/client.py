@@ -448,6 +448,12 @@ class RpcClient:
         timeout = timeout_s
         if not isinstance(timeout, int | float) or not timeout > 0:
             raise ConfigurationError(f"timeout_s must be a positive number, not {timeout_s!r}")
+        # inf and anything past a day would make an expiration the broker refuses.
+        if not timeout <= RpcSettings.max_timeout_s:
+            raise ConfigurationError(
+                f"timeout_s must be at most {RpcSettings.max_timeout_s:g} s (one day),"
+                f" not {timeout_s!r}"
+            )
         return float(timeout)
 
     def _request(

@@ -49,7 +49,12 @@ from amqp_agents.errors import (
 )
 from amqp_agents.events.publisher import EventPublisher, RecordingPublisher
 from amqp_agents.models.messages import AgentMessage, AgentResponse, ErrorCode
-from amqp_agents.models.schema import adapter_for, handler_argument, validate_payload
+from amqp_agents.models.schema import (
+    adapter_for,
+    check_accepts_object,
+    handler_argument,
+    validate_payload,
+)
 from amqp_agents.models.topic import validate_pattern
 from amqp_agents.models.wire import RequestParts, check_name
 from amqp_agents.runtime.bounds import TimeLimits
@@ -136,7 +141,12 @@ def action(
     The handler takes at most one argument besides ``self``: the payload, annotated
     with a pydantic model (or ``dict[str, Any]`` for raw JSON). ``timeout_s`` overrides
     the worker's default per-action timeout, ``retry`` its retry policy.
+
+    Raises:
+        ConfigurationError: at class definition, for a bad name or timeout, a handler
+            that is not ``async def``, or ``@action`` used without its parentheses.
     """
+    _check_decorator_argument("action", name)
     check_name("action", name)
     if timeout_s is not None and not timeout_s > 0:
         raise ConfigurationError(f"action {name!r}: timeout_s must be positive")
@@ -173,6 +183,7 @@ def on_event(
     The argument works as in :meth:`amqp_agents.events.bus.EventBus.subscribe`.
     Decorators stack: one method may handle several patterns.
     """
+    _check_decorator_argument("on_event", pattern)
     validate_pattern(pattern)
     if group is not None:
         check_name("group", group)
@@ -191,9 +202,29 @@ def on_event(
     return mark
 
 
+def _check_decorator_argument(decorator: str, value: object) -> None:
+    """Fail clearly on ``@action`` (or ``@on_event``) written without its argument list:
+    Python then passes the method itself where the name belongs."""
+    if isinstance(value, str):
+        return
+    what = "an action name" if decorator == "action" else "a topic pattern"
+    if callable(value):
+        where = getattr(value, "__qualname__", repr(value))
+        raise ConfigurationError(
+            f'@{decorator} needs {what}: write @{decorator}("...") above {where},'
+            f" not a bare @{decorator}"
+        )
+    raise ConfigurationError(f"@{decorator} needs {what} (a string), not {value!r}")
+
+
 def _payload_adapter(func: Callable[..., Any], action_name: str) -> TypeAdapter[Any] | None:
-    annotation = handler_argument(func, bound=True, what=f"action {action_name!r}")
-    return None if annotation is None else adapter_for(annotation)
+    what = f"action {action_name!r}"
+    annotation = handler_argument(func, bound=True, what=what)
+    if annotation is None:
+        return None
+    adapter = adapter_for(annotation)
+    check_accepts_object(adapter, what=f"{what} ({func.__qualname__})")
+    return adapter
 
 
 class Agent:
@@ -244,11 +275,24 @@ class Agent:
         cls._event_specs = tuple(events.values())
 
     def __init__(self, *, name: str | None = None) -> None:
+        """Name the agent (``name`` overrides the class attribute).
+
+        Raises:
+            ConfigurationError: no name, an invalid one, or a class that declares
+                neither an action nor an event handler.
+        """
         if name is not None:
             self.name = name  # e.g. one class served under several names
         if not self.name:
             raise ConfigurationError(f"{type(self).__qualname__} must set a class attribute 'name'")
         check_name("agent", self.name)
+        if not self._actions and not self._event_specs:
+            # Such an agent would consume its queue and answer every request
+            # UNKNOWN_ACTION: a forgotten decorator, not a design.
+            raise ConfigurationError(
+                f"{type(self).__qualname__} (agent {self.name!r}) has no actions and no event"
+                ' handlers: mark its async methods with @action("name") or @on_event("pattern")'
+            )
         self._running = False
         self._limits = TimeLimits()
         self.events = RecordingPublisher()

@@ -866,14 +866,17 @@ class Worker:
                 self._metrics.child(
                     self._metrics.dead_letters, agent.name, code_label(error.code)
                 ).inc()
+            # INTERNAL_ERROR's message names the correlation id already: not twice.
+            cid = envelope.correlation_id
+            said = f" (correlation id {cid})" if cid and cid not in error.message else ""
             log.warning(
-                "dead-lettered %s.%s after %d attempt(s): %s %s (correlation id %s)",
+                "dead-lettered %s.%s after %d attempt(s): %s %s%s",
                 agent.name,
                 envelope.type,
                 attempt,
                 error.code,
                 error.message,
-                envelope.correlation_id,
+                said,
                 extra=_fields(agent, envelope, "dead_lettered", error.code),
             )
         await self._reply_and_ack(agent, delivery, response)

@@ -82,13 +82,13 @@ def test_call_prints_reply_and_exits_0(tasks_worker: CliProcess, vhost_url: str)
     assert reply["ok"] is True
     assert reply["data"]["title"] == "x"
     assert reply["data"]["completed"] is False
-    assert isinstance(reply["data"]["id"], int)
+    assert isinstance(reply["data"]["id"], str)
 
 
 def test_call_error_reply_exits_1(tasks_worker: CliProcess, vhost_url: str) -> None:
     """An error reply (task_get of a missing id) prints NOT_FOUND and exits 1."""
     done = run_cli(
-        "--url", vhost_url, "call", "task_manager", "task_get", '{"id": 987654}', env=cli_env()
+        "--url", vhost_url, "call", "task_manager", "task_get", '{"id": "987654"}', env=cli_env()
     )
     assert done.returncode == 1, done.stderr
     reply = json.loads(done.stdout)

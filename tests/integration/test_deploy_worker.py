@@ -3,23 +3,25 @@
 Command, arguments and environment are read from ``deploy/k8s``: the image's ``ENV``,
 then the ConfigMap (``envFrom``), then the container's ``env`` (the Secret's
 ``AMQP_URL`` through ``secretKeyRef``, the pod name through ``fieldRef``), in the order
-Kubernetes applies them. Two things differ, both on purpose: ``AMQP_URL`` points at a
-throw-away vhost of the local RabbitMQ instead of the example Secret's fake broker, and
-the metrics port is a free one instead of 9100, so parallel runs and a node exporter on
-the machine cannot collide (the unit tests check that the manifests say 9100
-everywhere).
+Kubernetes applies them. Three things differ, all on purpose: ``AMQP_URL`` points at a
+throw-away vhost of the local RabbitMQ instead of the example Secret's fake broker,
+``TASKS_STORE_URL`` at the local Redis (with a key prefix of the test's own) instead of
+the kit's Redis Service, and the metrics port is a free one instead of 9100, so parallel
+runs and a node exporter on the machine cannot collide (the unit tests check that the
+manifests say 9100 everywhere).
 """
 
 from __future__ import annotations
 
 import json
-import re
 import time
 import urllib.error
 import urllib.request
 import uuid
 from pathlib import Path
 from typing import Any
+
+from redis import Redis
 
 from amqp_agents.models.wire import Topology
 from amqp_agents.testing import BrokerAdmin, url_for_vhost
@@ -46,8 +48,11 @@ def http_status(port: int, path: str) -> tuple[int, str] | None:
         return None
 
 
-def deployment_env(amqp_url: str, pod_name: str) -> dict[str, str]:
-    """The container's environment as Kubernetes builds it, with ``amqp_url`` as AMQP_URL."""
+def deployment_env(
+    amqp_url: str, pod_name: str, *, store_url: str, key_prefix: str
+) -> dict[str, str]:
+    """The container's environment as Kubernetes builds it, with ``amqp_url`` as AMQP_URL
+    and ``store_url`` as the example app's TASKS_STORE_URL."""
     container = worker_container()
     env = cli_env(pythonpath=False)  # PATH, HOME...; no AMQP_* of the developer or CI
     env.update(dockerfile_env())
@@ -56,6 +61,10 @@ def deployment_env(amqp_url: str, pod_name: str) -> dict[str, str]:
         env.update(configmap_env())
     secret = {**secret_env(), "AMQP_URL": amqp_url}
     for entry in container["env"]:
+        if entry["name"] == "TASKS_STORE_URL":
+            assert entry["value"].startswith("redis://")
+            env.update(TASKS_STORE_URL=store_url, TASKS_KEY_PREFIX=key_prefix)
+            continue
         if "value" in entry:
             env[entry["name"]] = entry["value"]
             continue
@@ -86,7 +95,12 @@ def connection_names(admin: BrokerAdmin, vhost: str) -> str:
 
 
 def test_worker_runs_as_the_deployment_says_answers_and_stops_on_sigterm(
-    broker_url: str, broker_admin: BrokerAdmin, fresh_vhost: str, tmp_path: Path
+    broker_url: str,
+    broker_admin: BrokerAdmin,
+    fresh_vhost: str,
+    redis_url: str,
+    redis_prefix: str,
+    tmp_path: Path,
 ) -> None:
     """Deployment command + args + env: /readyz 200, /healthz and /metrics served, the
     scaled queue consumed, a call answered; SIGTERM -> exit 0 within the grace period."""
@@ -94,7 +108,12 @@ def test_worker_runs_as_the_deployment_says_answers_and_stops_on_sigterm(
     assert container["command"] == ["amqp-agents"]
     assert Path(CLI).name == "amqp-agents"  # the same console script, from .venv
     pod_name = f"amqp-agents-worker-{uuid.uuid4().hex[:8]}"
-    env = deployment_env(url_for_vhost(broker_url, fresh_vhost), pod_name)
+    env = deployment_env(
+        url_for_vhost(broker_url, fresh_vhost),
+        pod_name,
+        store_url=redis_url,
+        key_prefix=redis_prefix,
+    )
     grace_s = float(env["AMQP_AGENTS_WORKER__GRACE_PERIOD_S"])
     port = free_port()
     args = deployment_args(port)
@@ -129,7 +148,11 @@ def test_worker_runs_as_the_deployment_says_answers_and_stops_on_sigterm(
         reply: dict[str, Any] = json.loads(done.stdout)
         assert reply["ok"] is True, reply
         assert reply["data"]["title"] == "deployed"
-        assert re.fullmatch(r"\d+", str(reply["data"]["id"]))
+        task_id = reply["data"]["id"]
+        assert str(uuid.UUID(task_id)) == task_id
+        # The Deployment's TASKS_STORE_URL is in force: the task is in Redis.
+        with Redis.from_url(redis_url) as store:
+            assert store.exists(f"{redis_prefix}task:{task_id}") == 1
 
         started = time.monotonic()
         worker.terminate()

@@ -183,3 +183,36 @@ async def test_listen_count_takes_no_more_than_count_events_from_a_group(
     transport = await connect()
     left = (await transport.queue_info(TOPOLOGY.group_queue(group))).messages
     assert (len(printed_events(listener)), left) == (2, backlog - 2)
+
+
+async def test_listen_ends_with_a_summary_on_stderr(amqp_url: str) -> None:
+    """`listen --count 1` prints the event on stdout, then one summary line on stderr."""
+    listener = asyncio.create_task(
+        asyncio.to_thread(
+            run_cli, "--url", amqp_url, "listen", "summary.*", "--count", "1", env=cli_env()
+        )
+    )
+    try:
+        deadline = time.monotonic() + 15
+        published = False
+        while not listener.done() and time.monotonic() < deadline:
+            await cli_publish(amqp_url, "summary.seen", '{"n": 1}')
+            published = True
+            await asyncio.wait({listener}, timeout=0.5)
+        result = await asyncio.wait_for(listener, 20)
+    finally:
+        listener.cancel()
+    assert published
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout.splitlines()[0])["type"] == "summary.seen"
+    summary = result.stderr.strip().splitlines()[-1]
+    assert summary.startswith("listened for 'summary.*' ")
+    assert summary.endswith(": 1 event(s); --count 1 reached")
+
+
+def test_listen_duration_summary(amqp_url: str) -> None:
+    """`listen --duration 0.3` ends by itself with exit 0 and says why."""
+    result = run_cli("--url", amqp_url, "listen", "quiet.#", "--duration", "0.3", env=cli_env())
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == ""
+    assert result.stderr.strip().splitlines()[-1].endswith(": 0 event(s); --duration 0.3s passed")

@@ -63,8 +63,8 @@ GRAFANA = {
     "queue": ".*",
     "agent": ".*",
 }
-# Set by the consumer-recovery work (another branch): nothing sets it here yet.
-NOT_SET_HERE = frozenset({"amqp_agents_consumer_attached"})
+# Every metric the dashboard and rules name is set by a running worker.
+NOT_SET_HERE: frozenset[str] = frozenset()
 _SELECTOR = re.compile(
     r"\b(amqp_agents_[a-z0-9_]+|rabbitmq_[a-z0-9_]+|up(?=\s*\{))\s*(\{[^}]*\})?(?!\s*\()"
 )

@@ -170,12 +170,12 @@ async def test_task_manager_round_trip(connect: Connect, unique: Unique) -> None
     async with running(await connect(), [agent]), RpcClient(await connect()) as client:
         first = await client.call(agent.name, "task_add", {"title": "write tests"})
         second = await client.call(agent.name, "task_add", {"title": "run them"})
-        fetched = await client.call(agent.name, "task_get", {"id": 2})
-        done = await client.call(agent.name, "task_complete", {"id": 1})
+        fetched = await client.call(agent.name, "task_get", {"id": second["id"]})
+        done = await client.call(agent.name, "task_complete", {"id": first["id"]})
         listed = await client.call(agent.name, "task_list")
-    assert first == {"id": 1, "title": "write tests", "completed": False}
-    assert second == fetched == {"id": 2, "title": "run them", "completed": False}
-    assert done == {"id": 1, "title": "write tests", "completed": True}
+    assert first == {"id": first["id"], "title": "write tests", "completed": False}
+    assert second == fetched == {"id": second["id"], "title": "run them", "completed": False}
+    assert done == {"id": first["id"], "title": "write tests", "completed": True}
     assert listed == {"tasks": [done, second]}
 
 
@@ -236,7 +236,7 @@ async def test_notify_is_handled_and_gets_no_reply(connect: Connect, unique: Uni
     [
         pytest.param("tasks", "task_archive", {}, UnknownActionError, id="UNKNOWN_ACTION"),
         pytest.param("tasks", "task_add", {"title": ""}, InvalidPayloadError, id="INVALID_PAYLOAD"),
-        pytest.param("tasks", "task_get", {"id": 999}, NotFoundError, id="NOT_FOUND"),
+        pytest.param("tasks", "task_get", {"id": "999"}, NotFoundError, id="NOT_FOUND"),
         pytest.param("faulty", "stall", {}, ActionTimeoutError, id="TIMEOUT"),
         pytest.param("faulty", "crash", {}, InternalError, id="INTERNAL_ERROR"),
         pytest.param("nobody", "anything", {}, NoRouteError, id="NO_ROUTE"),

@@ -294,12 +294,16 @@ async def test_handle_unknown_action_lists_known_actions() -> None:
 
 
 async def test_handle_unknown_action_on_agent_without_actions() -> None:
-    """An agent with no actions says so in its UNKNOWN_ACTION reply."""
+    """An agent with event handlers only says so in its UNKNOWN_ACTION reply."""
 
-    class Empty(Agent):
-        name = "empty"
+    class EventsOnly(Agent):
+        name = "events_only"
 
-    reply = await Empty().handle(_message("anything"))
+        @on_event("task.*")
+        async def seen(self, event: Event) -> None:
+            """Never called here."""
+
+    reply = await EventsOnly().handle(_message("anything"))
 
     assert reply.error is not None
     assert "(known: none)" in reply.error.message
@@ -573,3 +577,53 @@ async def test_a_failed_outcome_is_not_ok_and_keeps_its_reply() -> None:
     assert outcome.data is None
     assert outcome.response.code == ErrorCode.UNKNOWN_ACTION
     assert outcome.response.correlation_id == "c-1"
+
+
+# -- definitions that could never serve: refused at definition or registration -----
+
+
+def test_agent_with_neither_actions_nor_event_handlers_is_refused() -> None:
+    """Registering an agent that serves nothing raises, naming the class and the fix."""
+
+    class Empty(Agent):
+        name = "empty"
+
+    with pytest.raises(ConfigurationError, match=r"Empty \(agent 'empty'\) has no actions"):
+        Empty()
+
+
+@pytest.mark.parametrize("decorator", [action, on_event])
+def test_decorator_without_parentheses_is_a_clear_error(decorator: Any) -> None:
+    """A bare @action / @on_event fails at class definition with the spelling to use."""
+    with pytest.raises(ConfigurationError, match=r"write @(action|on_event)\(\"...\"\) above"):
+
+        class Bare(Agent):
+            name = "bare"
+
+            @decorator
+            async def ping(self) -> None:
+                """Never called."""
+
+
+@pytest.mark.parametrize("annotation", [int, str, bool, list[Order], int | str])
+def test_payload_annotation_that_accepts_no_object_is_refused(annotation: Any) -> None:
+    """A payload type no JSON object can validate against fails at class definition."""
+
+    async def handler(self: Agent, payload: Any) -> None:
+        """Never called."""
+
+    handler.__annotations__["payload"] = annotation
+    with pytest.raises(ConfigurationError, match="can never accept a JSON object"):
+        type("Bad", (Agent,), {"name": "bad", "go": action("go")(handler)})
+
+
+@pytest.mark.parametrize("annotation", [Order, Order | None, dict[str, Any], Any])
+def test_payload_annotations_that_accept_objects_are_fine(annotation: Any) -> None:
+    """Models, optional models, raw dicts and Any all define an action."""
+
+    async def handler(self: Agent, payload: Any) -> None:
+        """Never called."""
+
+    handler.__annotations__["payload"] = annotation
+    agent_class = type("Good", (Agent,), {"name": "good", "go": action("go")(handler)})
+    assert "go" in agent_class.actions()

@@ -9,10 +9,11 @@ from collections.abc import Iterator
 import pytest
 from pydantic import ValidationError
 
-from amqp_agents.cli import _parser, _settings, load_agents, main
+from amqp_agents.cli import _loop_factory, _settings, load_agents, main
+from amqp_agents.cli_parser import build_parser as _parser
 from amqp_agents.errors import ConfigurationError
 from amqp_agents.examples.tasks import AuditAgent, TaskManager
-from amqp_agents.runtime.agent import Agent
+from amqp_agents.runtime.agent import Agent, action
 
 MODULE = "fake_agents_for_cli"
 UNREACHABLE_URL = "amqp://guest:guest@127.0.0.1:1/"
@@ -24,11 +25,19 @@ class Alpha(Agent):
 
     name = "alpha"
 
+    @action("ping")
+    async def ping(self) -> None:
+        """Answers with nothing."""
+
 
 class Beta(Agent):
     """Another minimal agent."""
 
     name = "beta"
+
+    @action("ping")
+    async def ping(self) -> None:
+        """Answers with nothing."""
 
 
 @pytest.fixture(autouse=True)
@@ -225,3 +234,33 @@ def test_missing_command_is_a_usage_error() -> None:
     with pytest.raises(SystemExit) as caught:
         main([])
     assert caught.value.code == 2
+
+
+# -- the event loop ----------------------------------------------------------------------
+
+
+def test_event_loop_auto_takes_uvloop_when_installed() -> None:
+    """auto and uvloop give uvloop's loop (the dev extra installs it); asyncio gives none."""
+    import uvloop
+
+    assert _loop_factory("auto") is uvloop.new_event_loop
+    assert _loop_factory("uvloop") is uvloop.new_event_loop
+    assert _loop_factory("asyncio") is None
+
+
+def test_event_loop_without_uvloop(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without uvloop: auto falls back to asyncio; uvloop is a configuration error."""
+    monkeypatch.setitem(sys.modules, "uvloop", None)  # import uvloop raises ImportError
+    assert _loop_factory("auto") is None
+    with pytest.raises(ConfigurationError, match=r"pip install 'amqp-agents\[speed\]'"):
+        _loop_factory("uvloop")
+
+
+@pytest.mark.usefixtures("_restore_logging")
+def test_event_loop_setting_is_validated(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """AMQP_AGENTS_EVENT_LOOP accepts auto, uvloop, asyncio; anything else exits 2."""
+    monkeypatch.setenv("AMQP_AGENTS_EVENT_LOOP", "tokio")
+    assert main(["--url", UNREACHABLE_URL, "call", "a", "b"]) == 2
+    assert "event_loop: Input should be 'auto', 'uvloop' or 'asyncio'" in capsys.readouterr().err

@@ -208,3 +208,38 @@ def test_all_tries_of_a_delivery_must_fit_the_brokers_ack_timeout() -> None:
     WorkerSettings(action_timeout_s=500, retry=RetryPolicy(attempts=3))  # 1504 s: fits
     with pytest.raises(ValidationError, match="delivery-ack timeout"):
         WorkerSettings(action_timeout_s=700, retry=RetryPolicy(attempts=3))
+
+
+@pytest.mark.parametrize(
+    ("environment", "expected"),
+    [
+        ({}, DEFAULT_URL),
+        ({"AMQP_URL": "amqp://u:p@a-host/vh"}, "amqp://u:p@a-host/vh"),
+        ({"AMQP_AGENTS_URL": "amqp://u:p@b-host/vh"}, "amqp://u:p@b-host/vh"),
+        (
+            {"AMQP_URL": "amqp://u:p@a-host/first", "AMQP_AGENTS_URL": "amqp://u:p@b-host/x"},
+            "amqp://u:p@a-host/first",
+        ),
+    ],
+)
+def test_connection_settings_read_the_url_as_settings_do(
+    monkeypatch: pytest.MonkeyPatch, environment: dict[str, str], expected: str
+) -> None:
+    """ConnectionSettings() and Settings() reach the same broker and vhost from the same
+    environment (a script and a worker agree); an explicit url still wins."""
+    for name, value in environment.items():
+        monkeypatch.setenv(name, value)
+
+    assert ConnectionSettings().url.get_secret_value() == expected
+    assert Settings().connection.url.get_secret_value() == expected
+    explicit = ConnectionSettings(url=SecretStr("amqp://guest:guest@elsewhere/"))
+    assert explicit.url.get_secret_value() == "amqp://guest:guest@elsewhere/"
+
+
+def test_connection_settings_validate_the_url_from_the_environment(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A bad AMQP_URL fails ConnectionSettings() as it fails Settings()."""
+    monkeypatch.setenv("AMQP_URL", "http://broker/")
+    with pytest.raises(ValidationError, match="must start with amqp://"):
+        ConnectionSettings()

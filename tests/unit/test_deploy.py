@@ -18,6 +18,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -32,11 +33,11 @@ from pydantic import BaseModel
 
 from amqp_agents.cli import _worker_probes
 from amqp_agents.config import Settings
-from amqp_agents.examples.tasks import app
+from amqp_agents.examples.tasks import TaskStoreSettings, app
 from amqp_agents.metrics import Metrics
 from amqp_agents.models.wire import Topology
 from amqp_agents.runtime.health import LoopWatch
-from tests.agents_for_tests import CliProcess, cli_env, run_cli
+from tests.agents_for_tests import CliProcess, cli_env, run_cli, wait_until
 from tests.deploy_kit import (
     COMPOSE,
     DEPLOY,
@@ -46,10 +47,13 @@ from tests.deploy_kit import (
     JSON_EXAMPLE,
     K8S,
     METRICS_PORT,
+    REDIS,
     ROOT,
+    WORKER,
     configmap_env,
     dockerfile_env,
     dockerfile_stages,
+    example_app_env_names,
     exec_form,
     load_yaml_documents,
     manifest,
@@ -167,6 +171,8 @@ def test_manifests_have_the_expected_kinds() -> None:
     assert kinds == sorted(
         [
             *BUILTIN_KINDS,
+            "Deployment",  # Redis, the example app's shared task store
+            "Service",
             "ScaledObject",
             "TriggerAuthentication",
             "ServiceMonitor",
@@ -198,7 +204,7 @@ def test_builtin_kinds_validate_against_the_kubernetes_schema(
 
 def test_schema_validation_rejects_a_misspelt_field() -> None:
     """The validator is strict: a field Kubernetes does not know fails (no silent pass)."""
-    deployment = manifest("Deployment")
+    deployment = manifest("Deployment", WORKER)
     deployment["spec"]["template"]["spec"]["terminationGracePeriod"] = 45
     with pytest.raises(kubernetes_validate.ValidationError):
         kubernetes_validate.validate(deployment, K8S_VERSION, strict=True)
@@ -238,7 +244,9 @@ def test_kubectl_kustomize_builds_the_kit() -> None:
         if obj["kind"] != "Namespace":
             assert obj["metadata"]["namespace"] == "amqp-agents", obj["metadata"]
         assert obj["metadata"]["labels"]["app.kubernetes.io/part-of"] == "amqp-agents"
-    [deployment] = [obj for obj in objects if obj["kind"] == "Deployment"]
+    [deployment] = [
+        obj for obj in objects if obj["kind"] == "Deployment" and obj["metadata"]["name"] == WORKER
+    ]
     [container] = deployment["spec"]["template"]["spec"]["containers"]
     assert container["image"] == "amqp-agents:0.1.0"
 
@@ -280,7 +288,7 @@ def test_ports_and_probes_match_what_the_cli_serves() -> None:
 
 def test_termination_grace_period_covers_prestop_and_the_worker_grace_period() -> None:
     """terminationGracePeriodSeconds > AMQP_AGENTS_WORKER__GRACE_PERIOD_S + preStop sleep."""
-    pod = manifest("Deployment")["spec"]["template"]["spec"]
+    pod = manifest("Deployment", WORKER)["spec"]["template"]["spec"]
     grace_s = float(configmap_env()["AMQP_AGENTS_WORKER__GRACE_PERIOD_S"])
     sleep_s = prestop_sleep_s(worker_container())
     assert 0 < sleep_s <= 15
@@ -291,14 +299,14 @@ def test_termination_grace_period_covers_prestop_and_the_worker_grace_period() -
 
 def test_rolling_update_waits_for_a_ready_replacement() -> None:
     """maxUnavailable 0: an old pod stops only once a new one consumes; no fixed replicas."""
-    spec = manifest("Deployment")["spec"]
+    spec = manifest("Deployment", WORKER)["spec"]
     assert spec["strategy"]["rollingUpdate"] == {"maxSurge": 1, "maxUnavailable": 0}
     assert "replicas" not in spec, "KEDA owns the replica count"
 
 
 def test_worker_runs_unprivileged_with_a_read_only_root() -> None:
     """Non-root (the image's uid), no privilege escalation, no capabilities, read-only root."""
-    pod = manifest("Deployment")["spec"]["template"]["spec"]
+    pod = manifest("Deployment", WORKER)["spec"]["template"]["spec"]
     container = worker_container()
     assert pod["securityContext"]["runAsNonRoot"] is True
     assert pod["securityContext"]["runAsUser"] == dockerfile_uid()
@@ -356,7 +364,7 @@ def test_valid_names_are_built_from_the_settings_model() -> None:
 
 def test_every_env_var_of_the_manifests_is_a_setting() -> None:
     """ConfigMap keys, Secret keys and the container's env names all exist in Settings."""
-    valid = settings_env_names()
+    valid = settings_env_names() | example_app_env_names()
     container = worker_container()
     names = {
         *configmap_env(),
@@ -447,7 +455,7 @@ def test_scaled_object_scales_the_deployment_on_the_task_manager_queue() -> None
     assert scaled["apiVersion"] == "keda.sh/v1alpha1"
     spec = scaled["spec"]
     target = spec["scaleTargetRef"]
-    assert target["name"] == manifest("Deployment")["metadata"]["name"]
+    assert target["name"] == manifest("Deployment", WORKER)["metadata"]["name"]
     assert target.get("kind", "Deployment") == "Deployment"
     assert 1 <= spec["minReplicaCount"] <= spec["maxReplicaCount"]
     [trigger] = spec["triggers"]
@@ -478,8 +486,8 @@ def test_trigger_authentication_reads_the_host_from_the_worker_secret() -> None:
 def test_service_and_service_monitor_reach_the_metrics_port() -> None:
     """Service selects the worker pods on the container port; the ServiceMonitor selects
     the Service and scrapes /metrics on its port."""
-    pod_labels = manifest("Deployment")["spec"]["template"]["metadata"]["labels"]
-    service = manifest("Service")
+    pod_labels = manifest("Deployment", WORKER)["spec"]["template"]["metadata"]["labels"]
+    service = manifest("Service", WORKER)
     assert labels_match(service["spec"]["selector"], pod_labels)
     [port] = service["spec"]["ports"]
     assert port["targetPort"] == worker_container()["ports"][0]["name"]
@@ -492,10 +500,42 @@ def test_service_and_service_monitor_reach_the_metrics_port() -> None:
     assert (endpoint["port"], endpoint["path"]) == (port["name"], "/metrics")
 
 
+def test_workers_share_the_kits_redis_through_its_service() -> None:
+    """TASKS_STORE_URL points at the Redis Service's name and port; that Service selects
+    the Redis pods, and nothing of the worker's (Service, PDB) selects them."""
+    env = {entry["name"]: entry for entry in worker_container()["env"]}
+    url = env["TASKS_STORE_URL"]["value"]
+    service = manifest("Service", REDIS)
+    [port] = service["spec"]["ports"]
+    assert url == f"redis://{service['metadata']['name']}:{port['port']}/0"
+    redis = manifest("Deployment", REDIS)
+    pod_labels = redis["spec"]["template"]["metadata"]["labels"]
+    assert labels_match(service["spec"]["selector"], pod_labels)
+    [container] = redis["spec"]["template"]["spec"]["containers"]
+    assert port["targetPort"] == container["ports"][0]["name"]
+    assert re.fullmatch(r"redis:\d+\.\d+\.\d+-alpine", container["image"])
+    for worker_object in (manifest("Service", WORKER), manifest("PodDisruptionBudget")):
+        selector = worker_object["spec"]["selector"]
+        assert not labels_match(selector.get("matchLabels", selector), pod_labels)
+
+
+def test_redis_runs_unprivileged_with_a_read_only_root() -> None:
+    """The Redis pod: non-root, no privilege escalation, all capabilities dropped."""
+    pod = manifest("Deployment", REDIS)["spec"]["template"]["spec"]
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["automountServiceAccountToken"] is False
+    [container] = pod["containers"]
+    security = container["securityContext"]
+    assert security["allowPrivilegeEscalation"] is False
+    assert security["readOnlyRootFilesystem"] is True
+    assert security["capabilities"]["drop"] == ["ALL"]
+    assert {"cpu", "memory"} <= set(container["resources"]["limits"])
+
+
 def test_pod_disruption_budget_selects_the_workers() -> None:
     """The PDB covers the worker pods and never blocks a drain of a single replica."""
     pdb = manifest("PodDisruptionBudget")
-    pod_labels = manifest("Deployment")["spec"]["template"]["metadata"]["labels"]
+    pod_labels = manifest("Deployment", WORKER)["spec"]["template"]["metadata"]["labels"]
     assert labels_match(pdb["spec"]["selector"]["matchLabels"], pod_labels)
     assert pdb["spec"]["maxUnavailable"] == 1
     assert "minAvailable" not in pdb["spec"]
@@ -590,41 +630,69 @@ def test_dockerfile_final_stage_runs_unprivileged_and_probes_itself() -> None:
     options, _, command = healthcheck.partition("CMD ")
     probe = exec_form(command)
     assert probe[0] == "python"
-    assert f"127.0.0.1:{METRICS_PORT}/healthz" in probe[-1]
+    assert "127.0.0.1:%d/healthz" in probe[-1]
+    assert "os.environ['AMQP_AGENTS_METRICS__PORT']" in probe[-1]
     assert "--timeout" in options
     assert "--interval" in options
     env = dockerfile_env()
+    assert env["AMQP_AGENTS_METRICS__PORT"] == str(METRICS_PORT)
     assert env["PYTHONUNBUFFERED"] == "1"
     assert env["PYTHONDONTWRITEBYTECODE"] == "1"
 
 
 def test_dockerfile_entrypoint_and_cmd_match_the_deployment() -> None:
-    """ENTRYPOINT = the Deployment's command; CMD = its args without global options."""
+    """ENTRYPOINT = the Deployment's command; CMD = its `run` without global options (the
+    image takes the metrics port from AMQP_AGENTS_METRICS__PORT, the Deployment from
+    --metrics-port: the same port)."""
     stage = dockerfile_stages()[-1]
     [entrypoint] = [exec_form(args) for keyword, args in stage if keyword == "ENTRYPOINT"]
     [cmd] = [exec_form(args) for keyword, args in stage if keyword == "CMD"]
     container = worker_container()
     assert entrypoint == container["command"] == ["amqp-agents"]
-    assert cmd == ["run", EXAMPLE_APP, "--metrics-port", str(METRICS_PORT)]
-    assert container["args"][-len(cmd) :] == cmd
+    assert cmd == ["run", EXAMPLE_APP]
+    args = container["args"]
+    assert args[args.index("run") : args.index("run") + 2] == cmd
 
 
 def test_dockerfile_installs_the_package_from_the_copied_sources() -> None:
-    """It copies pyproject.toml, README.md and amqp_agents/ (all present) and pip-installs
-    them; the runtime stage's working directory holds no sources."""
+    """It copies pyproject.toml, README.md, LICENSE and amqp_agents/ (all present) and
+    pip-installs them with the speed and redis extras; the runtime stage's working
+    directory holds no sources."""
     build = dockerfile_stages()[0]
     copied = [args.split()[:-1] for keyword, args in build if keyword == "COPY"]
     sources = {source for group in copied for source in group}
-    assert sources == {"pyproject.toml", "README.md", "amqp_agents/"}
+    assert sources == {"pyproject.toml", "README.md", "LICENSE", "amqp_agents/"}
     for source in sources:
         assert (ROOT / source).exists(), source
     runs = " ".join(args for keyword, args in build if keyword == "RUN")
-    assert re.search(r"pip wheel .*\s\.$", runs), runs
+    assert re.search(r'pip wheel .*\s"\.\[speed,redis\]"$', runs), runs
     final = dockerfile_stages()[-1]
     assert not [args for keyword, args in final if keyword == "COPY"]
     runs = " ".join(args for keyword, args in final if keyword == "RUN")
     assert "pip install" in runs
-    assert "amqp-agents" in runs
+    assert '"amqp-agents[speed,redis]"' in runs
+
+
+def test_dockerfile_healthcheck_follows_the_metrics_port_setting(tmp_path: Path) -> None:
+    """The HEALTHCHECK's command, run as the image would, passes against a worker serving
+    on AMQP_AGENTS_METRICS__PORT (any port, not only 9100) and fails on another port."""
+    [healthcheck] = [args for keyword, args in dockerfile_stages()[-1] if keyword == "HEALTHCHECK"]
+    probe = exec_form(healthcheck.partition("CMD ")[2])
+    port = free_port()
+    env = cli_env(AMQP_URL="memory://", AMQP_AGENTS_METRICS__PORT=str(port))
+    worker = CliProcess(["run", EXAMPLE_APP], env=env, log_dir=tmp_path)
+    try:
+        wait_until(lambda: "serving /metrics" in worker.output(), timeout_s=20, what="the probes")
+        command = [sys.executable, *probe[1:]]
+        ok = subprocess.run(command, env=env, capture_output=True, timeout=20, check=False)
+        wrong = {**env, "AMQP_AGENTS_METRICS__PORT": str(free_port())}
+        refused = subprocess.run(command, env=wrong, capture_output=True, timeout=20, check=False)
+    finally:
+        worker.terminate()
+        worker.wait(15)
+        worker.close()
+    assert ok.returncode == 0, ok.stderr
+    assert refused.returncode == 1
 
 
 def dockerignored(path: str, patterns: list[str]) -> bool:
@@ -659,7 +727,7 @@ def test_dockerignore_lets_in_only_what_the_image_needs() -> None:
         for line in (ROOT / ".dockerignore").read_text().splitlines()
         if line.strip() and not line.startswith("#")
     ]
-    needed = ["pyproject.toml", "README.md", "amqp_agents/__init__.py", "amqp_agents/cli.py"]
+    needed = ["pyproject.toml", "README.md", "LICENSE", "amqp_agents/__init__.py"]
     needed += [str(p.relative_to(ROOT)) for p in (ROOT / "amqp_agents").rglob("*.py")]
     for path in needed:
         assert not dockerignored(path, patterns), f"{path} would be missing from the image"
@@ -685,10 +753,10 @@ def compose() -> dict[str, Any]:
 
 
 def test_compose_has_broker_worker_prometheus_and_grafana() -> None:
-    """Four services; RabbitMQ 3.10 with management and the prometheus plugin enabled."""
+    """Five services; a pinned RabbitMQ 4.0 with management and the prometheus plugin."""
     services = compose()["services"]
-    assert set(services) == {"rabbitmq", "worker", "prometheus", "grafana"}
-    assert services["rabbitmq"]["image"] == "rabbitmq:3.10-management"
+    assert set(services) == {"rabbitmq", "redis", "worker", "prometheus", "grafana"}
+    assert services["rabbitmq"]["image"] == "rabbitmq:4.0.5-management"
     volumes = (volume.split(":") for volume in services["rabbitmq"]["volumes"])
     source_of = {target: source for source, target, *_ in volumes}
     plugins = (DEPLOY / source_of["/etc/rabbitmq/enabled_plugins"]).read_text()
@@ -721,7 +789,8 @@ def test_compose_worker_settings_and_stop_period() -> None:
     services = compose()["services"]
     worker = services["worker"]
     environment = worker["environment"]
-    assert set(environment) <= settings_env_names()
+    assert set(environment) <= settings_env_names() | example_app_env_names()
+    assert environment["AMQP_AGENTS_METRICS__PORT"] == str(METRICS_PORT)
     url = environment["AMQP_URL"]
     assert "@rabbitmq:5672/" in url
     user = services["rabbitmq"]["environment"]["RABBITMQ_DEFAULT_USER"]
@@ -732,6 +801,27 @@ def test_compose_worker_settings_and_stop_period() -> None:
     assert float(worker["stop_grace_period"].removesuffix("s")) > grace_s
     assert f"127.0.0.1:{METRICS_PORT}:{METRICS_PORT}" in worker["ports"]
     assert "command" not in worker  # the image's default command
+
+
+def test_compose_pins_every_image() -> None:
+    """Every pulled image names an exact version: no `latest`, no bare or major-only tag
+    (the worker's image is built from the sources)."""
+    for name, service in compose()["services"].items():
+        if "build" in service:
+            continue
+        image = service["image"]
+        _repository, _, tag = image.rpartition(":")
+        assert re.match(r"v?\d+\.\d+\.\d+", tag), f"{name}: {image} is not pinned"
+
+
+def test_compose_worker_shares_the_redis_task_store() -> None:
+    """The worker's TASKS_STORE_URL names the redis service, which it waits for."""
+    services = compose()["services"]
+    worker = services["worker"]
+    store = TaskStoreSettings(store_url=worker["environment"]["TASKS_STORE_URL"]).store_url
+    assert store.startswith("redis://redis:6379/")
+    assert worker["depends_on"]["redis"]["condition"] == "service_healthy"
+    assert "redis-cli" in services["redis"]["healthcheck"]["test"]
 
 
 def test_prometheus_scrapes_the_compose_worker() -> None:
@@ -875,7 +965,7 @@ def test_invalid_setting_in_the_config_file_fails_at_start_naming_it(
     done = run_cli("--config", str(config), "--url", "memory://", "queues", "x", env=cli_env())
     assert done.returncode == 2, done.stderr
     assert "configuration error" in done.stderr
-    assert re.search(rf"(^|\s){re.escape(named)}(\s|$)", done.stderr, re.M), done.stderr
+    assert re.search(rf"(^|\s){re.escape(named)}(:|\s|$)", done.stderr, re.M), done.stderr
     assert "Traceback" not in done.stderr
 
 

@@ -1,11 +1,13 @@
 """The example agents (TaskManager, AuditAgent), called directly and through handle()."""
 
+import uuid
 from datetime import UTC, datetime
 
 import pytest
 
-from amqp_agents.errors import NotFoundError
+from amqp_agents.errors import ConfigurationError, NotFoundError
 from amqp_agents.events.publisher import RecordingPublisher
+from amqp_agents.examples.redis_store import RedisTaskStore
 from amqp_agents.examples.tasks import (
     AuditAgent,
     AuditEntry,
@@ -15,7 +17,9 @@ from amqp_agents.examples.tasks import (
     TaskEvent,
     TaskManager,
     TaskRef,
+    TaskStoreSettings,
     app,
+    open_store,
 )
 from amqp_agents.models.messages import AgentMessage, ErrorCode, Event
 
@@ -27,13 +31,14 @@ def tasks() -> TaskManager:
 
 
 async def test_add_then_get(tasks: TaskManager) -> None:
-    """add() stores an open task with the next id, and get() returns it."""
+    """add() stores an open task under a new UUID string, and get() returns it."""
     first = await tasks.add(TaskAdd(title="write docs"))
     second = await tasks.add(TaskAdd(title="ship"))
 
-    assert first == Task(id=1, title="write docs", completed=False)
-    assert second.id == 2
-    assert await tasks.get(TaskRef(id=1)) == first
+    assert first == Task(id=first.id, title="write docs", completed=False)
+    assert str(uuid.UUID(first.id)) == first.id
+    assert second.id != first.id
+    assert await tasks.get(TaskRef(id=first.id)) == first
 
 
 async def test_list_is_oldest_first(tasks: TaskManager) -> None:
@@ -60,19 +65,28 @@ async def test_complete_marks_done_idempotently(tasks: TaskManager) -> None:
 async def test_get_missing_raises_not_found(tasks: TaskManager) -> None:
     """get() and complete() of an unknown id raise NotFoundError naming the id."""
     with pytest.raises(NotFoundError, match="no task with id 42"):
-        await tasks.get(TaskRef(id=42))
+        await tasks.get(TaskRef(id="42"))
     with pytest.raises(NotFoundError):
-        await tasks.complete(TaskRef(id=42))
+        await tasks.complete(TaskRef(id="42"))
 
 
 async def test_request_path(tasks: TaskManager) -> None:
     """Through handle(): add replies with the task, a missing get replies NOT_FOUND."""
     added = await tasks.handle(AgentMessage(action="task_add", payload={"title": "t"}))
-    missing = await tasks.handle(AgentMessage(action="task_get", payload={"id": 9}))
+    missing = await tasks.handle(AgentMessage(action="task_get", payload={"id": "nope"}))
 
     assert added.ok is True
-    assert added.data == Task(id=1, title="t")
+    assert isinstance(added.data, Task)
+    assert added.data.title == "t"
     assert missing.code == ErrorCode.NOT_FOUND
+
+
+@pytest.mark.parametrize("unknown", ["0", "999999", "not-a-uuid", "x" * 100])
+async def test_any_unknown_id_is_not_found(tasks: TaskManager, unknown: str) -> None:
+    """An id that names no task is NOT_FOUND, whatever its shape (not INVALID_PAYLOAD)."""
+    for action in ("task_get", "task_complete"):
+        reply = await tasks.handle(AgentMessage(action=action, payload={"id": unknown}))
+        assert reply.code == ErrorCode.NOT_FOUND
 
 
 @pytest.mark.parametrize(
@@ -80,14 +94,15 @@ async def test_request_path(tasks: TaskManager) -> None:
     [
         ("task_add", {"title": ""}),
         ("task_add", {"title": "t", "owner": "me"}),
-        ("task_get", {"id": 0}),
+        ("task_get", {"id": 7}),
+        ("task_get", {"id": ""}),
         ("task_get", {}),
     ],
 )
 async def test_request_path_rejects_bad_payloads(
     tasks: TaskManager, action: str, payload: dict[str, object]
 ) -> None:
-    """Empty titles, unknown fields and ids below 1 reply INVALID_PAYLOAD."""
+    """Empty titles, unknown fields, missing, empty or non-string ids: INVALID_PAYLOAD."""
     reply = await tasks.handle(AgentMessage(action=action, payload=payload))
 
     assert reply.code == ErrorCode.INVALID_PAYLOAD
@@ -106,20 +121,20 @@ async def test_add_and_complete_emit_events_once(tasks: TaskManager) -> None:
     await tasks.complete(TaskRef(id=added.id))
 
     assert _recorded(tasks) == [
-        ("task.created", TaskEvent(id=1, title="x")),
-        ("task.completed", TaskEvent(id=1, title="x")),
+        ("task.created", TaskEvent(id=added.id, title="x")),
+        ("task.completed", TaskEvent(id=added.id, title="x")),
     ]
 
 
 async def test_failed_requests_emit_nothing(tasks: TaskManager) -> None:
     """A NOT_FOUND or INVALID_PAYLOAD request leaves no event behind."""
-    await tasks.handle(AgentMessage(action="task_complete", payload={"id": 5}))
+    await tasks.handle(AgentMessage(action="task_complete", payload={"id": "5"}))
     await tasks.handle(AgentMessage(action="task_add", payload={}))
 
     assert _recorded(tasks) == []
 
 
-def _event(event_id: str, event_type: str = "task.created", task_id: object = 1) -> Event:
+def _event(event_id: str, event_type: str = "task.created", task_id: object = "t1") -> Event:
     return Event(
         id=event_id,
         type=event_type,
@@ -137,16 +152,16 @@ async def test_audit_records_each_event_once() -> None:
     await audit.record(_event("e1"))
 
     assert (await audit.log()).entries == [
-        AuditEntry(event_id="e1", type="task.created", task_id=1),
-        AuditEntry(event_id="e2", type="task.completed", task_id=1),
+        AuditEntry(event_id="e1", type="task.created", task_id="t1"),
+        AuditEntry(event_id="e2", type="task.completed", task_id="t1"),
     ]
 
 
-async def test_audit_keeps_non_integer_task_ids_out() -> None:
-    """An event whose payload id is not an int is recorded with task_id None."""
+async def test_audit_keeps_non_string_task_ids_out() -> None:
+    """An event whose payload id is not a string is recorded with task_id None."""
     audit = AuditAgent()
 
-    await audit.record(_event("e1", task_id="seven"))
+    await audit.record(_event("e1", task_id=7))
 
     assert (await audit.log()).entries[0].task_id is None
 
@@ -181,3 +196,21 @@ def test_app_hosts_the_example_agents() -> None:
 def test_stores_are_not_shared() -> None:
     """Each TaskManager gets its own store unless one is passed in."""
     assert TaskManager().store is not TaskManager().store
+
+
+def test_app_store_is_chosen_by_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """memory:// by default; TASKS_STORE_URL=redis://... gives the Redis store."""
+    monkeypatch.delenv("TASKS_STORE_URL", raising=False)
+    manager = app()[0]
+    assert isinstance(manager, TaskManager)
+    assert isinstance(manager.store, InMemoryTaskStore)
+    monkeypatch.setenv("TASKS_STORE_URL", "redis://127.0.0.1:6379/0")
+    manager = app()[0]
+    assert isinstance(manager, TaskManager)
+    assert isinstance(manager.store, RedisTaskStore)
+
+
+def test_unknown_store_scheme_is_a_configuration_error() -> None:
+    """A store URL of another kind fails at start, naming the variable."""
+    with pytest.raises(ConfigurationError, match="TASKS_STORE_URL must start with"):
+        open_store(TaskStoreSettings(store_url="postgres://db/tasks"))

@@ -43,11 +43,11 @@ async def test_call_and_events_through_the_plugin_fixture(
     audit = AuditAgent()
     async with agent_harness(TaskManager(), audit) as harness:
         task = await harness.call("task_manager", "task_add", {"title": "x"})
-        assert task == {"id": 1, "title": "x", "completed": False}
+        assert task == {"id": task["id"], "title": "x", "completed": False}
         event = await harness.wait_for_event("task.*")
-        assert (event.type, event.payload) == ("task.created", {"id": 1, "title": "x"})
+        assert (event.type, event.payload) == ("task.created", {"id": task["id"], "title": "x"})
         with pytest.raises(NotFoundError):
-            await harness.call("task_manager", "task_get", {"id": 7})
+            await harness.call("task_manager", "task_get", {"id": "7"})
 
         async def audited() -> bool:
             log = await harness.call("audit", "audit_log")

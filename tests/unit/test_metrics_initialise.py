@@ -15,6 +15,7 @@ from amqp_agents.config import Settings
 from amqp_agents.examples.tasks import app
 from amqp_agents.metrics import CONSUMER_END_REASONS, OTHER_ACTION, Metrics, Outcome
 from amqp_agents.models.messages import ErrorCode
+from amqp_agents.transport.base import EndReason
 
 
 def _samples(metrics: Metrics) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
@@ -127,3 +128,9 @@ def test_the_cli_initialises_the_example_apps_labels() -> None:
         "events.audit",
         "events.audit.dead",
     }
+
+
+def test_the_cancel_reasons_are_the_transports_end_reasons() -> None:
+    """metrics is a leaf and spells the reasons itself: they must stay the ones the
+    transports report (EndReason), or the initialised series would be the wrong ones."""
+    assert set(CONSUMER_END_REASONS) == {reason.value for reason in EndReason}
