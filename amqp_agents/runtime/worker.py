@@ -9,6 +9,10 @@ The ack comes only after the reply is confirmed, so a crash in between redeliver
 the request rather than losing its answer. A malformed request is answered
 ``INVALID_PAYLOAD`` (when it has ``reply_to``) and acked: it never loops. A request
 whose caller's deadline has passed is acked unanswered and counted, not worked on.
+What each outcome publishes, and what happens when the broker refuses that, is the
+settlement table of :mod:`~amqp_agents.runtime.settle`; this module owns the
+lifecycle, admission (slots, the handler watchdog) and the request pipeline, which is
+why it is still about 700 lines (splitting the pipeline out is the next step of issue 19).
 
 Event handlers of the agents (``@on_event``) run on the worker's
 :class:`~amqp_agents.events.bus.EventBus` under the same concurrency bound, timeout and
@@ -25,7 +29,8 @@ readiness is false until every one is back. One that cannot heal within
 Shutdown order, enforced by :meth:`Worker.stop`:
 
 1. stop taking work: cancel every consumer, requests and events (new messages stay queued);
-2. requeue deliveries that have not started (waiting for a slot);
+2. give back deliveries that have not started (waiting for a slot): requests are
+   published again as they came and acked, so they are not counted as attempts;
 3. wait up to ``grace_period_s`` for in-flight handlers, which reply and ack;
 4. cancel the ones still running: their deliveries are requeued, not answered;
 5. shut the agents down. The transport belongs to the caller, who closes it last.
@@ -40,39 +45,31 @@ import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
 from enum import Enum
 from typing import TYPE_CHECKING
 
 from amqp_agents.config import WorkerSettings
 from amqp_agents.errors import (
-    AccessRefusedError,
     BrokerUnavailableError,
     ConfigurationError,
-    InternalError,
     InvalidPayloadError,
     LifecycleError,
     MessageTooLargeError,
     TransportError,
 )
 from amqp_agents.events.bus import EventBus
-from amqp_agents.metrics import Metrics, code_label
+from amqp_agents.metrics import Metrics
 from amqp_agents.metrics import Outcome as MetricOutcome
 from amqp_agents.models.messages import ErrorCode
 from amqp_agents.models.wire import (
     Topology,
     attempt_from,
-    dead_letter_envelope,
     deadline_from,
-    encode_reply,
-    encode_success,
     read_request,
-    retry_envelope,
 )
-from amqp_agents.runtime.agent import Outcome
 from amqp_agents.runtime.bounds import Slots
 from amqp_agents.runtime.monitor import QueueMonitor
-from amqp_agents.runtime.settle import Verdict, publish_control
+from amqp_agents.runtime.settle import Settlement, WorkerStats, action_label, log_fields
 from amqp_agents.transport.base import (
     Delivery,
     ExchangeKind,
@@ -83,7 +80,6 @@ from amqp_agents.transport.recovery import Attachment, Recovery
 
 if TYPE_CHECKING:
     from amqp_agents.models.envelope import Envelope
-    from amqp_agents.models.messages import AgentResponse
     from amqp_agents.runtime.agent import Agent
 
 __all__ = ["Worker", "WorkerStats"]
@@ -107,21 +103,6 @@ class _State(Enum):
     RUNNING = "running"
     STOPPING = "stopping"
     STOPPED = "stopped"
-
-
-@dataclass(slots=True)
-class WorkerStats:
-    """Counters since start (the Prometheus metrics mirror them)."""
-
-    received: int = 0
-    replied: int = 0
-    acked_without_reply: int = 0
-    invalid: int = 0
-    expired: int = 0
-    requeued: int = 0
-    retried: int = 0
-    dead_lettered: int = 0
-    in_flight: int = 0
 
 
 class Worker:
@@ -157,9 +138,6 @@ class Worker:
         self._agent_queues = frozenset(self._topology.agent_queue(name) for name in names)
         self._settings = settings or WorkerSettings()
         self._publish_timeout_s = publish_timeout_s
-        self._hold_s = 1.0
-        """How long a delivery whose copy the broker keeps refusing is held before it is
-        requeued (see :mod:`~amqp_agents.runtime.settle`)."""
         self._max_bytes = max_message_bytes
         self._slots = Slots(self._settings.concurrency)
         self._recovery = Recovery(
@@ -186,7 +164,6 @@ class Worker:
         self._stopping: asyncio.Future[None] | None = None
         self._grace_cut = asyncio.Event()
         self._started = False
-        self._retry_queues: set[str] = set()
         self._metrics = metrics
         self._monitor = (
             None
@@ -206,6 +183,16 @@ class Worker:
         )
         """The worker's event bus: agents emit through it, their handlers run on it."""
         self.stats = WorkerStats()
+        self._settle = Settlement(
+            transport,
+            topology=self._topology,
+            settings=self._settings,
+            metrics=metrics,
+            publish_timeout_s=publish_timeout_s,
+            max_message_bytes=max_message_bytes,
+            stats=self.stats,
+        )
+        """The settlement table, carried out (see :mod:`~amqp_agents.runtime.settle`)."""
 
     @property
     def agents(self) -> list[Agent]:
@@ -334,7 +321,7 @@ class Worker:
                 topology.agent_queue(agent.name),
                 topology.agent_dead_letter_queue(agent.name),
             ]
-        names += sorted(self._retry_queues)
+        names += sorted(self._settle.retry_queues)
         for group in sorted({sub.group for sub in self.events.subscriptions if sub.group}):
             names += [topology.group_queue(group), topology.group_dead_letter_queue(group)]
         return names
@@ -358,7 +345,7 @@ class Worker:
         its dead-letter queue and binding, the queue with its arguments, its binding."""
         topology = self._topology
         await self._transport.declare_exchange(topology.requests_exchange, ExchangeKind.DIRECT)
-        await self._declare_dead_letters(agent)
+        await self._settle.declare_dead_letters(agent)
         queue = topology.agent_queue(agent.name)
         await self._transport.declare_queue(
             QueueSpec(
@@ -372,15 +359,6 @@ class Worker:
         )
         await self._transport.bind_queue(queue, topology.requests_exchange, agent.name)
         return queue
-
-    async def _declare_dead_letters(self, agent: Agent) -> None:
-        """The dead-letter exchange and the agent's dead-letter queue and binding."""
-        topology = self._topology
-        dlx = topology.requests_dead_letter_exchange
-        await self._transport.declare_exchange(dlx, ExchangeKind.DIRECT)
-        dead = topology.agent_dead_letter_queue(agent.name)
-        await self._transport.declare_queue(QueueSpec(name=dead, durable=True))
-        await self._transport.bind_queue(dead, dlx, agent.name)
 
     async def serve(self, shutdown_trigger: ShutdownTrigger | None = None) -> None:
         """Start, run until ``shutdown_trigger()`` returns, then stop gracefully.
@@ -534,14 +512,14 @@ class Worker:
         try:
             await process(delivery)
         except asyncio.CancelledError:
-            await self._requeue(delivery)
+            await self._settle.requeue(delivery)
             raise
         except Exception:
             # A bug of ours, not the handler's (those become replies): never leave the
             # delivery unsettled. Requeued, it comes back redelivered, and redeliveries
             # are counted, so it cannot loop forever.
             log.exception("processing a delivery failed; requeued")
-            await self._requeue(delivery)
+            await self._settle.requeue(delivery)
         finally:
             self._deliveries.pop(task, None)
             if self._abandoned.pop(task, None) is None:  # else: let go by the watchdog
@@ -573,7 +551,7 @@ class Worker:
 
     async def _abandon(self, agent: Agent, task: asyncio.Task[object], delivery: Delivery) -> None:
         envelope = delivery.envelope
-        what = f"{agent.name}.{_action_label(agent, envelope.type)}"
+        what = f"{agent.name}.{action_label(agent, envelope.type)}"
         self._abandoned[task] = what
         self._running.discard(task)
         self.stats.in_flight -= 1
@@ -586,20 +564,9 @@ class Worker:
             what,
             _STUCK_GRACE_S,
             envelope.correlation_id,
-            extra=_fields(agent, envelope, "requeued"),
+            extra=log_fields(agent, envelope, "requeued"),
         )
-        await self._requeue_counted(agent, delivery)
-
-    def _count(self, agent: Agent, action: str | None, outcome: MetricOutcome) -> None:
-        if self._metrics is not None:
-            label = _action_label(agent, action)
-            self._metrics.child(
-                self._metrics.messages_handled, agent.name, label, outcome.value
-            ).inc()
-
-    async def _requeue(self, delivery: Delivery) -> None:
-        self.stats.requeued += 1
-        await delivery.nack(requeue=True)
+        await self._settle.requeue_counted(agent, delivery)
 
     async def _give_back(self, delivery: Delivery) -> None:
         """Return a request that never started without making it a redelivery.
@@ -622,7 +589,7 @@ class Worker:
             or self._closing_channels
             or not self._started  # a consume cut short closes its channel: no ack then
         ):
-            await self._requeue(delivery)
+            await self._settle.requeue(delivery)
             return
         # Copy and ack as one unit, shielded: a cancellation between the two would
         # leave the request twice in the queue.
@@ -651,7 +618,7 @@ class Worker:
                 copy, mandatory=True, timeout_s=min(self._publish_timeout_s, 2.0)
             )
         except TransportError:
-            await self._requeue(delivery)
+            await self._settle.requeue(delivery)
             return
         self.stats.requeued += 1
         await delivery.ack()
@@ -679,10 +646,10 @@ class Worker:
                     agent.name,
                     envelope.type,
                     envelope.correlation_id,
-                    extra=_fields(agent, envelope, "expired"),
+                    extra=log_fields(agent, envelope, "expired"),
                 )
                 await delivery.ack()
-                self._count(agent, envelope.type, MetricOutcome.EXPIRED)
+                self._settle.count(agent, envelope.type, MetricOutcome.EXPIRED)
                 return
             # Work stops a little before the caller's deadline: the answer (and a
             # dead letter) must still be published and travel back in time.
@@ -693,7 +660,7 @@ class Worker:
             # Delivered before and never settled: maybe it crashed the worker. Count it
             # as an attempt *in the message* (republish, then ack), or a message that
             # kills the process would loop forever.
-            await self._count_redelivery(agent, delivery, attempt_from(envelope) + 1)
+            await self._settle.count_redelivery(agent, delivery, attempt_from(envelope) + 1)
             return
         policy = self._settings.retry
         if len(envelope.body) > self._max_bytes:
@@ -701,7 +668,9 @@ class Worker:
             too_large = MessageTooLargeError(
                 f"the request is {len(envelope.body)} bytes, over the {self._max_bytes}-byte limit"
             )
-            await self._fail(agent, delivery, too_large.to_response(), attempt, dead_letter=True)
+            await self._settle.fail(
+                agent, delivery, too_large.to_response(), attempt, dead_letter=True
+            )
             return
         try:
             message = read_request(envelope)
@@ -712,9 +681,9 @@ class Worker:
                 agent.name,
                 envelope.correlation_id,
                 exc.message,
-                extra=_fields(agent, envelope, "invalid", exc.code),
+                extra=log_fields(agent, envelope, "invalid", exc.code),
             )
-            await self._fail(
+            await self._settle.fail(
                 agent, delivery, exc.to_response(), attempt_from(envelope), dead_letter=True
             )
             return
@@ -722,304 +691,30 @@ class Worker:
         started = 0.0 if metrics is None else time.perf_counter()
         outcome = await agent.run(message, timeout_s=timeout_s, policy=policy, deadline=work_until)
         if metrics is not None:
-            action = _action_label(agent, message.action)
+            action = action_label(agent, message.action)
             metrics.child(metrics.handler_duration, agent.name, action).observe(
                 time.perf_counter() - started
             )
             if not outcome.ok and outcome.response.code == ErrorCode.TIMEOUT:
                 metrics.child(metrics.handler_timeouts, agent.name, action).inc()
         if outcome.ok:
-            await self._reply_and_ack(agent, delivery, outcome)
+            await self._settle.reply_and_ack(agent, delivery, outcome)
             return
         response = outcome.response
         assert response.error is not None  # noqa: S101  # not ok: an error reply
         if not outcome.retryable:
             crashed = response.error.code == ErrorCode.INTERNAL_ERROR
             attempt = attempt_from(envelope)
-            await self._fail(agent, delivery, response, attempt, dead_letter=crashed)
+            await self._settle.fail(agent, delivery, response, attempt, dead_letter=crashed)
             return
         attempt = attempt_from(envelope)
         policy = agent.retry_policy(message.action, policy)
         if attempt < policy.max_deliveries:
             delay_ms = policy.redelivery_delay_ms(attempt, outcome.delay_s)
             if deadline is None or time.time() + delay_ms / 1000 < deadline:
-                await self._redeliver_later(agent, delivery, response, attempt + 1, delay_ms)
+                await self._settle.redeliver_later(agent, delivery, response, attempt + 1, delay_ms)
                 return
-        await self._fail(agent, delivery, outcome.response, attempt, dead_letter=True)
-
-    async def _reply_and_ack(
-        self, agent: Agent, delivery: Delivery, answer: AgentResponse | Outcome
-    ) -> bool:
-        """Reply (if asked to), then ack. False if the reply was not sent (requeued).
-
-        ``answer``: an error reply, or a successful outcome (encoded from its data). A
-        reply the broker refuses is dropped and the request acked (see
-        :mod:`~amqp_agents.runtime.settle`).
-        """
-        envelope = delivery.envelope
-        reply_to = envelope.reply_to
-        dropped = False
-        if reply_to:
-            if self._topology.may_reply_to(reply_to):
-                reply = self._encode_reply(agent, answer, reply_to, envelope.correlation_id)
-                verdict, error = await publish_control(
-                    self._transport, reply, mandatory=False, timeout_s=self._publish_timeout_s
-                )
-            else:
-                verdict = Verdict.REFUSED
-                error = AccessRefusedError(
-                    f"reply_to {reply_to[:80]!r} names an agent or event queue, or is too long"
-                )
-            if verdict is Verdict.NOT_SENT:
-                # Not acked: the broker redelivers the request (at-least-once).
-                log.warning(
-                    "reply to %s not confirmed (%s); request requeued (correlation id %s)",
-                    reply_to,
-                    error,
-                    envelope.correlation_id,
-                    extra=_fields(agent, envelope, "requeued"),
-                )
-                await self._requeue_counted(agent, delivery)
-                return False
-            if verdict is Verdict.REFUSED:
-                dropped = True
-                log.warning(
-                    "reply to %s refused by the broker (%s); reply dropped, request acked"
-                    " (correlation id %s)",
-                    reply_to,
-                    error,
-                    envelope.correlation_id,
-                    extra=_fields(agent, envelope, "reply_dropped"),
-                )
-            else:
-                self.stats.replied += 1
-        else:
-            self.stats.acked_without_reply += 1
-        await delivery.ack()
-        if self._metrics is not None:
-            action = _action_label(agent, envelope.type)
-            error_info = None if isinstance(answer, Outcome) else answer.error
-            outcome = "reply_dropped" if dropped else "ok" if error_info is None else "error"
-            self._metrics.child(self._metrics.messages_handled, agent.name, action, outcome).inc()
-            if error_info is not None:
-                self._metrics.child(
-                    self._metrics.error_replies, agent.name, action, code_label(error_info.code)
-                ).inc()
-        return True
-
-    async def _requeue_counted(self, agent: Agent, delivery: Delivery) -> None:
-        await self._requeue(delivery)
-        self._count(agent, delivery.envelope.type, MetricOutcome.REQUEUED)
-
-    async def _hold_then_requeue(self, agent: Agent, delivery: Delivery) -> None:
-        """Give a delivery back after a pause: a copy the broker keeps refusing comes
-        back slowly (``hold_s``), never in a hot loop."""
-        await asyncio.sleep(self._hold_s)
-        await self._requeue_counted(agent, delivery)
-
-    async def _fail(
-        self,
-        agent: Agent,
-        delivery: Delivery,
-        response: AgentResponse,
-        attempt: int,
-        *,
-        dead_letter: bool,
-    ) -> None:
-        """Dead-letter the request with the reason, then answer the caller and ack."""
-        envelope = delivery.envelope
-        error = response.error
-        if dead_letter and error is not None:
-            dead = dead_letter_envelope(
-                envelope,
-                exchange=self._topology.requests_dead_letter_exchange,
-                routing_key=agent.name,
-                code=error.code,
-                message=error.message,
-                attempt=attempt,
-            )
-            verdict, failure = await publish_control(
-                self._transport,
-                dead,
-                mandatory=True,
-                timeout_s=self._publish_timeout_s,
-                repair=functools.partial(self._declare_dead_letters, agent),
-            )
-            if verdict is not Verdict.SENT:
-                log.warning(
-                    "could not dead-letter a request of %s to %s (%s: %s); %s (correlation id %s)",
-                    agent.name,
-                    self._topology.agent_dead_letter_queue(agent.name),
-                    verdict.value,
-                    failure,
-                    "requeued" if verdict is Verdict.NOT_SENT else f"requeued in {self._hold_s:g}s",
-                    envelope.correlation_id,
-                    extra=_fields(agent, envelope, "requeued", error.code),
-                )
-                if verdict is Verdict.REFUSED:
-                    await self._hold_then_requeue(agent, delivery)
-                else:
-                    await self._requeue_counted(agent, delivery)
-                return
-            self.stats.dead_lettered += 1
-            if self._metrics is not None:
-                self._metrics.child(
-                    self._metrics.dead_letters, agent.name, code_label(error.code)
-                ).inc()
-            # INTERNAL_ERROR's message names the correlation id already: not twice.
-            cid = envelope.correlation_id
-            said = f" (correlation id {cid})" if cid and cid not in error.message else ""
-            log.warning(
-                "dead-lettered %s.%s after %d attempt(s): %s %s%s",
-                agent.name,
-                envelope.type,
-                attempt,
-                error.code,
-                error.message,
-                said,
-                extra=_fields(agent, envelope, "dead_lettered", error.code),
-            )
-        await self._reply_and_ack(agent, delivery, response)
-
-    async def _redeliver_later(
-        self, agent: Agent, delivery: Delivery, response: AgentResponse, attempt: int, delay_ms: int
-    ) -> None:
-        """Republish to the delay tier (its TTL brings it back to work), then ack."""
-        verdict, failure = await self._to_retry_tier(agent, delivery, attempt, delay_ms)
-        if verdict is Verdict.REFUSED:
-            log.warning(
-                "the retry queue of %s refused a retry (%s); dead-lettering (correlation id %s)",
-                agent.name,
-                failure,
-                delivery.envelope.correlation_id,
-            )
-            await self._fail(agent, delivery, response, attempt - 1, dead_letter=True)
-            return
-        if verdict is Verdict.NOT_SENT:
-            log.warning("could not schedule a retry for %s (%s); requeued", agent.name, failure)
-            await self._requeue_counted(agent, delivery)
-            return
-        self.stats.retried += 1
-        if self._metrics is not None:
-            action = _action_label(agent, delivery.envelope.type)
-            self._metrics.child(self._metrics.retries, agent.name, action).inc()
-            self._metrics.child(self._metrics.messages_handled, agent.name, action, "retried").inc()
-        log.info(
-            "retrying %s.%s in %d ms (attempt %d, correlation id %s)",
-            agent.name,
-            delivery.envelope.type,
-            delay_ms,
-            attempt,
-            delivery.envelope.correlation_id,
-            extra=_fields(agent, delivery.envelope, "retried"),
-        )
-        await delivery.ack()
-
-    async def _to_retry_tier(
-        self, agent: Agent, delivery: Delivery, attempt: int, delay_ms: int
-    ) -> tuple[Verdict, TransportError | None]:
-        """Publish a copy as ``attempt`` to the ``delay_ms`` tier (mandatory: a deleted
-        tier is declared again, not a copy confirmed into nowhere)."""
-        try:
-            queue = await self._retry_queue(agent, delay_ms)
-        except TransportError as exc:
-            return Verdict.NOT_SENT, exc
-        again = retry_envelope(delivery.envelope, queue=queue, attempt=attempt)
-
-        async def repair() -> None:
-            self._retry_queues.discard(queue)
-            await self._retry_queue(agent, delay_ms)
-
-        return await publish_control(
-            self._transport,
-            again,
-            mandatory=True,
-            timeout_s=self._publish_timeout_s,
-            repair=repair,
-        )
-
-    async def _count_redelivery(self, agent: Agent, delivery: Delivery, attempt: int) -> None:
-        policy = agent.retry_policy(delivery.envelope.type, self._settings.retry)
-        if attempt > policy.max_deliveries:
-            crashed = InternalError(
-                f"delivered {attempt - 1} times without being settled: it may crash the worker"
-            )
-            await self._fail(agent, delivery, crashed.to_response(), attempt - 1, dead_letter=True)
-            return
-        # Back through the first delay tier, not straight to the work queue: with
-        # concurrency above one the copy could otherwise be delivered (and crash the
-        # process again) before the ack of this delivery reached the broker, and both
-        # would come back: the crash count would multiply requests instead of ending them.
-        verdict, failure = await self._to_retry_tier(agent, delivery, attempt, policy.tiers_ms()[0])
-        if verdict is not Verdict.SENT:
-            log.warning("could not count a redelivery for %s (%s)", agent.name, failure)
-            if verdict is Verdict.REFUSED:
-                await self._hold_then_requeue(agent, delivery)
-            else:
-                await self._requeue_counted(agent, delivery)
-            return
-        await delivery.ack()
-
-    async def _retry_queue(self, agent: Agent, delay_ms: int) -> str:
-        """Declare (once) the delay tier of ``agent``: TTL, then back to the work queue."""
-        topology = self._topology
-        name = topology.agent_retry_queue(agent.name, delay_ms)
-        if name not in self._retry_queues:
-            await self._transport.declare_queue(
-                QueueSpec(
-                    name=name,
-                    durable=True,
-                    arguments={
-                        "x-message-ttl": delay_ms,
-                        "x-dead-letter-exchange": "",
-                        "x-dead-letter-routing-key": topology.agent_queue(agent.name),
-                    },
-                )
-            )
-            self._retry_queues.add(name)
-        return name
-
-    def _encode_reply(
-        self,
-        agent: Agent,
-        answer: AgentResponse | Outcome,
-        reply_to: str,
-        correlation_id: str | None,
-    ) -> Envelope:
-        try:
-            if isinstance(answer, Outcome):
-                reply = encode_success(answer.data, reply_to, correlation_id)
-            else:
-                reply = encode_reply(answer, reply_to, correlation_id)
-        except InvalidPayloadError as exc:
-            log.error("%s returned a value that is not JSON: %s", agent.name, exc.message)
-            failure = InternalError("the action returned a value that cannot be sent as JSON")
-            return encode_reply(failure.to_response(), reply_to, correlation_id)
-        if len(reply.body) > self._max_bytes:
-            log.error("%s: reply of %d bytes is over the limit", agent.name, len(reply.body))
-            too_large = MessageTooLargeError(
-                f"the reply is {len(reply.body)} bytes, over the {self._max_bytes}-byte limit"
-            )
-            return encode_reply(too_large.to_response(), reply_to, correlation_id)
-        return reply
-
-
-def _fields(
-    agent: Agent, envelope: Envelope, outcome: str, code: str | None = None
-) -> dict[str, str | None]:
-    """Structured log fields (JSON logs show them as keys)."""
-    return {
-        "agent": agent.name,
-        "action": _action_label(agent, envelope.type),
-        "correlation_id": envelope.correlation_id,
-        "outcome": outcome,
-        "code": code,
-    }
-
-
-def _action_label(agent: Agent, action: str | None) -> str:
-    """The action as a bounded label: declared actions only."""
-    return action if action is not None and action in agent.action_names else "other"
+        await self._settle.fail(agent, delivery, outcome.response, attempt, dead_letter=True)
 
 
 async def _forever() -> None:
