@@ -6,7 +6,6 @@ the job of :mod:`amqp_agents.models.wire` and is documented in ``docs/protocol.m
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import os
 import uuid
@@ -36,27 +35,35 @@ def new_id() -> str:
 
 class IdSource:
     """Unique, unguessable ids, cheaply: a random per-source prefix, a counter, and a
-    keyed hash of the counter.
+    random tag.
 
     ``uuid4()`` reads the OS entropy pool per call; on the RPC hot path a counter is
     as unique (the 64-bit random prefix separates processes and clients) and faster.
-    The tag (BLAKE2b of the counter under a random per-source key) makes the next id
-    unguessable from one seen: a peer that may publish to the reply queue cannot
-    forge the reply of a call it has not seen.
+    The tag (48 bits from the OS's CSPRNG, read 4 KiB at a time) makes the next id
+    unguessable from one seen: a peer that may publish to the reply queue cannot forge
+    the reply of a call it has not seen.
     """
 
-    __slots__ = ("_counter", "_key", "_prefix")
+    __slots__ = ("_counter", "_pool", "_pos", "_prefix")
 
     def __init__(self) -> None:
         self._prefix = os.urandom(8).hex()
-        self._key = os.urandom(16)
         self._counter = itertools.count(1)
+        self._pool = b""
+        self._pos = 0
 
     def next(self) -> str:
         """The next id: ``<16 hex chars>.<n>.<12 hex chars>``."""
-        n = next(self._counter)
-        tag = hashlib.blake2b(n.to_bytes(8, "big"), key=self._key, digest_size=6).hexdigest()
-        return f"{self._prefix}.{n}.{tag}"
+        pos = self._pos
+        if pos + _TAG_BYTES > len(self._pool):
+            self._pool, pos = os.urandom(_TAG_POOL_BYTES), 0
+        self._pos = pos + _TAG_BYTES
+        tag = self._pool[pos : pos + _TAG_BYTES].hex()
+        return f"{self._prefix}.{next(self._counter)}.{tag}"
+
+
+_TAG_BYTES = 6
+_TAG_POOL_BYTES = 4096 - 4096 % _TAG_BYTES
 
 
 MAX_ACTION_LENGTH = 255

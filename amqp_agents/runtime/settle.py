@@ -223,11 +223,17 @@ class Settlement:
         reply_to = envelope.reply_to
         dropped = False
         if reply_to:
+            error: TransportError | None = None
             if self._topology.may_reply_to(reply_to):
                 reply = self._encode_reply(agent, answer, reply_to, envelope.correlation_id)
-                verdict, error = await publish_control(
-                    self._transport, reply, mandatory=False, timeout_s=self._publish_timeout_s
-                )
+                # The hot path: publish_control's classification, inlined (no repair).
+                try:
+                    await self._transport.publish(reply, timeout_s=self._publish_timeout_s)
+                except TransportError as exc:
+                    error = exc
+                    verdict = Verdict.REFUSED if isinstance(exc, REFUSALS) else Verdict.NOT_SENT
+                else:
+                    verdict = Verdict.SENT
             else:
                 verdict = Verdict.REFUSED
                 error = AccessRefusedError(

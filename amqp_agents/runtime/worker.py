@@ -521,8 +521,9 @@ class Worker:
             log.exception("processing a delivery failed; requeued")
             await self._settle.requeue(delivery)
         finally:
-            self._deliveries.pop(task, None)
-            if self._abandoned.pop(task, None) is None:  # else: let go by the watchdog
+            del self._deliveries[task]
+            if not self._abandoned or self._abandoned.pop(task, None) is None:
+                # (else: the watchdog let it go, and did this already)
                 self.stats.in_flight -= 1
                 if self._metrics is not None:
                     self._metrics.in_flight.dec()

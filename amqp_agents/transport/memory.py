@@ -258,6 +258,8 @@ class InMemoryBroker:
         self._names = (f"amq.gen-{os.urandom(6).hex()}-{n}" for n in itertools.count(1))
         self._tags = itertools.count(1)
         self._id_prefix = f"mem-{os.urandom(4).hex()}-"
+        self._capped = 0
+        """Queues with a length limit (while none exist, publishes skip the check)."""
 
     def statistics(self) -> BrokerStatistics:
         """Ready messages, consumers and unacked deliveries per queue."""
@@ -313,7 +315,9 @@ class InMemoryBroker:
                     " declare it again."
                 )
             return name
-        self._queues[name] = _Queue(spec, name, owner if spec.exclusive else None)
+        created = self._queues[name] = _Queue(spec, name, owner if spec.exclusive else None)
+        if created.max_length is not None:
+            self._capped += 1
         return name
 
     def _queue(self, name: str) -> _Queue:
@@ -368,7 +372,8 @@ class InMemoryBroker:
         self._exchanges.pop(name, None)
 
     def _delete_queue(self, queue: _Queue) -> None:
-        self._queues.pop(queue.name, None)
+        if self._queues.pop(queue.name, None) is not None and queue.max_length is not None:
+            self._capped -= 1
         if queue.expiry_timer is not None:
             queue.expiry_timer.cancel()
         for exchange in self._exchanges.values():
@@ -441,26 +446,12 @@ class InMemoryBroker:
         priority = envelope.priority or 0
         if priority < 0:
             priority = 0
-        full = [q.name for q in queues if q.max_length is not None and q.ready >= q.max_length]
-        if full:
-            if confirm:  # a nack (RabbitMQ routes to the other queues; so do we)
+        rejected = None
+        if self._capped:  # some queue has a length limit: the slow path, rarely taken
+            full = [q.name for q in queues if q.max_length is not None and q.ready >= q.max_length]
+            if full:  # a nack; RabbitMQ routes to the other queues, and so do we
                 queues = tuple(q for q in queues if q.name not in full)
-                self._enqueue(stored, queues, now, expires_at, priority)
-                raise PublishRejectedError(
-                    f"the broker refused the message: queue {full[0]!r} is full"
-                    " (x-overflow reject-publish)"
-                )
-            queues = tuple(q for q in queues if q.name not in full)
-        self._enqueue(stored, queues, now, expires_at, priority)
-
-    def _enqueue(
-        self,
-        stored: Envelope,
-        queues: tuple[_Queue, ...],
-        now: float,
-        expires_at: float | None,
-        priority: int,
-    ) -> None:
+                rejected = full[0]
         for queue in queues:
             expiry = expires_at
             if queue.message_ttl_s is not None:  # x-message-ttl: the shorter TTL wins
@@ -481,6 +472,11 @@ class InMemoryBroker:
                 self._pump(queue, now)
             if queue.ready:
                 self._schedule_expiry(queue)
+        if rejected is not None and confirm:
+            raise PublishRejectedError(
+                f"the broker refused the message: queue {rejected!r} is full"
+                " (x-overflow reject-publish)"
+            )
 
     def _pump(self, queue: _Queue, now: float | None = None) -> None:
         """Deliver ready messages to consumers with room, round-robin."""

@@ -78,7 +78,7 @@ def test_ids_are_unique_and_not_guessable_from_one_seen() -> None:
     assert len(set(ids)) == 1000
     prefix, n, tag = ids[0].split(".")
     assert (len(prefix), n, len(tag)) == (16, "1", 12)
-    # The same counter under another key gives another tag: the tag is the secret part.
+    # The same counter in another source has another tag: the tag is random.
     assert second.next().split(".")[2] != tag
 
 
