@@ -349,3 +349,72 @@ async def test_handlers_that_ignore_cancellation_are_let_go(backend: Backend) ->
         await worker.stop()
     assert stubborn.runs == 2
     assert worker.liveness_failure() is None  # released: nothing stuck any more
+
+
+async def test_refusals_under_steady_load_leave_the_other_traffic_alone(backend: Backend) -> None:
+    """Findings 1-4 injected one after the other while four callers keep calling an agent
+    on the same worker and the same client transport: every one of their calls is
+    answered (0 errors, 0 hung), and each refusal ends exactly as the table says."""
+    counting, echo = Counting(name=backend.unique("hurt")), Echo(name=backend.unique("load"))
+    observer = await backend.connect()
+    client_transport = await backend.connect()
+    full = await backend.queue(
+        observer, "full", arguments={"x-max-length": 0, "x-overflow": "reject-publish"}
+    )
+    async with (
+        worker_on(await backend.connect(), [counting, echo]) as (_worker, metrics),
+        RpcClient(client_transport) as client,
+    ):
+        stop = asyncio.Event()
+        replies: list[Any] = []
+
+        async def caller(k: int) -> None:
+            n = 0
+            while not stop.is_set():
+                replies.append(await client.send(echo.name, "echo", {"k": k, "n": n}, timeout_s=5))
+                n += 1
+
+        callers = [asyncio.create_task(caller(k)) for k in range(4)]
+        try:
+            # 1. a reply the broker refuses
+            await observer.publish(
+                request(counting.name, "ok", reply_to=full),
+                mandatory=True,
+                timeout_s=PUBLISH_TIMEOUT_S,
+            )
+            # 2-3. the dead-letter exchange and a retry tier deleted, then used
+            await backend.operator_deletes_exchange(TOPOLOGY.requests_dead_letter_exchange)
+            crashed = await client.send(counting.name, "crash", {}, timeout_s=5)
+            flaky = await client.send(counting.name, "flaky", {"n": 1}, timeout_s=5)
+            # 4. a publish to a missing exchange on the callers' own transport
+            try:
+                await backend.publish(
+                    client_transport, b"x", exchange=backend.unique("nox"), routing_key="k"
+                )
+            except QueueNotFoundError:
+                refused = True
+            else:
+                refused = False
+
+            async def dropped() -> bool:
+                return handled(metrics, counting.name, "ok", "reply_dropped") == 1
+
+            await backend.wait_until(dropped, "the refused reply counted")
+            before = len(replies)
+
+            async def more() -> bool:  # the load goes on after the last refusal
+                return len(replies) >= before + 20
+
+            await backend.wait_until(more, "twenty more calls answered after the refusals")
+        finally:
+            stop.set()
+            done, pending = await asyncio.wait(callers, timeout=10)
+    assert not pending, "a caller hung"
+    assert all(task.exception() is None for task in done)
+    assert [r.error for r in replies if not r.ok] == []
+    assert refused
+    assert crashed.error is not None
+    assert crashed.error.code == ErrorCode.INTERNAL_ERROR
+    assert flaky.data == {"n": 1}
+    assert counting.runs == {"ok": 1, "crash": 1, "flaky": 2}
+    assert await backend.ready(observer, TOPOLOGY.agent_dead_letter_queue(counting.name)) == 1

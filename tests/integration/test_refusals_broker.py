@@ -96,16 +96,29 @@ async def test_a_poison_frame_is_handled_and_the_connection_kept(
     transport = await connect()
     worker = Worker(transport, [agent], metrics=metrics)
     await worker.start()
+    errors: list[object] = []
     try:
-        await asyncio.to_thread(_publish_poison, amqp_url, agent.name)
         async with RpcClient(await connect()) as client:
+            stop = asyncio.Event()
+
+            async def steady_load() -> None:  # the other traffic, meanwhile
+                while not stop.is_set():
+                    reply = await client.send(agent.name, "task_list", {}, timeout_s=5)
+                    if reply.error is not None:
+                        errors.append(reply.error)
+
+            load = asyncio.create_task(steady_load())
+            await asyncio.to_thread(_publish_poison, amqp_url, agent.name)
 
             async def listed() -> bool:
                 tasks = await client.call(agent.name, "task_list", {}, timeout_s=5)
                 return any(task["title"] == "poison" for task in tasks["tasks"])
 
             await await_until(listed, timeout_s=10, what="the poison request handled")
+            stop.set()
+            await asyncio.wait_for(load, 10)
     finally:
         await worker.stop()
+    assert errors == [], "the other traffic was disturbed"
     assert metrics.registry.get_sample_value("amqp_agents_connection_losses_total") == 0
     assert transport.reconnects == 0
