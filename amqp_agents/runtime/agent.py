@@ -237,6 +237,9 @@ class Agent:
 
     name: str = ""
     """The agent's name: its routing key and queue ``agents.<name>``."""
+    start_timeout_s: ClassVar[float] = 60.0
+    """How long :meth:`start` may take in a worker (override for slow resources): past
+    it the worker does not start (a hung dependency fails fast, not silently)."""
     events: EventPublisher
     """Where :meth:`emit` publishes: the worker's event bus, or a recorder in tests."""
     _actions: ClassVar[dict[str, ActionSpec]] = {}

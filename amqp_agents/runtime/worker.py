@@ -285,7 +285,14 @@ class Worker:
             await self.events.start()
             for agent in self._agents:
                 agent.events = self.events
-                await agent.start()
+                try:
+                    async with asyncio.timeout(agent.start_timeout_s):
+                        await agent.start()
+                except TimeoutError:
+                    raise LifecycleError(
+                        f"agent {agent.name!r} did not start within {agent.start_timeout_s:g}s"
+                        " (its start() hangs; raise Agent.start_timeout_s if it is just slow)"
+                    ) from None
                 consumer = await self._recovery.attach(
                     functools.partial(self._declare_agent_queue, agent),
                     self._handler_for(agent),

@@ -14,8 +14,15 @@ from collections import Counter
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
+import pytest
+
 from amqp_agents.config import RetryPolicy, WorkerSettings
-from amqp_agents.errors import PublishRejectedError, QueueNotFoundError, RetryableError
+from amqp_agents.errors import (
+    LifecycleError,
+    PublishRejectedError,
+    QueueNotFoundError,
+    RetryableError,
+)
 from amqp_agents.events.bus import EventBus
 from amqp_agents.metrics import Metrics
 from amqp_agents.models.envelope import Envelope
@@ -418,3 +425,22 @@ async def test_refusals_under_steady_load_leave_the_other_traffic_alone(backend:
     assert flaky.data == {"n": 1}
     assert counting.runs == {"ok": 1, "crash": 1, "flaky": 2}
     assert await backend.ready(observer, TOPOLOGY.agent_dead_letter_queue(counting.name)) == 1
+
+
+class Hanging(Agent):
+    """An agent whose start() hangs (a dependency that never answers)."""
+
+    start_timeout_s = 0.2
+
+    async def start(self) -> None:
+        await asyncio.Event().wait()
+
+    @action("noop")
+    async def noop(self) -> None:
+        return None
+
+
+async def test_a_start_hook_that_hangs_fails_the_start_within_its_bound(backend: Backend) -> None:
+    worker = Worker(await backend.connect(), [Hanging(name=backend.unique("hang"))])
+    with pytest.raises(LifecycleError, match=r"did not start within 0\.2s"):
+        await asyncio.wait_for(worker.start(), backend.timeout_s)
