@@ -48,6 +48,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, TypeAdapter
 
+from amqp_agents.bounds import TimeLimits
 from amqp_agents.errors import (
     AgentError,
     ConfigurationError,
@@ -181,6 +182,7 @@ class EventBus:
         self._max_bytes = max_message_bytes
         self._prefetch = prefetch
         self._handler_timeout_s = handler_timeout_s
+        self._limits = TimeLimits()
         self._max_deliveries = max_deliveries
         self._guard = guard or _run
         self._ids = IdSource()
@@ -630,8 +632,13 @@ class EventBus:
             ).inc()
 
     async def _call(self, subscription: Subscription, event: Event) -> AgentResponse | None:
-        """Run one handler; its answer, an error response, or None (no answer)."""
-        scope = asyncio.timeout(self._handler_timeout_s)
+        """Run one handler; its answer, an error response, or None (no answer).
+
+        Its time limit is a :class:`~amqp_agents.bounds.TimeLimits` entry, so that
+        :meth:`stuck_tries` lets a worker's watchdog find a handler that ignores the
+        cancellation.
+        """
+        guard = self._limits.arm(self._handler_timeout_s)
         try:
             if subscription._wants_event:
                 call = subscription.handler(event)
@@ -641,29 +648,35 @@ class EventBus:
                 call = subscription.handler(event.payload)
             else:
                 call = subscription.handler()
-            async with scope:
-                result = await call
-        except AgentError as exc:
-            log.warning("event handler for %r failed: %s: %s", event.type, exc.code, exc.message)
-            return exc.to_response()
-        except TimeoutError:
-            if not scope.expired():  # the handler's own TimeoutError: a plain failure
-                log.exception("event handler for %r failed (event id %s)", event.type, event.id)
-                return AgentResponse.failure(
-                    ErrorCode.INTERNAL_ERROR, "the event handler failed; see the subscriber's log"
+            result = await call
+        except BaseException as exc:
+            if guard.end(exc):
+                log.warning(
+                    "event handler for %r took longer than %gs",
+                    event.type,
+                    self._handler_timeout_s,
                 )
-            log.warning(
-                "event handler for %r took longer than %gs", event.type, self._handler_timeout_s
-            )
-            return AgentResponse.failure(
-                ErrorCode.TIMEOUT, f"handler took longer than {self._handler_timeout_s:g}s"
-            )
-        except Exception:
+                return AgentResponse.failure(
+                    ErrorCode.TIMEOUT, f"handler took longer than {self._handler_timeout_s:g}s"
+                )
+            if isinstance(exc, AgentError):
+                log.warning(
+                    "event handler for %r failed: %s: %s", event.type, exc.code, exc.message
+                )
+                return exc.to_response()
+            if not isinstance(exc, Exception):
+                raise  # a cancellation from elsewhere (a stop), or an exit
             log.exception("event handler for %r failed (event id %s)", event.type, event.id)
             return AgentResponse.failure(
                 ErrorCode.INTERNAL_ERROR, "the event handler failed; see the subscriber's log"
             )
+        guard.end(None)
         return None if result is None else AgentResponse.success(result)
+
+    def stuck_tries(self, grace_s: float) -> list[asyncio.Task[object]]:
+        """Tasks of handlers cut off by their time limit more than ``grace_s`` ago that
+        still run (they ignore cancellation): a worker's watchdog lets them go."""
+        return [limit.task for limit in self._limits.overdue(grace_s)]
 
     async def _answer(self, envelope: Envelope, responses: list[AgentResponse]) -> None:
         reply_to = envelope.reply_to

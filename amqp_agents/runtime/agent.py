@@ -37,6 +37,7 @@ from tenacity import (
 )
 from tenacity.stop import stop_base
 
+from amqp_agents.bounds import TimeLimits
 from amqp_agents.config import NO_RETRY, RetryPolicy
 from amqp_agents.errors import (
     ActionTimeoutError,
@@ -57,7 +58,6 @@ from amqp_agents.models.schema import (
 )
 from amqp_agents.models.topic import validate_pattern
 from amqp_agents.models.wire import RequestParts, check_name
-from amqp_agents.runtime.bounds import TimeLimits
 
 if TYPE_CHECKING:
     from pydantic import BaseModel, TypeAdapter

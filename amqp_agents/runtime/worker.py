@@ -48,6 +48,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from enum import Enum
 from typing import TYPE_CHECKING
 
+from amqp_agents.bounds import Slots
 from amqp_agents.config import WorkerSettings
 from amqp_agents.errors import (
     BrokerUnavailableError,
@@ -67,7 +68,6 @@ from amqp_agents.models.wire import (
     deadline_from,
     read_request,
 )
-from amqp_agents.runtime.bounds import Slots
 from amqp_agents.runtime.monitor import QueueMonitor
 from amqp_agents.runtime.settle import Settlement, WorkerStats, action_label, log_fields
 from amqp_agents.transport.base import (
@@ -546,20 +546,30 @@ class Worker:
     async def _watch_handlers(self) -> None:
         """Let go of handlers that ignore cancellation: a try cut off by its limit
         more than ``_STUCK_GRACE_S`` ago that still runs has its delivery requeued (the
-        redelivery counts as an attempt, so a request that always does this ends in the
-        dead-letter queue) and its slot freed, so the worker keeps serving."""
+        redelivery counts as an attempt, so a request or group event that always does
+        this ends in its dead-letter queue) and its slot freed, so the worker keeps
+        serving. Action handlers and event handlers alike."""
         while True:
             await asyncio.sleep(_STUCK_GRACE_S / 2)
-            for agent in self._agents:
-                for task in agent.stuck_tries(_STUCK_GRACE_S):
-                    delivery = self._deliveries.get(task)
-                    if delivery is None or task in self._abandoned:
-                        continue
+            stuck: list[tuple[asyncio.Task[object], Agent | None]] = [
+                (task, agent)
+                for agent in self._agents
+                for task in agent.stuck_tries(_STUCK_GRACE_S)
+            ]
+            stuck += [(task, None) for task in self.events.stuck_tries(_STUCK_GRACE_S)]
+            for task, agent in stuck:
+                delivery = self._deliveries.get(task)
+                if delivery is not None and task not in self._abandoned:
                     await self._abandon(agent, task, delivery)
 
-    async def _abandon(self, agent: Agent, task: asyncio.Task[object], delivery: Delivery) -> None:
+    async def _abandon(
+        self, agent: Agent | None, task: asyncio.Task[object], delivery: Delivery
+    ) -> None:
         envelope = delivery.envelope
-        what = f"{agent.name}.{action_label(agent, envelope.type)}"
+        if agent is None:
+            what = f"event handler for {envelope.routing_key}"
+        else:
+            what = f"{agent.name}.{action_label(agent, envelope.type)}"
         self._abandoned[task] = what
         self._running.discard(task)
         self.stats.in_flight -= 1
@@ -568,13 +578,15 @@ class Worker:
         self._slots.release()
         log.error(
             "%s ignored its time limit's cancellation for %gs and still runs; its"
-            " request is requeued and its slot freed (correlation id %s)",
+            " delivery is requeued and its slot freed (correlation id %s)",
             what,
             _STUCK_GRACE_S,
             envelope.correlation_id,
-            extra=log_fields(agent, envelope, "requeued"),
         )
-        await self._settle.requeue_counted(agent, delivery)
+        if agent is None:
+            await self._settle.requeue(delivery)
+        else:
+            await self._settle.requeue_counted(agent, delivery)
 
     async def _give_back(self, delivery: Delivery) -> None:
         """Return a request that never started without making it a redelivery.

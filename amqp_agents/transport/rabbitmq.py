@@ -275,6 +275,28 @@ class _RabbitConsumer:
         await asyncio.shield(self._closing)
 
 
+async def _channel_on(connection: AbstractConnection, **options: Any) -> AbstractChannel:
+    """A new channel; a connection that closed meanwhile is ``BrokerUnavailableError``.
+
+    aiormq raises a bare ``RuntimeError("<Connection ...> closed")`` for a channel asked
+    of a connection that has just closed (before its close callbacks reported it):
+    mapped here, or it would escape the error tree (and end a caller's task, or a
+    consumer's re-attach loop, with an exception nobody handles).
+    """
+    try:
+        channel: AbstractChannel = await connection.channel(**options)
+    except RuntimeError:
+        if not connection.is_closed and not _underlay_closed(connection):
+            raise
+        raise BrokerUnavailableError("the broker connection closed") from None
+    return channel
+
+
+def _underlay_closed(connection: AbstractConnection) -> bool:
+    underlay = _underlay(connection)
+    return underlay is None or underlay.is_closed
+
+
 def _log_close_failure(task: asyncio.Task[None]) -> None:
     if not task.cancelled() and task.exception() is not None:
         log.warning("closing a cancelled consumer's channel failed: %r", task.exception())
@@ -699,7 +721,7 @@ class RabbitTransport:
         async with self._channel_lock:
             if self._control is None or self._control.is_closed:
                 assert self._sub_conn is not None  # noqa: S101  # checked above
-                self._control = await self._sub_conn.channel(publisher_confirms=False)
+                self._control = await _channel_on(self._sub_conn, publisher_confirms=False)
             return self._control
 
     async def _probe_channel(self) -> AbstractChannel:
@@ -709,7 +731,7 @@ class RabbitTransport:
         async with self._channel_lock:
             if self._probe is None or self._probe.is_closed:
                 assert self._sub_conn is not None  # noqa: S101  # checked above
-                self._probe = await self._sub_conn.channel(publisher_confirms=False)
+                self._probe = await _channel_on(self._sub_conn, publisher_confirms=False)
             return self._probe
 
     def _drop_channel(self, channel: AbstractChannel) -> None:
@@ -825,8 +847,8 @@ class RabbitTransport:
             channel = self._publish_channels.get(key)
             if channel is None or channel.is_closed:
                 assert self._pub_conn is not None  # noqa: S101  # checked above
-                channel = await self._pub_conn.channel(
-                    publisher_confirms=confirm, on_return_raises=confirm
+                channel = await _channel_on(
+                    self._pub_conn, publisher_confirms=confirm, on_return_raises=confirm
                 )
                 self._publish_channels[key] = channel
             underlay = await channel.get_underlay_channel()
@@ -938,7 +960,7 @@ class RabbitTransport:
         # handled twice.
         admission = _Admission()
         try:
-            channel = await self._sub_conn.channel(publisher_confirms=False)
+            channel = await _channel_on(self._sub_conn, publisher_confirms=False)
             underlay = await channel.get_underlay_channel()
             consumer = _RabbitConsumer(queue, channel, on_end, self._link_lost)
             consumer.underlay = underlay

@@ -208,6 +208,10 @@ class Attachment:
                 log.warning(
                     "re-attaching a consumer to %s failed (try %d): %s", self.label, failures, exc
                 )
+            except Exception as exc:  # a bug below: never end the loop silently over it
+                failures += 1
+                self.last_error = f"{type(exc).__name__}: {exc}"
+                log.exception("re-attaching a consumer to %s failed unexpectedly", self.label)
             else:
                 if self.is_in(AttachmentState.ATTACHED):
                     recovery.log_back(self)

@@ -444,3 +444,52 @@ async def test_a_start_hook_that_hangs_fails_the_start_within_its_bound(backend:
     worker = Worker(await backend.connect(), [Hanging(name=backend.unique("hang"))])
     with pytest.raises(LifecycleError, match=r"did not start within 0\.2s"):
         await asyncio.wait_for(worker.start(), backend.timeout_s)
+
+
+class StubbornListener(Agent):
+    """An agent whose worker also runs a stuck event handler (subscribed by the test)."""
+
+    def __init__(self, *, name: str) -> None:
+        super().__init__(name=name)
+        self.release = asyncio.Event()
+        self.runs = 0
+
+    @action("ping")
+    async def ping(self) -> str:
+        return "pong"
+
+
+async def test_event_handlers_that_ignore_cancellation_are_let_go(backend: Backend) -> None:
+    """The watchdog covers event handlers too: at concurrency 1 a stuck one no longer
+    freezes the worker, and liveness names it."""
+    event_type = backend.unique("stuck")
+    listener = StubbornListener(name=backend.unique("listener"))
+
+    async def stubborn(payload: dict[str, Any]) -> None:
+        listener.runs += 1
+        while not listener.release.is_set():
+            with contextlib.suppress(asyncio.CancelledError):  # the bug being tested
+                await listener.release.wait()
+
+    worker = Worker(
+        await backend.connect(),
+        [listener],
+        settings=WorkerSettings(concurrency=1, action_timeout_s=0.2),
+    )
+    await worker.start()
+    publisher = EventBus(await backend.connect())
+    await publisher.start()
+    try:
+        await worker.events.subscribe(event_type, stubborn, group=backend.unique("g"))
+        await publisher.publish(event_type, {"n": 1})
+        async with RpcClient(await backend.connect()) as client:
+            reply = await client.send(listener.name, "ping", {}, timeout_s=15)
+        assert reply.data == "pong"
+        failure = worker.liveness_failure()
+        assert failure is not None
+        assert f"event handler for {event_type}" in failure
+    finally:
+        listener.release.set()
+        await publisher.aclose()
+        await worker.stop()
+    assert listener.runs >= 1

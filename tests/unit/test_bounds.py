@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from amqp_agents.runtime.bounds import Slots, TimeLimits
+from amqp_agents.bounds import Slots, TimeLimits
 
 
 async def test_slots_admit_n_holders_then_serve_waiters_in_order() -> None:

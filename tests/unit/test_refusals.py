@@ -6,7 +6,9 @@ from __future__ import annotations
 import gc
 import time
 import weakref
-from typing import Any
+from typing import Any, cast
+
+import pytest
 
 from amqp_agents.errors import BrokerUnavailableError
 from amqp_agents.metrics import Metrics
@@ -18,6 +20,7 @@ from amqp_agents.runtime.agent import Agent, action
 from amqp_agents.runtime.worker import Worker
 from amqp_agents.transport.base import QueueSpec
 from amqp_agents.transport.memory import InMemoryBroker, InMemoryTransport
+from amqp_agents.transport.rabbitmq import _channel_on
 from tests.agents_for_tests import await_until
 
 TOPOLOGY = Topology()
@@ -123,3 +126,19 @@ async def test_closed_clients_leave_no_callbacks_behind() -> None:
         del client
     gc.collect()
     assert sum(1 for ref in refs if ref() is not None) == 0
+
+
+class _ClosedConnection:
+    """An aio-pika connection that closed just as a channel was asked of it."""
+
+    is_closed = True
+
+    async def channel(self, **_options: object) -> None:
+        raise RuntimeError("<Connection: amqp://...> closed")  # what aiormq raises
+
+
+async def test_a_channel_asked_of_a_closing_connection_is_a_transport_error() -> None:
+    """Not a bare RuntimeError escaping the error tree (it ended callers' tasks in the
+    broker-restart fault test, and would end a consumer's re-attach loop)."""
+    with pytest.raises(BrokerUnavailableError, match="connection closed"):
+        await _channel_on(cast("Any", _ClosedConnection()), publisher_confirms=True)

@@ -1,4 +1,7 @@
-"""The worker's bounds: how many handlers run at once, and how long each try may take.
+"""Bounds for handlers: how many run at once, and how long each try may take.
+
+A leaf (it imports nothing of the package): the worker's slots, the agents' action
+tries and the event bus's handlers share it.
 
 :class:`Slots` is a FIFO semaphore whose uncontended path is a counter (no coroutine
 per delivery); :class:`TimeLimits` gives handler tries time limits with one timer for
