@@ -49,6 +49,7 @@ queue), ``AccessRefusedError``, ``LifecycleError``.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -73,7 +74,11 @@ __all__ = [
     "blocked_too_long",
     "discard_callback",
     "not_restored_in_time",
+    "report_end",
 ]
+
+
+log = logging.getLogger(__name__)
 
 
 def blocked_too_long(timeout_s: float) -> PublishTimeoutError:
@@ -185,6 +190,17 @@ class ConsumerEnd:
 
 
 EndCallback = Callable[[ConsumerEnd], None]
+
+
+def report_end(on_end: EndCallback | None, end: ConsumerEnd) -> None:
+    """Hand a consumer's end to its owner; a failing callback is logged, never raised
+    into the transport's reader (which would take the connection down with it)."""
+    if on_end is None:
+        return
+    try:
+        on_end(end)
+    except Exception:
+        log.exception("consumer-end callback of %s failed", end.queue)
 
 
 class ConsumerHandle(Protocol):

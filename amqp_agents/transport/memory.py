@@ -71,6 +71,7 @@ from amqp_agents.transport.base import (
     blocked_too_long,
     discard_callback,
     not_restored_in_time,
+    report_end,
 )
 
 if TYPE_CHECKING:
@@ -749,11 +750,7 @@ class _Consumer:
         if self.asked or self.ended is not None:
             return
         self.ended = ConsumerEnd(self.queue_name, reason, code, text)
-        if self.on_end is not None:
-            try:
-                self.on_end(self.ended)
-            except Exception:
-                log.exception("consumer-end callback of %s failed", self.queue_name)
+        report_end(self.on_end, self.ended)
 
     async def cancel(self) -> None:
         self.asked = True

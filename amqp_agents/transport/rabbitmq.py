@@ -58,6 +58,7 @@ from amqp_agents.transport.base import (
     blocked_too_long,
     discard_callback,
     not_restored_in_time,
+    report_end,
 )
 from amqp_agents.transport.tls import client_context
 
@@ -236,11 +237,7 @@ class _RabbitConsumer:
         if self._asked or self.ended is not None:
             return
         self.ended = ConsumerEnd(self._queue, reason, code, text)
-        if self._on_end is not None:
-            try:
-                self._on_end(self.ended)
-            except Exception:
-                log.exception("consumer-end callback of %s failed", self._queue)
+        report_end(self._on_end, self.ended)
 
     def _close_in_background(self) -> None:
         if self._closing is None and not self._channel.is_closed:
