@@ -32,6 +32,10 @@ handler raise or time out is rejected to the group's dead-letter queue
 ``events.<group>.dead`` (private subscribers log and drop it). An event carrying
 ``reply_to`` (from :meth:`EventBus.publish_and_wait`) is a question instead: each
 handler's answer - or error - is sent back and the event is acked.
+
+It is over 450 lines because publishing, subscribing (groups, private queues,
+recovery of their consumers) and delivery (dispatch, handler limits, settlement,
+redelivery counting) still share it; delivery is the seam to split along (issue 19).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """The worker's settlement table: what each outcome publishes, and what happens when
 the broker refuses that publish. The one place this is decided.
 
-The table and :class:`Settlement`, which carries it out, share this module (about 480
+The table and :class:`Settlement`, which carries it out, share this module (about 490
 lines) on purpose: a change to a row is a change to both, reviewed together.
 
 Each outcome publishes at most one message of the worker's own (confirmed), then

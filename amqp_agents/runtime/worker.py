@@ -12,7 +12,7 @@ whose caller's deadline has passed is acked unanswered and counted, not worked o
 What each outcome publishes, and what happens when the broker refuses that, is the
 settlement table of :mod:`~amqp_agents.runtime.settle`; this module owns the
 lifecycle, admission (slots, the handler watchdog) and the request pipeline, which is
-why it is still about 700 lines (splitting the pipeline out is the next step of issue 19).
+why it is still about 740 lines (splitting the pipeline out is the next step of issue 19).
 
 Event handlers of the agents (``@on_event``) run on the worker's
 :class:`~amqp_agents.events.bus.EventBus` under the same concurrency bound, timeout and

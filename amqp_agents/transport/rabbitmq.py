@@ -12,6 +12,10 @@ calls). Then, unless ``reconnect`` is off, the transport reconnects by itself an
 :meth:`RabbitTransport.on_connection_restored` callbacks re-declare and re-consume
 (the RPC client's reply queue, the event bus's subscriptions). A worker's supervisor
 turns ``reconnect`` off and rebuilds the whole worker instead.
+
+It is over 1,000 lines because connection and reconnect, topology calls, publishing,
+consuming (with end reporting and admission) and error mapping share it; splitting
+along those seams, with one error mapper, is issue 19.
 """
 
 from __future__ import annotations

@@ -27,6 +27,10 @@ the same way, here and nowhere else::
 Probes read :meth:`Recovery.gone` and :attr:`Recovery.stuck`, the state this module
 keeps, never a flag of their own. The in-flight deliveries of an ended consumer are
 settled as the transport allows (see :mod:`amqp_agents.transport.base`).
+
+It is about 480 lines because an attachment's state machine and the registry that
+watches the link, escalates and feeds the probes are one design; they are kept
+together so that every recovery path reads in one place.
 """
 
 from __future__ import annotations
@@ -167,9 +171,12 @@ class Attachment:
         if self.state is not AttachmentState.ATTACHED:
             return
         self.end = end
-        if self.handle is not None:
-            self._retired.append(self.handle)  # in-flight deliveries keep its channel
-            self.handle = None
+        if self.handle is not None and end.reason is EndReason.CANCELLED:
+            # After a broker's cancel the channel stays open for the deliveries in
+            # flight: closed with the attachment if the transport has not done so.
+            # (A channel or connection end leaves nothing to close.)
+            self._retired.append(self.handle)
+        self.handle = None
         self.attached.clear()
         self._set(AttachmentState.REATTACHING)
 
