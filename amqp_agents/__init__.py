@@ -48,7 +48,7 @@ from amqp_agents.models.messages import (
     Event,
     Priority,
 )
-from amqp_agents.models.wire import Topology
+from amqp_agents.models.topology import Topology
 from amqp_agents.rpc.client import Request, RpcClient
 from amqp_agents.runtime.agent import Agent, action, on_event
 from amqp_agents.runtime.worker import Worker

@@ -32,7 +32,7 @@ from pydantic_settings import (
 )
 
 from amqp_agents.errors import AgentError, ConfigurationError, Retry, RetryableError
-from amqp_agents.models.wire import Topology
+from amqp_agents.models.topology import Topology
 
 __all__ = [
     "DEFAULT_URL",

@@ -38,9 +38,8 @@ agent errors are answers, not failures. On the calling side
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
-
-from amqp_agents.models.messages import AgentResponse, ErrorCode, ErrorInfo
+from enum import StrEnum
+from typing import Any, ClassVar, Protocol
 
 __all__ = [
     "AccessRefusedError",
@@ -50,6 +49,7 @@ __all__ = [
     "BrokerUnavailableError",
     "ConfigurationError",
     "ConnectionLostError",
+    "ErrorCode",
     "InternalError",
     "InvalidPayloadError",
     "LifecycleError",
@@ -69,6 +69,49 @@ __all__ = [
     "UnknownActionError",
     "UnroutableError",
 ]
+
+
+class ErrorCode(StrEnum):
+    """Stable error codes carried in ``error.code`` of a reply. Never renamed.
+
+    Services may send codes of their own; receivers must treat an unknown code as an
+    application error, which is why :class:`ErrorInfo` keeps ``code`` a plain string.
+    """
+
+    UNKNOWN_ACTION = "UNKNOWN_ACTION"
+    """The agent has no handler for the request's ``type`` (action)."""
+    INVALID_PAYLOAD = "INVALID_PAYLOAD"
+    """The body is not JSON, not an object, or fails the action's schema."""
+    NOT_FOUND = "NOT_FOUND"
+    """The handler looked for something that does not exist."""
+    TIMEOUT = "TIMEOUT"
+    """The handler ran out of time, or the caller's wait for a reply did."""
+    INTERNAL_ERROR = "INTERNAL_ERROR"
+    """The handler failed unexpectedly; details are in the worker's log, not on the wire."""
+    SHUTTING_DOWN = "SHUTTING_DOWN"
+    """The caller or agent is shutting down and the call cannot complete."""
+    NO_ROUTE = "NO_ROUTE"
+    """No queue is bound for the agent: nobody serves it (returned by the broker)."""
+    CONNECTION_LOST = "CONNECTION_LOST"
+    """The connection to the broker died while the call was pending."""
+    MESSAGE_TOO_LARGE = "MESSAGE_TOO_LARGE"
+    """The encoded request or reply is larger than the configured maximum."""
+    UNAVAILABLE = "UNAVAILABLE"
+    """Something the handler needs is unavailable; it was retried and still failed."""
+    REJECTED = "REJECTED"
+    """The broker refused to enqueue the request (``basic.nack``: e.g. a full queue with
+    ``overflow=reject-publish``, or a broker-side failure)."""
+
+
+class ErrorFields(Protocol):
+    """What :meth:`AgentError.from_info` reads of a reply's ``error`` object."""
+
+    @property
+    def code(self) -> str: ...
+    @property
+    def message(self) -> str: ...
+    @property
+    def details(self) -> Any: ...
 
 
 class AmqpAgentsError(Exception):
@@ -134,18 +177,8 @@ class AgentError(AmqpAgentsError):
         self.message = message or self.code
         self.details = details
 
-    def to_info(self) -> ErrorInfo:
-        """The ``error`` object of the reply this exception becomes."""
-        return ErrorInfo(code=self.code, message=self.message, details=self.details)
-
-    def to_response(self, *, correlation_id: str | None = None) -> AgentResponse:
-        """The failed reply this exception becomes."""
-        return AgentResponse.failure(
-            self.code, self.message, details=self.details, correlation_id=correlation_id
-        )
-
     @classmethod
-    def from_info(cls, info: ErrorInfo) -> AgentError:
+    def from_info(cls, info: ErrorFields) -> AgentError:
         """The exception for a reply's error; unknown codes give a plain :class:`AgentError`."""
         kind = _BY_CODE.get(info.code)
         if kind is None:

@@ -46,7 +46,7 @@ from typing import TYPE_CHECKING, Any, Final, TypeVar
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from amqp_agents.models.messages import ErrorCode
+from amqp_agents.errors import ErrorCode
 
 if TYPE_CHECKING:
     from collections.abc import Iterable, Mapping

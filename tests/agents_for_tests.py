@@ -46,7 +46,8 @@ from amqp_agents.errors import (
 )
 from amqp_agents.models.envelope import Envelope
 from amqp_agents.models.messages import AgentResponse
-from amqp_agents.models.wire import Topology, decode_reply
+from amqp_agents.models.topology import Topology
+from amqp_agents.models.wire import decode_reply
 from amqp_agents.rpc.client import RpcClient
 from amqp_agents.runtime.agent import Agent, action
 from amqp_agents.runtime.dead_letters import DeadLetter, DeadLetters
@@ -469,6 +470,7 @@ async def rig(
     policy: RetryPolicy,
     *,
     max_message_bytes: int = 1024 * 1024,
+    topology: Topology | None = None,
 ) -> AsyncIterator[Rig]:
     """Run ``agent`` with ``policy`` on new transports; stop worker and client after.
 
@@ -479,6 +481,7 @@ async def rig(
     worker = Worker(
         cast("Transport", tap),
         [agent],
+        topology=topology,
         settings=WorkerSettings(retry=policy, action_timeout_s=10),
         max_message_bytes=max_message_bytes,
     )
@@ -487,7 +490,13 @@ async def rig(
     try:
         await worker.start()
         yield Rig(
-            agent=agent, policy=policy, worker=worker, client=client, tap=tap, inspect=inspect
+            agent=agent,
+            policy=policy,
+            worker=worker,
+            client=client,
+            tap=tap,
+            inspect=inspect,
+            topology=topology or Topology(),
         )
     finally:
         await worker.stop()

@@ -64,14 +64,11 @@ from amqp_agents.errors import (
 )
 from amqp_agents.metrics import Outcome as MetricOutcome
 from amqp_agents.models.messages import AgentResponse, ErrorCode, Event, IdSource
+from amqp_agents.models.rewrites import attempt_from
 from amqp_agents.models.schema import adapter_for, handler_argument, validate_payload
 from amqp_agents.models.topic import topic_matches, validate_pattern
+from amqp_agents.models.topology import HEADER_ATTEMPT, HEADER_DEADLINE, Topology, check_name
 from amqp_agents.models.wire import (
-    HEADER_ATTEMPT,
-    HEADER_DEADLINE,
-    Topology,
-    attempt_from,
-    check_name,
     deadline_from,
     decode_event,
     decode_reply,
@@ -82,7 +79,6 @@ from amqp_agents.models.wire import (
 from amqp_agents.transport.base import (
     Delivery,
     ExchangeKind,
-    QueueSpec,
     Transport,
 )
 from amqp_agents.transport.recovery import Attachment, Recovery
@@ -492,25 +488,14 @@ class EventBus:
             self._groups.pop(queue.group, None)
 
     async def _declare_private(self) -> str:
-        return await self._transport.declare_queue(
-            QueueSpec(name="", durable=False, exclusive=True, auto_delete=True)
-        )
+        return await self._transport.declare_queue(self._topology.private_queue_spec())
 
     async def _declare_group(self, group: str) -> str:
         topology = self._topology
         dlx = topology.events_dead_letter_exchange
-        dead = topology.group_dead_letter_queue(group)
-        await self._transport.declare_queue(QueueSpec(name=dead, durable=True))
+        dead = await self._transport.declare_queue(topology.group_dead_letter_spec(group))
         await self._transport.bind_queue(dead, dlx, group)
-        name = topology.group_queue(group)
-        await self._transport.declare_queue(
-            QueueSpec(
-                name=name,
-                durable=True,
-                arguments={"x-dead-letter-exchange": dlx, "x-dead-letter-routing-key": group},
-            )
-        )
-        return name
+        return await self._transport.declare_queue(topology.group_queue_spec(group))
 
     async def _cancel(self, queue: _QueueConsumer) -> None:
         attachment, queue.attachment = queue.attachment, None
@@ -575,7 +560,7 @@ class EventBus:
             log.warning(
                 "undecodable event %r on %s: %s", envelope.routing_key, queue.queue, exc.message
             )
-            await self._answer(envelope, [exc.to_response()])
+            await self._answer(envelope, [AgentResponse.from_error(exc)])
             await self._settle(delivery, envelope, failed=True, group=queue.group)
             return
         # Match on the routing key as published to the events exchange; a message that
@@ -667,7 +652,7 @@ class EventBus:
                 log.warning(
                     "event handler for %r failed: %s: %s", event.type, exc.code, exc.message
                 )
-                return exc.to_response()
+                return AgentResponse.from_error(exc)
             if not isinstance(exc, Exception):
                 raise  # a cancellation from elsewhere (a stop), or an exit
             log.exception("event handler for %r failed (event id %s)", event.type, event.id)

@@ -10,10 +10,12 @@ import itertools
 import os
 import uuid
 from datetime import UTC, datetime
-from enum import IntEnum, StrEnum
+from enum import IntEnum
 from typing import Any, Self
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from amqp_agents.errors import AgentError, ErrorCode
 
 __all__ = [
     "MAX_ACTION_LENGTH",
@@ -89,38 +91,6 @@ class Priority(IntEnum):
     """The highest level the default queues distinguish."""
 
 
-class ErrorCode(StrEnum):
-    """Stable error codes carried in ``error.code`` of a reply. Never renamed.
-
-    Services may send codes of their own; receivers must treat an unknown code as an
-    application error, which is why :class:`ErrorInfo` keeps ``code`` a plain string.
-    """
-
-    UNKNOWN_ACTION = "UNKNOWN_ACTION"
-    """The agent has no handler for the request's ``type`` (action)."""
-    INVALID_PAYLOAD = "INVALID_PAYLOAD"
-    """The body is not JSON, not an object, or fails the action's schema."""
-    NOT_FOUND = "NOT_FOUND"
-    """The handler looked for something that does not exist."""
-    TIMEOUT = "TIMEOUT"
-    """The handler ran out of time, or the caller's wait for a reply did."""
-    INTERNAL_ERROR = "INTERNAL_ERROR"
-    """The handler failed unexpectedly; details are in the worker's log, not on the wire."""
-    SHUTTING_DOWN = "SHUTTING_DOWN"
-    """The caller or agent is shutting down and the call cannot complete."""
-    NO_ROUTE = "NO_ROUTE"
-    """No queue is bound for the agent: nobody serves it (returned by the broker)."""
-    CONNECTION_LOST = "CONNECTION_LOST"
-    """The connection to the broker died while the call was pending."""
-    MESSAGE_TOO_LARGE = "MESSAGE_TOO_LARGE"
-    """The encoded request or reply is larger than the configured maximum."""
-    UNAVAILABLE = "UNAVAILABLE"
-    """Something the handler needs is unavailable; it was retried and still failed."""
-    REJECTED = "REJECTED"
-    """The broker refused to enqueue the request (``basic.nack``: e.g. a full queue with
-    ``overflow=reject-publish``, or a broker-side failure)."""
-
-
 class ErrorInfo(BaseModel):
     """The ``error`` object of a failed reply: ``{"code", "message", "details"?}``."""
 
@@ -129,6 +99,12 @@ class ErrorInfo(BaseModel):
     code: str
     message: str
     details: Any = None
+
+    @classmethod
+    def from_error(cls, error: AgentError) -> ErrorInfo:
+        """The ``error`` object of the reply an :class:`~amqp_agents.errors.AgentError`
+        becomes."""
+        return cls(code=error.code, message=error.message, details=error.details)
 
 
 class AgentMessage(BaseModel):
@@ -214,6 +190,13 @@ class AgentResponse(BaseModel):
         """A failed reply with a stable ``code`` and a human-readable ``message``."""
         info = ErrorInfo(code=str(code), message=message, details=details)
         return cls(ok=False, error=info, correlation_id=correlation_id)
+
+    @classmethod
+    def from_error(cls, error: AgentError, *, correlation_id: str | None = None) -> AgentResponse:
+        """The failed reply an :class:`~amqp_agents.errors.AgentError` becomes."""
+        return cls.failure(
+            error.code, error.message, details=error.details, correlation_id=correlation_id
+        )
 
     @property
     def code(self) -> str | None:

@@ -62,14 +62,8 @@ from amqp_agents.errors import (
 )
 from amqp_agents.metrics import Metrics, code_label
 from amqp_agents.models.messages import AgentResponse, ErrorCode, IdSource, Priority
-from amqp_agents.models.wire import (
-    MAX_PRIORITY,
-    Topology,
-    check_name,
-    decode_reply,
-    dump_json,
-    encode_request,
-)
+from amqp_agents.models.topology import MAX_PRIORITY, Topology, check_name
+from amqp_agents.models.wire import decode_reply, dump_json, encode_request
 from amqp_agents.transport.base import ConsumerEnd, EndReason, ExchangeKind, Transport
 from amqp_agents.transport.recovery import Recovery
 from amqp_agents.transport.replies import ReplyQueue

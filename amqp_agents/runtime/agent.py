@@ -61,10 +61,12 @@ from amqp_agents.models.schema import (
     validate_payload,
 )
 from amqp_agents.models.topic import validate_pattern
-from amqp_agents.models.wire import RequestParts, check_name
+from amqp_agents.models.topology import check_name
 
 if TYPE_CHECKING:
     from pydantic import BaseModel, TypeAdapter
+
+    from amqp_agents.models.wire import RequestParts
 
 __all__ = ["ActionSpec", "Agent", "EventHandlerSpec", "Outcome", "action", "on_event"]
 
@@ -380,18 +382,17 @@ class Agent:
         spec = self._actions.get(message.action)
         if spec is None:
             known = ", ".join(sorted(self._actions)) or "none"
-            return Outcome(
-                UnknownActionError(
-                    f"agent {self.name!r} has no action {message.action!r} (known: {known})"
-                ).to_response(correlation_id=cid)
+            unknown = UnknownActionError(
+                f"agent {self.name!r} has no action {message.action!r} (known: {known})"
             )
+            return Outcome(AgentResponse.from_error(unknown, correlation_id=cid))
         if spec.retry is not None:
             policy = spec.retry
         adapter = spec.payload
         try:
             payload = None if adapter is None else validate_payload(adapter, message.payload)
         except InvalidPayloadError as exc:
-            return Outcome(exc.to_response(correlation_id=cid))
+            return Outcome(AgentResponse.from_error(exc, correlation_id=cid))
         limit = _smallest(spec.timeout_s, timeout_s)
         method = getattr(self, spec.method)
         takes_payload = adapter is not None
@@ -413,13 +414,14 @@ class Agent:
                 except _NoTimeToRetry:
                     raise first from None
         except _TimedOut as exc:
-            response = ActionTimeoutError(
+            timed_out = ActionTimeoutError(
                 f"action {message.action!r} took longer than {exc.limit_s:g}s"
-            ).to_response(correlation_id=cid)
+            )
+            response = AgentResponse.from_error(timed_out, correlation_id=cid)
             return Outcome(response, retryable=policy.is_retryable(exc, timed_out=True))
         except AgentError as exc:
             return Outcome(
-                exc.to_response(correlation_id=cid),
+                AgentResponse.from_error(exc, correlation_id=cid),
                 retryable=policy.is_retryable(exc),
                 delay_s=exc.delay_s if isinstance(exc, Retry) else None,
             )

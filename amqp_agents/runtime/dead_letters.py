@@ -14,14 +14,14 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from amqp_agents.errors import ConfigurationError
-from amqp_agents.models.wire import (
+from amqp_agents.models.rewrites import replay_envelope
+from amqp_agents.models.topology import (
     HEADER_ATTEMPT,
     HEADER_DEAD_LETTERED_AT,
     HEADER_ERROR_CODE,
     HEADER_ERROR_MESSAGE,
     Topology,
     check_name,
-    replay_envelope,
 )
 
 if TYPE_CHECKING:

@@ -56,21 +56,17 @@ from amqp_agents.errors import (
 )
 from amqp_agents.metrics import Outcome as MetricOutcome
 from amqp_agents.metrics import code_label
-from amqp_agents.models.wire import (
-    dead_letter_envelope,
-    encode_reply,
-    encode_success,
-    retry_envelope,
-)
+from amqp_agents.models.messages import AgentResponse
+from amqp_agents.models.rewrites import dead_letter_envelope, retry_envelope
+from amqp_agents.models.wire import encode_reply, encode_success
 from amqp_agents.runtime.agent import Outcome
-from amqp_agents.transport.base import ExchangeKind, QueueSpec
+from amqp_agents.transport.base import ExchangeKind
 
 if TYPE_CHECKING:
     from amqp_agents.config import WorkerSettings
     from amqp_agents.metrics import Metrics
     from amqp_agents.models.envelope import Envelope
-    from amqp_agents.models.messages import AgentResponse
-    from amqp_agents.models.wire import Topology
+    from amqp_agents.models.topology import Topology
     from amqp_agents.runtime.agent import Agent
     from amqp_agents.transport.base import Delivery, Transport
 
@@ -403,7 +399,9 @@ class Settlement:
             crashed = InternalError(
                 f"delivered {attempt - 1} times without being settled: it may crash the worker"
             )
-            await self.fail(agent, delivery, crashed.to_response(), attempt - 1, dead_letter=True)
+            await self.fail(
+                agent, delivery, AgentResponse.from_error(crashed), attempt - 1, dead_letter=True
+            )
             return
         # Back through the first delay tier, not straight to the work queue: with
         # concurrency above one the copy could otherwise be delivered (and crash the
@@ -424,17 +422,7 @@ class Settlement:
         topology = self._topology
         name = topology.agent_retry_queue(agent.name, delay_ms)
         if name not in self.retry_queues:
-            await self._transport.declare_queue(
-                QueueSpec(
-                    name=name,
-                    durable=True,
-                    arguments={
-                        "x-message-ttl": delay_ms,
-                        "x-dead-letter-exchange": "",
-                        "x-dead-letter-routing-key": topology.agent_queue(agent.name),
-                    },
-                )
-            )
+            await self._transport.declare_queue(topology.agent_retry_spec(agent.name, delay_ms))
             self.retry_queues.add(name)
         return name
 
@@ -443,8 +431,7 @@ class Settlement:
         topology = self._topology
         dlx = topology.requests_dead_letter_exchange
         await self._transport.declare_exchange(dlx, ExchangeKind.DIRECT)
-        dead = topology.agent_dead_letter_queue(agent.name)
-        await self._transport.declare_queue(QueueSpec(name=dead, durable=True))
+        dead = await self._transport.declare_queue(topology.agent_dead_letter_spec(agent.name))
         await self._transport.bind_queue(dead, dlx, agent.name)
 
     def _encode_reply(
@@ -462,13 +449,13 @@ class Settlement:
         except InvalidPayloadError as exc:
             log.error("%s returned a value that is not JSON: %s", agent.name, exc.message)
             failure = InternalError("the action returned a value that cannot be sent as JSON")
-            return encode_reply(failure.to_response(), reply_to, correlation_id)
+            return encode_reply(AgentResponse.from_error(failure), reply_to, correlation_id)
         if len(reply.body) > self._max_bytes:
             log.error("%s: reply of %d bytes is over the limit", agent.name, len(reply.body))
             too_large = MessageTooLargeError(
                 f"the reply is {len(reply.body)} bytes, over the {self._max_bytes}-byte limit"
             )
-            return encode_reply(too_large.to_response(), reply_to, correlation_id)
+            return encode_reply(AgentResponse.from_error(too_large), reply_to, correlation_id)
         return reply
 
 

@@ -61,19 +61,15 @@ from amqp_agents.errors import (
 from amqp_agents.events.bus import EventBus
 from amqp_agents.metrics import Metrics
 from amqp_agents.metrics import Outcome as MetricOutcome
-from amqp_agents.models.messages import ErrorCode
-from amqp_agents.models.wire import (
-    Topology,
-    attempt_from,
-    deadline_from,
-    read_request,
-)
+from amqp_agents.models.messages import AgentResponse, ErrorCode
+from amqp_agents.models.rewrites import attempt_from
+from amqp_agents.models.topology import Topology
+from amqp_agents.models.wire import deadline_from, read_request
 from amqp_agents.runtime.monitor import QueueMonitor
 from amqp_agents.runtime.settle import Settlement, WorkerStats, action_label, log_fields
 from amqp_agents.transport.base import (
     Delivery,
     ExchangeKind,
-    QueueSpec,
     Transport,
 )
 from amqp_agents.transport.recovery import Attachment, Recovery
@@ -353,17 +349,7 @@ class Worker:
         topology = self._topology
         await self._transport.declare_exchange(topology.requests_exchange, ExchangeKind.DIRECT)
         await self._settle.declare_dead_letters(agent)
-        queue = topology.agent_queue(agent.name)
-        await self._transport.declare_queue(
-            QueueSpec(
-                name=queue,
-                durable=True,
-                # No x-dead-letter-exchange: requests that expire while queued (their
-                # caller gave up) must vanish, not pile up in the dead-letter queue. The
-                # worker dead-letters explicitly, with headers saying why.
-                arguments={"x-max-priority": topology.max_priority},
-            )
-        )
+        queue = await self._transport.declare_queue(topology.agent_queue_spec(agent.name))
         await self._transport.bind_queue(queue, topology.requests_exchange, agent.name)
         return queue
 
@@ -689,7 +675,7 @@ class Worker:
                 f"the request is {len(envelope.body)} bytes, over the {self._max_bytes}-byte limit"
             )
             await self._settle.fail(
-                agent, delivery, too_large.to_response(), attempt, dead_letter=True
+                agent, delivery, AgentResponse.from_error(too_large), attempt, dead_letter=True
             )
             return
         try:
@@ -704,7 +690,11 @@ class Worker:
                 extra=log_fields(agent, envelope, "invalid", exc.code),
             )
             await self._settle.fail(
-                agent, delivery, exc.to_response(), attempt_from(envelope), dead_letter=True
+                agent,
+                delivery,
+                AgentResponse.from_error(exc),
+                attempt_from(envelope),
+                dead_letter=True,
             )
             return
         metrics = self._metrics

@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     from types import TracebackType
 
     from amqp_agents.config import WorkerSettings
-    from amqp_agents.models.wire import Topology
+    from amqp_agents.models.topology import Topology
     from amqp_agents.rpc.client import Payload
     from amqp_agents.runtime.agent import Agent
 

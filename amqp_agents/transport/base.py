@@ -51,14 +51,15 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any, Protocol
 
 from amqp_agents.errors import BrokerUnavailableError, PublishTimeoutError
+from amqp_agents.models.topology import QueueSpec
 
 if TYPE_CHECKING:
-    from amqp_agents.models.envelope import Envelope, HeaderValue
+    from amqp_agents.models.envelope import Envelope
 
 __all__ = [
     "ConsumerEnd",
@@ -112,17 +113,6 @@ class ExchangeKind(StrEnum):
     """Routes on dotted patterns with ``*`` and ``#`` (events)."""
     FANOUT = "fanout"
     """Routes every message to every bound queue."""
-
-
-@dataclass(frozen=True, slots=True)
-class QueueSpec:
-    """A queue declaration. ``name=""`` asks the broker for a server-named queue."""
-
-    name: str
-    durable: bool = True
-    exclusive: bool = False
-    auto_delete: bool = False
-    arguments: dict[str, HeaderValue] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)

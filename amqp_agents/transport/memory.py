@@ -312,8 +312,11 @@ class InMemoryBroker:
                 if ours != theirs
             ]
             if mismatch:
+                old = str(existing.arguments.get("x-queue-type", "classic"))
+                new = str(spec.arguments.get("x-queue-type", "classic"))
+                kinds = "" if old == new else f": it is a {old} queue, this declares a {new} queue"
                 raise TopologyMismatchError(
-                    f"queue {name!r} already exists with different {', '.join(mismatch)}"
+                    f"queue {name!r} already exists with different {', '.join(mismatch)}{kinds}"
                     f" (current arguments {existing.arguments}, requested"
                     f" {dict(spec.arguments)}). Queue arguments cannot change after"
                     " declaration: use the existing values, or delete the queue and"

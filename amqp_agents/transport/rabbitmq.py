@@ -24,6 +24,7 @@ import asyncio
 import contextlib
 import logging
 import random
+import re
 import ssl
 from collections import deque
 from datetime import UTC, datetime
@@ -429,11 +430,33 @@ def _unblocked_event(connection: AbstractConnection | None) -> asyncio.Event:
     return unblocked if isinstance(unblocked, asyncio.Event) else _NEVER_BLOCKED
 
 
+_INEQUIVALENT = re.compile(
+    r"inequivalent arg '(?P<arg>[^']+)'.*?received (?:the value )?(?P<new>'[^']*'|none)"
+    r".*?current is (?:the value )?(?P<old>'[^']*'|none)"
+)
+
+
+def _difference(reason: str) -> str:
+    """What differs, in words, from RabbitMQ's ``inequivalent arg`` text ("" if not that):
+    a queue type is named as such (absent means classic)."""
+    found = _INEQUIVALENT.search(reason)
+    if found is None:
+        return ""
+    arg, new, old = found["arg"], found["new"].strip("'"), found["old"].strip("'")
+    if arg == "x-queue-type":
+        return (
+            f"it is a {'classic' if old == 'none' else old} queue and this declares a"
+            f" {'classic' if new == 'none' else new} queue (Topology.queue_type / queue_types). "
+        )
+    return f"its {arg} is {old}, this declares {new}. "
+
+
 def _topology_error(what: str, exc: BaseException) -> TransportError:
     reason = str(exc)
     if isinstance(exc, aiormq.exceptions.ChannelPreconditionFailed):
         return TopologyMismatchError(
-            f"{what} already exists on the broker with different arguments ({reason}). "
+            f"{what} already exists on the broker with different arguments: "
+            f"{_difference(reason)}({reason}). "
             "Queue and exchange arguments cannot change after declaration: configure the "
             "same values as the existing one (e.g. Topology.max_priority), or migrate by "
             "draining and deleting it (rabbitmqctl delete_queue NAME -p VHOST) or by "

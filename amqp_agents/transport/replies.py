@@ -19,7 +19,7 @@ import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from amqp_agents.transport.base import QueueSpec
+from amqp_agents.models.topology import Topology
 
 if TYPE_CHECKING:
     from amqp_agents.models.envelope import Envelope
@@ -65,9 +65,7 @@ class ReplyQueue:
         transport = self._recovery.transport
 
         async def declare() -> str:
-            return await transport.declare_queue(
-                QueueSpec(name="", durable=False, exclusive=True, auto_delete=True)
-            )
+            return await transport.declare_queue(Topology.private_queue_spec())
 
         self._attachment = await self._recovery.attach(
             declare, self._on_reply, prefetch=0, no_ack=True, label="replies", on_end=self._lost

@@ -22,7 +22,7 @@ from amqp_agents.errors import BrokerUnavailableError
 from amqp_agents.events.bus import EventBus
 from amqp_agents.metrics import Metrics
 from amqp_agents.models.messages import AgentResponse, ErrorCode
-from amqp_agents.models.wire import Topology
+from amqp_agents.models.topology import Topology
 from amqp_agents.rpc.client import RpcClient
 from amqp_agents.runtime.agent import Agent
 from amqp_agents.runtime.worker import Worker

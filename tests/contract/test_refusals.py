@@ -27,7 +27,9 @@ from amqp_agents.events.bus import EventBus
 from amqp_agents.metrics import Metrics
 from amqp_agents.models.envelope import Envelope
 from amqp_agents.models.messages import ErrorCode
-from amqp_agents.models.wire import Topology, attempt_from, encode_request
+from amqp_agents.models.rewrites import attempt_from
+from amqp_agents.models.topology import Topology
+from amqp_agents.models.wire import encode_request
 from amqp_agents.rpc.client import RpcClient
 from amqp_agents.runtime.agent import Agent, action
 from amqp_agents.runtime.worker import Worker

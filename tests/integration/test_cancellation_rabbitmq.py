@@ -22,7 +22,7 @@ import pytest
 from amqp_agents.config import RetryPolicy, WorkerSettings
 from amqp_agents.errors import QueueNotFoundError, TransportError
 from amqp_agents.models.envelope import Envelope
-from amqp_agents.models.wire import Topology
+from amqp_agents.models.topology import Topology
 from amqp_agents.rpc.client import Request, RpcClient
 from amqp_agents.runtime.agent import Agent, action
 from amqp_agents.runtime.worker import Worker

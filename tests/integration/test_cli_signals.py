@@ -9,7 +9,7 @@ import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-from amqp_agents.models.wire import Topology
+from amqp_agents.models.topology import Topology
 from amqp_agents.rpc.client import RpcClient
 from amqp_agents.transport.base import Delivery
 from amqp_agents.transport.rabbitmq import RabbitTransport

@@ -23,7 +23,7 @@ from typing import Any
 
 from redis import Redis
 
-from amqp_agents.models.wire import Topology
+from amqp_agents.models.topology import Topology
 from amqp_agents.testing import BrokerAdmin, url_for_vhost
 from tests.agents_for_tests import CLI, CliProcess, cli_env, free_port, run_cli, wait_until
 from tests.deploy_kit import (

@@ -27,7 +27,8 @@ from amqp_agents.examples.tasks import app
 from amqp_agents.models.envelope import Envelope
 from amqp_agents.models.messages import ErrorCode, Event
 from amqp_agents.models.topic import topic_matches
-from amqp_agents.models.wire import CONTENT_TYPE_JSON, Topology, encode_event
+from amqp_agents.models.topology import CONTENT_TYPE_JSON, Topology
+from amqp_agents.models.wire import encode_event
 from amqp_agents.rpc.client import RpcClient
 from amqp_agents.runtime.agent import Agent, on_event
 from amqp_agents.runtime.worker import Worker

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from amqp_agents.events.bus import EventBus
-from amqp_agents.models.wire import Topology
+from amqp_agents.models.topology import Topology
 from amqp_agents.transport.base import QueueSpec
 from amqp_agents.transport.rabbitmq import RabbitTransport
 from tests.agents_for_tests import CliProcess, cli_env, run_cli

@@ -36,7 +36,7 @@ from amqp_agents.config import ConnectionSettings, RetryPolicy, WorkerSettings
 from amqp_agents.errors import AmqpAgentsError, NoRouteError
 from amqp_agents.events.bus import EventBus
 from amqp_agents.models.messages import ErrorCode
-from amqp_agents.models.wire import Topology
+from amqp_agents.models.topology import Topology
 from amqp_agents.rpc.client import RpcClient
 from amqp_agents.runtime.agent import Agent, action
 from amqp_agents.runtime.supervisor import Supervisor

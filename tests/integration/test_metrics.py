@@ -20,7 +20,7 @@ from amqp_agents.config import RetryPolicy, WorkerSettings
 from amqp_agents.errors import AgentError, BrokerUnavailableError, NotFoundError
 from amqp_agents.events.bus import EventBus
 from amqp_agents.metrics import Metrics
-from amqp_agents.models.wire import Topology
+from amqp_agents.models.topology import Topology
 from amqp_agents.rpc.client import RpcClient
 from amqp_agents.runtime.agent import Agent, action, on_event
 from amqp_agents.runtime.monitor import QueueMonitor

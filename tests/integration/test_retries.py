@@ -15,7 +15,7 @@ import pytest
 
 from amqp_agents.config import RetryPolicy
 from amqp_agents.errors import QueueNotFoundError
-from amqp_agents.models.wire import Topology
+from amqp_agents.models.topology import Topology
 from amqp_agents.rpc.client import RpcClient
 from amqp_agents.runtime.dead_letters import DeadLetters
 from amqp_agents.testing import BrokerAdmin

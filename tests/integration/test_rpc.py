@@ -27,7 +27,7 @@ from amqp_agents.errors import (
 from amqp_agents.examples.tasks import TaskManager
 from amqp_agents.models.envelope import Envelope
 from amqp_agents.models.messages import ErrorCode, Priority
-from amqp_agents.models.wire import Topology
+from amqp_agents.models.topology import Topology
 from amqp_agents.rpc.client import Request, RpcClient
 from amqp_agents.runtime.agent import Agent, action
 from amqp_agents.runtime.worker import Worker, WorkerStats

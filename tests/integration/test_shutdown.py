@@ -18,7 +18,8 @@ import pytest
 from pydantic import BaseModel
 
 from amqp_agents.config import WorkerSettings
-from amqp_agents.models.wire import Topology, attempt_from
+from amqp_agents.models.rewrites import attempt_from
+from amqp_agents.models.topology import Topology
 from amqp_agents.rpc.client import RpcClient
 from amqp_agents.runtime.agent import Agent, action
 from amqp_agents.runtime.worker import Worker

@@ -18,7 +18,8 @@ from hypothesis import strategies as st
 from pydantic import BaseModel
 
 from amqp_agents.models.envelope import Envelope
-from amqp_agents.models.wire import Topology, decode_reply
+from amqp_agents.models.topology import Topology
+from amqp_agents.models.wire import decode_reply
 from amqp_agents.rpc.client import RpcClient
 from amqp_agents.runtime.agent import Agent, action
 from amqp_agents.testing import AgentHarness

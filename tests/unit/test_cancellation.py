@@ -28,7 +28,7 @@ from amqp_agents.errors import LifecycleError
 from amqp_agents.metrics import Metrics
 from amqp_agents.models.envelope import Envelope
 from amqp_agents.models.messages import AgentResponse
-from amqp_agents.models.wire import Topology
+from amqp_agents.models.topology import Topology
 from amqp_agents.rpc.client import Request, RpcClient
 from amqp_agents.runtime.agent import Agent, action
 from amqp_agents.runtime.worker import Worker

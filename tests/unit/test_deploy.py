@@ -35,7 +35,7 @@ from amqp_agents.cli import _worker_probes
 from amqp_agents.config import Settings
 from amqp_agents.examples.tasks import TaskStoreSettings, app
 from amqp_agents.metrics import Metrics
-from amqp_agents.models.wire import Topology
+from amqp_agents.models.topology import Topology
 from amqp_agents.runtime.health import LoopWatch
 from tests.agents_for_tests import CliProcess, cli_env, run_cli, wait_until
 from tests.deploy_kit import (
@@ -88,10 +88,11 @@ def leaf_paths(model: type[BaseModel], prefix: tuple[str, ...] = ()) -> set[tupl
 
 
 def json_leaf_paths(data: dict[str, Any], prefix: tuple[str, ...] = ()) -> set[tuple[str, ...]]:
-    """Dotted paths of every non-object value of a JSON object."""
+    """Dotted paths of every non-object value of a JSON object (an empty object, such as a
+    mapping setting at its default, is a value)."""
     paths: set[tuple[str, ...]] = set()
     for key, value in data.items():
-        if isinstance(value, dict):
+        if isinstance(value, dict) and value:
             paths |= json_leaf_paths(value, (*prefix, key))
         else:
             paths.add((*prefix, key))

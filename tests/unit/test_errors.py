@@ -21,7 +21,7 @@ from amqp_agents.errors import (
     QueueNotFoundError,
     UnroutableError,
 )
-from amqp_agents.models.messages import ErrorCode, ErrorInfo
+from amqp_agents.models.messages import AgentResponse, ErrorCode, ErrorInfo
 
 EXPORTED = {name: getattr(errors, name) for name in errors.__all__}
 # The classes that own a wire code (Retry refines RetryableError and shares its code).
@@ -54,8 +54,10 @@ def test_every_agent_error_has_a_distinct_error_code() -> None:
 
 @pytest.mark.parametrize("kind", AGENT_ERRORS, ids=lambda kind: kind.__name__)
 def test_agent_error_round_trips_through_a_reply(kind: type[AgentError]) -> None:
-    """to_response() then from_info() rebuilds the same class, message and details."""
-    response = kind("it broke", details={"field": "title"}).to_response(correlation_id="c")
+    """AgentResponse.from_error() then from_info() rebuilds the same class, message and details."""
+    response = AgentResponse.from_error(
+        kind("it broke", details={"field": "title"}), correlation_id="c"
+    )
     assert response.ok is False
     assert response.code == kind.code
     assert response.correlation_id == "c"
@@ -83,7 +85,7 @@ def test_unknown_code_gives_plain_agent_error_with_that_code() -> None:
     assert type(error) is AgentError
     assert error.code == "QUOTA_EXCEEDED"
     assert error.message == "slow down"
-    assert error.to_info().code == "QUOTA_EXCEEDED"
+    assert ErrorInfo.from_error(error).code == "QUOTA_EXCEEDED"
     assert AgentError.code == ErrorCode.INTERNAL_ERROR  # the class default is untouched
 
 
@@ -109,13 +111,14 @@ def test_builtin_mixins(kind: type[Exception], builtin: type[Exception]) -> None
 
 
 def test_every_exported_error_is_in_the_tree() -> None:
-    """errors.__all__ holds exactly the AmqpAgentsError classes of the module."""
+    """errors.__all__ holds exactly the AmqpAgentsError classes of the module, and the
+    ErrorCode enum they carry."""
     defined = {
         name
         for name, value in vars(errors).items()
         if isinstance(value, type) and issubclass(value, AmqpAgentsError)
     }
-    assert set(errors.__all__) == defined
+    assert set(errors.__all__) == defined | {"ErrorCode"}
 
 
 def test_unroutable_error_keeps_exchange_and_key() -> None:
@@ -175,8 +178,8 @@ def test_tree_parser_sees_the_whole_drawing() -> None:
 
 
 def test_docstring_tree_names_every_exported_exception() -> None:
-    """The ASCII tree in the errors docstring draws exactly the classes in errors.__all__."""
-    assert set(_drawn_tree()) == set(errors.__all__)
+    """The ASCII tree in the errors docstring draws exactly the exceptions in errors.__all__."""
+    assert set(_drawn_tree()) == set(errors.__all__) - {"ErrorCode"}
 
 
 def test_docstring_tree_draws_real_parents() -> None:

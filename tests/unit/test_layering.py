@@ -137,6 +137,42 @@ def test_imports_point_down(layer: str, forbidden: list[str]) -> None:
     assert _violations(layer, [f"amqp_agents.{name}" for name in forbidden]) == []
 
 
+LEAVES = {
+    "amqp_agents.errors": [],
+    "amqp_agents.bounds": [],
+    "amqp_agents.logs": [],
+    "amqp_agents.models": ["amqp_agents.errors"],
+    "amqp_agents.config": ["amqp_agents.errors", "amqp_agents.models"],
+    "amqp_agents.metrics": ["amqp_agents.errors", "amqp_agents.models"],
+}
+"""The leaves of the package, and the only modules of the package each may import."""
+
+
+@pytest.mark.parametrize(("leaf", "allowed"), LEAVES.items(), ids=list(LEAVES))
+def test_leaves_import_only_below_them(leaf: str, allowed: list[str]) -> None:
+    """errors, bounds and logs import nothing of the package; models only errors; config
+    and metrics only errors and models: each can be read (and reused) on its own."""
+    offenders = [
+        str(imp)
+        for imp in IMPORTS
+        if _within(imp.importer, leaf)
+        and _within(imp.name, "amqp_agents")
+        and not any(_within(imp.name, target) for target in [leaf, *allowed])
+    ]
+    assert offenders == []
+
+
+def test_leaf_check_sees_a_violation() -> None:
+    """The leaf rule is not vacuous: errors really is imported by models (allowed), and a
+    made-up import from errors into models would be caught."""
+    fake = _imports_of("from amqp_agents.models import wire\n", "amqp_agents.errors")
+    assert any(_within(imp.name, "amqp_agents.models") for imp in fake)
+    assert any(
+        imp.importer.startswith("amqp_agents.models") and imp.name.startswith("amqp_agents.errors")
+        for imp in IMPORTS
+    )
+
+
 def test_examples_are_imported_only_by_the_cli() -> None:
     """Library code never depends on the example app."""
     offenders = [

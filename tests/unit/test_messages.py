@@ -11,7 +11,7 @@ from amqp_agents.models.messages import (
     Priority,
     new_id,
 )
-from amqp_agents.models.wire import MAX_PRIORITY
+from amqp_agents.models.topology import MAX_PRIORITY
 
 
 def test_success_carries_data_and_no_error() -> None:

@@ -14,7 +14,8 @@ from amqp_agents.errors import BrokerUnavailableError
 from amqp_agents.metrics import Metrics
 from amqp_agents.models.envelope import Envelope
 from amqp_agents.models.messages import ErrorCode, IdSource
-from amqp_agents.models.wire import Topology, encode_request
+from amqp_agents.models.topology import Topology
+from amqp_agents.models.wire import encode_request
 from amqp_agents.rpc.client import RpcClient
 from amqp_agents.runtime.agent import Agent, action
 from amqp_agents.runtime.worker import Worker

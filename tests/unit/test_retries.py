@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator
 import pytest
 
 from amqp_agents.config import RetryPolicy, WorkerSettings
-from amqp_agents.models.wire import Topology
+from amqp_agents.models.topology import Topology
 from amqp_agents.testing import AgentHarness
 from amqp_agents.transport.base import Transport
 from amqp_agents.transport.memory import InMemoryBroker, InMemoryTransport

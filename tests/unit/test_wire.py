@@ -13,12 +13,14 @@ from pydantic import BaseModel
 from amqp_agents.errors import InvalidPayloadError, MessageTooLargeError
 from amqp_agents.models.envelope import Envelope
 from amqp_agents.models.messages import AgentResponse, ErrorCode, Priority
-from amqp_agents.models.wire import (
+from amqp_agents.models.topology import (
     CONTENT_TYPE_JSON,
     HEADER_DEADLINE,
     MAX_PRIORITY,
     Topology,
     check_name,
+)
+from amqp_agents.models.wire import (
     deadline_from,
     decode_reply,
     decode_request,
