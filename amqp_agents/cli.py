@@ -20,6 +20,7 @@ import signal
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
 from pydantic import SecretStr, ValidationError
 from pydantic_settings import SettingsError
@@ -51,6 +52,7 @@ if TYPE_CHECKING:
     import argparse
     from collections.abc import Callable, Sequence
 
+    from amqp_agents.tracing import Tracing
     from amqp_agents.transport.base import Delivery, Transport
 
 __all__ = ["load_agents", "main"]
@@ -160,6 +162,7 @@ async def _run(args: argparse.Namespace, settings: Settings) -> int:
     agents = load_agents(args.target)
     metrics = Metrics()
     _initialise_metrics(metrics, agents, settings)
+    tracing = _tracing(settings)
 
     def build_worker(transport: Transport) -> Worker:
         return Worker(
@@ -171,6 +174,7 @@ async def _run(args: argparse.Namespace, settings: Settings) -> int:
             max_message_bytes=settings.connection.max_message_bytes,
             metrics=metrics,
             depth_interval_s=settings.metrics.depth_interval_s,
+            tracing=tracing,
         )
 
     # The transport reconnects by itself and the worker re-attaches its consumers in
@@ -392,7 +396,24 @@ def _event_bus(
         publish_timeout_s=settings.connection.publish_timeout_s,
         max_message_bytes=settings.connection.max_message_bytes,
         guard=guard,
+        tracing=_tracing(settings),
     )
+
+
+def _tracing(settings: Settings) -> Tracing | None:
+    """The spans' maker when tracing is enabled (imported only then: it is optional)."""
+    if not settings.tracing.enabled:
+        return None
+    try:
+        from amqp_agents.tracing import Tracing
+    except ImportError as exc:
+        raise ConfigurationError(str(exc)) from None
+    url = urlsplit(settings.url.get_secret_value())
+    return Tracing(server_address=url.hostname, server_port=url.port or _default_port(url.scheme))
+
+
+def _default_port(scheme: str) -> int | None:
+    return {"amqp": 5672, "amqps": 5671}.get(scheme)
 
 
 async def _publish(args: argparse.Namespace, settings: Settings) -> int:
@@ -533,6 +554,7 @@ async def _call(args: argparse.Namespace, settings: Settings) -> int:
             settings=settings.rpc,
             publish_timeout_s=settings.connection.publish_timeout_s,
             max_message_bytes=settings.connection.max_message_bytes,
+            tracing=_tracing(settings),
         ) as client:
             response = await client.send(
                 args.agent,

@@ -45,6 +45,7 @@ __all__ = [
     "RpcSettings",
     "Settings",
     "TlsSettings",
+    "TracingSettings",
     "WorkerSettings",
     "load_settings",
     "redact_url",
@@ -304,6 +305,16 @@ class MetricsSettings(BaseModel):
         return None if value == "" else value
 
 
+class TracingSettings(BaseModel):
+    """OpenTelemetry tracing (the ``otel`` extra); see :mod:`amqp_agents.tracing`."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    enabled: bool = False
+    """Make spans (``AMQP_AGENTS_TRACING__ENABLED=true``). They go to the OpenTelemetry
+    API's global tracer provider: configure an SDK, e.g. with ``opentelemetry-instrument``."""
+
+
 class RpcSettings(BaseModel):
     """How the RPC client calls."""
 
@@ -337,6 +348,7 @@ class Settings(BaseSettings):
     worker: WorkerSettings = WorkerSettings()
     rpc: RpcSettings = RpcSettings()
     metrics: MetricsSettings = MetricsSettings()
+    tracing: TracingSettings = TracingSettings()
     topology: Topology = Topology()
     event_loop: Literal["auto", "uvloop", "asyncio"] = "auto"
     """The CLI's event loop: ``auto`` takes uvloop when it is installed (the ``speed``

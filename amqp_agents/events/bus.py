@@ -87,6 +87,7 @@ from amqp_agents.transport.replies import ReplyQueue
 if TYPE_CHECKING:
     from amqp_agents.metrics import Metrics
     from amqp_agents.models.envelope import Envelope
+    from amqp_agents.tracing import Tracing
 
 __all__ = ["DeliveryGuard", "EventBus", "EventHandler", "Process", "Subscription"]
 
@@ -172,7 +173,10 @@ class EventBus:
         metrics: Metrics | None = None,
         recovery: Recovery | None = None,
         max_deliveries: int = 5,
+        tracing: Tracing | None = None,
     ) -> None:
+        if tracing is not None:  # tracing: publishes, deliveries and settlements
+            transport = tracing.wrap(transport)
         self._transport = transport
         self._metrics = metrics
         self._owns_recovery = recovery is None

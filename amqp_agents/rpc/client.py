@@ -72,6 +72,7 @@ if TYPE_CHECKING:
     from types import TracebackType
 
     from amqp_agents.models.envelope import Envelope
+    from amqp_agents.tracing import Tracing
 
 __all__ = ["DEFAULT", "Request", "RpcClient"]
 
@@ -138,8 +139,10 @@ class RpcClient:
         max_message_bytes: int = 1024 * 1024,
         metrics: Metrics | None = None,
         recovery: Recovery | None = None,
+        tracing: Tracing | None = None,
     ) -> None:
-        self._transport = transport
+        self._tracing = tracing
+        self._transport = transport if tracing is None else tracing.wrap(transport)  # tracing
         self._metrics = metrics
         self._owns_recovery = recovery is None
         self._recovery = recovery or Recovery(transport, metrics=metrics)
@@ -231,6 +234,20 @@ class RpcClient:
             InvalidPayloadError: the payload is not JSON-serialisable.
             MessageTooLargeError: the encoded payload is over the size limit.
         """
+        sending = self._measured(agent, action, payload, priority, timeout_s, idempotent)
+        if self._tracing is None:
+            return await sending
+        return await self._tracing.call(agent, action, sending)  # tracing: the call's span
+
+    async def _measured(
+        self,
+        agent: str,
+        action: str,
+        payload: Payload,
+        priority: int,
+        timeout_s: float | _Default,
+        idempotent: bool,
+    ) -> AgentResponse:
         metrics = self._metrics
         if metrics is None:
             return await self._send(agent, action, payload, priority, timeout_s, idempotent)

@@ -77,6 +77,7 @@ from amqp_agents.transport.recovery import Attachment, Recovery
 if TYPE_CHECKING:
     from amqp_agents.models.envelope import Envelope
     from amqp_agents.runtime.agent import Agent
+    from amqp_agents.tracing import Tracing
 
 __all__ = ["Worker", "WorkerStats"]
 
@@ -120,7 +121,10 @@ class Worker:
         max_message_bytes: int = 1024 * 1024,
         metrics: Metrics | None = None,
         depth_interval_s: float = 5.0,
+        tracing: Tracing | None = None,
     ) -> None:
+        if tracing is not None:  # tracing: everything below uses the traced transport
+            transport = tracing.wrap(transport)
         if not agents:
             raise ConfigurationError("a worker needs at least one agent")
         names = [agent.name for agent in agents]

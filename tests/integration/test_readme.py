@@ -79,6 +79,7 @@ def test_every_code_block_is_named_and_there_are_enough() -> None:
     assert set(files()) == {
         "greeter.py",
         "call_greeter.py",
+        "traced_call.py",
         "events.py",
         "payments.py",
         "test_tasks.py",
@@ -175,6 +176,8 @@ def test_readme_code_runs_against_the_broker(
             "NOT_FOUND nobody is not here",
             "[{'greeting': 'Hello, A!'}, {'greeting': 'Hello, B!'}, {'greeting': 'Hello, C!'}]",
         ]
+        traced = run([sys.executable, "traced_call.py"], workdir, env).splitlines()
+        assert traced == ["['greeter/greet', 'send agents:greeter']"]
 
         calls = [
             (words, output)

@@ -129,8 +129,9 @@ def test_only_the_rabbit_transport_imports_aio_pika() -> None:
         ("amqp_agents.rpc", ["events", "runtime", "cli"]),
         ("amqp_agents.events", ["rpc", "runtime", "cli"]),
         ("amqp_agents.runtime", ["cli"]),
+        ("amqp_agents.tracing", ["rpc", "events", "runtime", "cli"]),
     ],
-    ids=["models", "transport", "rpc", "events", "runtime"],
+    ids=["models", "transport", "rpc", "events", "runtime", "tracing"],
 )
 def test_imports_point_down(layer: str, forbidden: list[str]) -> None:
     """No layer imports a layer above it (rpc and events, siblings, not each other)."""
@@ -171,6 +172,37 @@ def test_leaf_check_sees_a_violation() -> None:
         imp.importer.startswith("amqp_agents.models") and imp.name.startswith("amqp_agents.errors")
         for imp in IMPORTS
     )
+
+
+def test_tracing_is_imported_only_for_types_or_by_the_cli() -> None:
+    """OpenTelemetry is optional: the library names Tracing only under TYPE_CHECKING
+    (an annotation), so nothing imports it unless the application or the CLI asks."""
+    offenders = []
+    for path in sorted(PACKAGE_DIR.rglob("*.py")):
+        module = _module_name(path)
+        if _within(module, "amqp_agents.tracing") or module == "amqp_agents.cli":
+            continue
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        guarded = {
+            id(inner)
+            for node in ast.walk(tree)
+            if isinstance(node, ast.If) and ast.unparse(node.test) == "TYPE_CHECKING"
+            for inner in ast.walk(node)
+        }
+        offenders += [
+            f"{module}:{node.lineno}"
+            for node in ast.walk(tree)
+            if isinstance(node, ast.Import | ast.ImportFrom)
+            and id(node) not in guarded
+            and any(
+                _within(imp.name, target)
+                for imp in _imports_of(
+                    ast.unparse(node), module, is_package=path.name == "__init__.py"
+                )
+                for target in ("amqp_agents.tracing", "opentelemetry")
+            )
+        ]
+    assert offenders == []
 
 
 def test_examples_are_imported_only_by_the_cli() -> None:
