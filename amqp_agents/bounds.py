@@ -1,11 +1,11 @@
 """Bounds for handlers: how many run at once, and how long each try may take.
 
 A leaf (it imports nothing of the package): the worker's slots, the agents' action
-tries and the event bus's handlers share it.
+tries, the event bus's handlers and the RPC client's pending calls share it.
 
 :class:`Slots` is a FIFO semaphore whose uncontended path is a counter (no coroutine
-per delivery); :class:`TimeLimits` gives handler tries time limits with one timer for
-all of them instead of one per try.
+per delivery); :class:`Deadlines` is one timer for many deadlines (a heap), used by
+:class:`TimeLimits` (handler tries) and by the RPC client (pending calls).
 
 ``asyncio.timeout`` costs a scope object, a timer handle and its cancellation per try
 (about 3.5 us under uvloop, a tenth of an in-memory round trip). Here a try costs a
@@ -24,12 +24,92 @@ import asyncio
 import heapq
 import itertools
 from collections import deque
-from typing import Final
+from typing import TYPE_CHECKING, Final, Generic, TypeVar
 
-__all__ = ["Limit", "Slots", "TimeLimits"]
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+__all__ = ["Deadlines", "Limit", "Slots", "TimeLimits"]
 
 _PRUNE_SLACK: Final = 1024
-"""Finished entries tolerated in the heap beyond four per running try."""
+"""Finished entries tolerated in the heap beyond four per live item."""
+
+T = TypeVar("T")
+
+
+class Deadlines(Generic[T]):
+    """Items with deadlines and one timer for all of them: a heap of ``(when, item)``.
+
+    ``expire(item, now)`` runs for each item whose deadline passes while it is not
+    ``finished(item)``; the owner calls :meth:`release` once per armed item when it
+    ends (that count bounds the heap: finished entries are pruned when they outnumber
+    the live ones four to one, beyond a slack). Times are the running loop's clock; a
+    new loop (tests) starts afresh.
+    """
+
+    __slots__ = ("_expire", "_finished", "_heap", "_live", "_loop", "_order", "_timer")
+
+    def __init__(self, expire: Callable[[T, float], None], finished: Callable[[T], bool]) -> None:
+        self._expire = expire
+        self._finished = finished
+        self._heap: list[tuple[float, int, T]] = []
+        self._order = itertools.count()
+        self._timer: asyncio.TimerHandle | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._live = 0
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop | None:
+        """The loop the deadlines run on (``None`` before the first)."""
+        return self._loop
+
+    def arm(self, when: float, item: T) -> None:
+        """Expire ``item`` at ``when`` (loop time) unless it has finished by then."""
+        loop = asyncio.get_running_loop()
+        if loop is not self._loop:  # a new loop: nothing of the old one applies
+            self.clear()
+            self._loop = loop
+        heap = self._heap
+        if len(heap) > 4 * self._live + _PRUNE_SLACK:
+            finished = self._finished
+            heap[:] = [entry for entry in heap if not finished(entry[2])]
+            heapq.heapify(heap)
+        heapq.heappush(heap, (when, next(self._order), item))
+        self._live += 1
+        timer = self._timer
+        if timer is None or when < timer.when():
+            if timer is not None:
+                timer.cancel()
+            self._timer = loop.call_at(when, self._sweep)
+
+    def release(self) -> None:
+        """One armed item has ended (its entry is dropped lazily)."""
+        self._live = max(self._live - 1, 0)
+
+    def clear(self) -> None:
+        """Forget every deadline and stop the timer."""
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = None
+        self._heap.clear()
+        self._live = 0
+
+    def _sweep(self) -> None:
+        self._timer = None
+        loop = self._loop
+        if loop is None:
+            return
+        heap = self._heap
+        now = loop.time()
+        finished = self._finished
+        while heap and heap[0][0] <= now:
+            item = heapq.heappop(heap)[2]
+            if not finished(item):
+                self._expire(item, now)
+        while heap and finished(heap[0][2]):
+            heapq.heappop(heap)
+        if heap:
+            self._timer = loop.call_at(heap[0][0], self._sweep)
 
 
 class Limit:
@@ -66,7 +146,7 @@ class Limit:
         """
         self.finished = True
         limits = self._limits
-        limits._running = max(limits._running - 1, 0)
+        limits._deadlines.release()
         limits._fired.discard(self)
         if not self.expired:
             return False
@@ -77,16 +157,12 @@ class Limit:
 class TimeLimits:
     """Cuts tries off when their time runs out, on the running loop's clock."""
 
-    __slots__ = ("_fired", "_heap", "_loop", "_order", "_running", "_timer")
+    __slots__ = ("_deadlines", "_fired")
 
     def __init__(self) -> None:
         self._fired: set[Limit] = set()
         """Limits that cut their task off, until it ends (normally at once)."""
-        self._heap: list[tuple[float, int, Limit]] = []
-        self._order = itertools.count()
-        self._timer: asyncio.TimerHandle | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._running = 0
+        self._deadlines: Deadlines[Limit] = Deadlines(Limit._fire, _finished)
 
     def arm(self, limit_s: float) -> Limit:
         """Limit the current task's work to ``limit_s`` seconds from now.
@@ -98,53 +174,24 @@ class TimeLimits:
         task = asyncio.current_task(loop)
         if task is None:
             raise RuntimeError("a time limit needs a task to cancel")
-        if loop is not self._loop:  # a new loop (tests): nothing of the old one applies
-            self._reset(loop)
-        heap = self._heap
-        if len(heap) > 4 * self._running + _PRUNE_SLACK:
-            heap[:] = [entry for entry in heap if not entry[2].finished]
-            heapq.heapify(heap)
+        if loop is not self._deadlines.loop:
+            self._fired.clear()
         limit = Limit(self, task)
-        when = loop.time() + limit_s
-        heapq.heappush(heap, (when, next(self._order), limit))
-        self._running += 1
-        timer = self._timer
-        if timer is None or when < timer.when():
-            if timer is not None:
-                timer.cancel()
-            self._timer = loop.call_at(when, self._sweep)
+        self._deadlines.arm(loop.time() + limit_s, limit)
         return limit
 
     def overdue(self, grace_s: float) -> list[Limit]:
         """Limits whose task was cancelled more than ``grace_s`` ago and still runs: a
         handler that ignores (or swallows) cancellation."""
-        if not self._fired or self._loop is None:
+        loop = self._deadlines.loop
+        if not self._fired or loop is None:
             return []
-        now = self._loop.time()
+        now = loop.time()
         return [limit for limit in self._fired if now - limit.fired_at > grace_s]
 
-    def _reset(self, loop: asyncio.AbstractEventLoop) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-        self._timer = None
-        self._heap.clear()
-        self._fired.clear()
-        self._running = 0
-        self._loop = loop
 
-    def _sweep(self) -> None:
-        self._timer = None
-        loop = self._loop
-        if loop is None:
-            return
-        heap = self._heap
-        now = loop.time()
-        while heap and heap[0][0] <= now:
-            heapq.heappop(heap)[2]._fire(now)
-        while heap and heap[0][2].finished:
-            heapq.heappop(heap)
-        if heap:
-            self._timer = loop.call_at(heap[0][0], self._sweep)
+def _finished(limit: Limit) -> bool:
+    return limit.finished
 
 
 class Slots:

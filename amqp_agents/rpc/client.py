@@ -30,15 +30,13 @@ Guarantees:
 Caller bugs raise instead: a bad agent/action name or priority, a payload that is not
 JSON-serialisable or too large, a client that is not started.
 
-It is over 450 lines because the pending-call state (future, deadline heap, re-send)
-is written inline for speed; one pending-call object and a shared deadline heap are
-the split issue 19 asks for.
+A call in flight is a :class:`~amqp_agents.rpc.pending.PendingCall` (its result, its
+deadline, its re-send); one :class:`~amqp_agents.bounds.Deadlines` heap times them all.
 """
 
 from __future__ import annotations
 
 import asyncio
-import heapq
 import logging
 import time
 from collections.abc import Mapping, Sequence
@@ -48,6 +46,7 @@ from typing import TYPE_CHECKING, Any, Final, Self
 
 from pydantic import BaseModel
 
+from amqp_agents.bounds import Deadlines
 from amqp_agents.config import RpcSettings
 from amqp_agents.errors import (
     AgentError,
@@ -63,7 +62,8 @@ from amqp_agents.errors import (
 from amqp_agents.metrics import Metrics, code_label
 from amqp_agents.models.messages import AgentResponse, ErrorCode, IdSource, Priority
 from amqp_agents.models.topology import MAX_PRIORITY, Topology, check_name
-from amqp_agents.models.wire import decode_reply, dump_json, encode_request
+from amqp_agents.models.wire import dump_json, encode_request
+from amqp_agents.rpc.pending import PendingCall, SendAgain, failure
 from amqp_agents.transport.base import ConsumerEnd, EndReason, ExchangeKind, Transport
 from amqp_agents.transport.recovery import Recovery
 from amqp_agents.transport.replies import ReplyQueue
@@ -107,14 +107,6 @@ class _State(Enum):
     CLOSED = "closed"
 
 
-class _Lost(Enum):
-    """What an idempotent call's future resolves to when the link dies: send again."""
-
-    RESEND = "resend"
-
-
-_RESEND: Final = _Lost.RESEND
-
 _NAME_CACHE_SIZE: Final = 1024
 
 _RESEND_BACKOFF_S: Final = 0.05
@@ -152,11 +144,10 @@ class RpcClient:
         self._publish_timeout_s = publish_timeout_s
         self._max_bytes = max_message_bytes
         self._replies = ReplyQueue(self._recovery, on_lost=self._on_replies_lost)
-        self._deadlines = _Deadlines(self._replies)
+        self._deadlines: Deadlines[PendingCall] = Deadlines(_expire, _finished)
         self._ids = IdSource()
         self._state = _State.NEW
         self._closed = asyncio.Event()
-        self._idempotent: set[str] = set()
         self._valid_names: set[tuple[str, str]] = set()
         """(agent, action) pairs already checked: a regex per call is measurable."""
         self.resent = 0
@@ -194,7 +185,7 @@ class RpcClient:
             self._state = _State.CLOSED
             self._closed.set()  # calls waiting for the reply queue stop waiting
             self._fail_pending(ErrorCode.SHUTTING_DOWN, "the RPC client is closing")
-            self._deadlines.cancel()
+            self._deadlines.clear()
         await self._replies.aclose()
         if self._owns_recovery:
             await self._recovery.aclose()  # leaves the transport's callbacks
@@ -288,18 +279,12 @@ class RpcClient:
             if lost is not None:
                 return lost
             envelope.reply_to = self._replies.name
-        # A pending call keeps only its future (memory per pending call), unless it
-        # may have to be sent again.
-        resend = envelope if idempotent else None
-        if idempotent:
-            self._idempotent.add(correlation_id)
-        self._deadlines.arm(deadline, correlation_id)
+        call = PendingCall(correlation_id, deadline, envelope if idempotent else None)
+        self._deadlines.arm(deadline, call)
         refusals = 0
         try:
             while True:
-                future: asyncio.Future[Envelope | AgentResponse | _Lost | None]
-                future = loop.create_future()
-                self._replies.expect(correlation_id, future)
+                self._replies.expect(correlation_id, call)
                 try:
                     await self._transport.publish(
                         envelope,
@@ -307,55 +292,42 @@ class RpcClient:
                         timeout_s=min(self._publish_timeout_s, deadline - loop.time()),
                     )
                 except (UnroutableError, QueueNotFoundError):
-                    return _failure(
+                    return failure(
                         ErrorCode.NO_ROUTE, f"no agent {agent!r} is being served", correlation_id
                     )
                 except PublishTimeoutError as exc:
-                    return _failure(ErrorCode.TIMEOUT, str(exc), correlation_id)
+                    return failure(ErrorCode.TIMEOUT, str(exc), correlation_id)
                 except PublishRejectedError as exc:
-                    return _failure(ErrorCode.REJECTED, str(exc), correlation_id)
+                    return failure(ErrorCode.REJECTED, str(exc), correlation_id)
                 except BrokerUnavailableError as exc:
-                    if resend is None:
-                        return _failure(ErrorCode.CONNECTION_LOST, str(exc), correlation_id)
-                    future = loop.create_future()
-                    future.set_result(_RESEND)
-                    refusals += 1
-                del envelope
-                reply = await future
-                if reply is not _RESEND or resend is None:
-                    break
+                    call.lose(str(exc))
+                    refusals += call.request is not None
+                try:
+                    return await call.reply(agent, action, timeout)
+                except SendAgain:
+                    pass
                 # The link died before the reply: send it again once it is back. If the
                 # publish itself failed, back off first: a link that fails every publish
                 # must not make this a hot loop (bounded by the deadline).
                 if refusals:
                     pause = min(_RESEND_BACKOFF_S * 2 ** min(refusals - 1, 10), 1.0)
                     await asyncio.sleep(min(pause, max(deadline - loop.time(), 0)))
-                if loop.time() >= deadline:
-                    reply = None  # out of time: the call times out, it is not sent again
-                    break
+                if loop.time() >= deadline:  # out of time: it times out, not sent again
+                    call.rearm()
+                    call.time_out()
+                    return await call.reply(agent, action, timeout)
                 lost = await self._await_restored(deadline, correlation_id)
                 if lost is not None:
                     return lost
-                envelope = resend
+                envelope = call.request or envelope
                 envelope.reply_to = self._replies.name
                 envelope.expiration_ms = max(1, int((deadline - loop.time()) * 1000))
+                call.rearm()
                 self.resent += 1
         finally:
             # Also on cancellation: a late reply then finds nothing and is dropped.
             self._replies.forget(correlation_id)
-            if idempotent:
-                self._idempotent.discard(correlation_id)
-        if reply is None:  # the deadline sweeper's verdict
-            return _failure(
-                ErrorCode.TIMEOUT,
-                f"no reply from {agent!r} to {action!r} within {timeout:g}s",
-                correlation_id,
-            )
-        if isinstance(reply, AgentResponse):  # failed locally: connection lost, closing
-            return reply
-        if reply is _RESEND:  # not reached: only idempotent calls get it, and they loop
-            return _failure(ErrorCode.CONNECTION_LOST, "the connection was lost", correlation_id)
-        return decode_reply(reply)
+            self._deadlines.release()
 
     async def _await_restored(self, deadline: float, correlation_id: str) -> AgentResponse | None:
         """Wait for the reply queue to be back after a lost connection, within the
@@ -373,10 +345,10 @@ class RpcClient:
                 live.cancel()
                 closed.cancel()
         if self._state is not _State.STARTED:
-            return _failure(ErrorCode.SHUTTING_DOWN, "the RPC client is closing", correlation_id)
+            return failure(ErrorCode.SHUTTING_DOWN, "the RPC client is closing", correlation_id)
         if self._replies.live.is_set():
             return None
-        return _failure(
+        return failure(
             ErrorCode.CONNECTION_LOST,
             f"the broker connection is lost and was not restored within {max(bound, 0):g}s",
             correlation_id,
@@ -517,63 +489,17 @@ class RpcClient:
         self._fail_pending(ErrorCode.CONNECTION_LOST, message)
 
     def _fail_pending(self, code: ErrorCode, message: str) -> None:
-        resend = code is ErrorCode.CONNECTION_LOST
-        for correlation_id, waiter in self._replies.drain().items():
-            if isinstance(waiter, asyncio.Future) and not waiter.done():
-                if resend and correlation_id in self._idempotent:
-                    waiter.set_result(_RESEND)
+        for waiter in self._replies.drain().values():
+            if isinstance(waiter, PendingCall):
+                if code is ErrorCode.CONNECTION_LOST:
+                    waiter.lose(message)
                 else:
-                    waiter.set_result(_failure(code, message, correlation_id))
+                    waiter.fail(code, message)
 
 
-class _Deadlines:
-    """One timer for all pending calls: a heap of (deadline, correlation id).
-
-    A per-call ``asyncio.timeout`` costs a timer handle and a scope object per call
-    (about 0.5 KiB, and CPU to schedule and cancel); this costs a heap entry. When a
-    deadline passes, the call's future resolves to ``None`` (= timed out) unless its
-    reply came first. Entries of finished calls are skipped, and pruned when they
-    outnumber the pending calls.
-    """
-
-    __slots__ = ("_heap", "_replies", "_timer")
-
-    def __init__(self, replies: ReplyQueue) -> None:
-        self._replies = replies
-        self._heap: list[tuple[float, str]] = []
-        self._timer: asyncio.TimerHandle | None = None
-
-    def arm(self, deadline: float, correlation_id: str) -> None:
-        heap = self._heap
-        if len(heap) > 4 * self._replies.waiting + 1024:
-            heap[:] = [entry for entry in heap if self._replies.is_waiting(entry[1])]
-            heapq.heapify(heap)
-        heapq.heappush(heap, (deadline, correlation_id))
-        timer = self._timer
-        if timer is None or deadline < timer.when():
-            if timer is not None:
-                timer.cancel()
-            self._timer = asyncio.get_running_loop().call_at(deadline, self._sweep)
-
-    def _sweep(self) -> None:
-        self._timer = None
-        heap = self._heap
-        loop = asyncio.get_running_loop()
-        now = loop.time()
-        while heap and heap[0][0] <= now:
-            _deadline, correlation_id = heapq.heappop(heap)
-            waiter = self._replies.waiter(correlation_id)
-            if isinstance(waiter, asyncio.Future) and not waiter.done():
-                waiter.set_result(None)
-        if heap:
-            self._timer = loop.call_at(heap[0][0], self._sweep)
-
-    def cancel(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        self._heap.clear()
+def _expire(call: PendingCall, _now: float) -> None:
+    call.time_out()
 
 
-def _failure(code: ErrorCode, message: str, correlation_id: str) -> AgentResponse:
-    return AgentResponse.failure(code, message, correlation_id=correlation_id)
+def _finished(call: PendingCall) -> bool:
+    return call.done

@@ -10,9 +10,9 @@ the request rather than losing its answer. A malformed request is answered
 ``INVALID_PAYLOAD`` (when it has ``reply_to``) and acked: it never loops. A request
 whose caller's deadline has passed is acked unanswered and counted, not worked on.
 What each outcome publishes, and what happens when the broker refuses that, is the
-settlement table of :mod:`~amqp_agents.runtime.settle`; this module owns the
-lifecycle, admission (slots, the handler watchdog) and the request pipeline, which is
-why it is still about 740 lines (splitting the pipeline out is the next step of issue 19).
+settlement table of :mod:`~amqp_agents.runtime.settle`; the pipeline itself is
+:mod:`~amqp_agents.runtime.pipeline`, admission (slots, the handler watchdog, giving
+back) :mod:`~amqp_agents.runtime.admission`. This module owns the lifecycle.
 
 Event handlers of the agents (``@on_event``) run on the worker's
 :class:`~amqp_agents.events.bus.EventBus` under the same concurrency bound, timeout and
@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import functools
 import logging
 import time
@@ -48,25 +47,19 @@ from collections.abc import Awaitable, Callable, Sequence
 from enum import Enum
 from typing import TYPE_CHECKING
 
-from amqp_agents.bounds import Slots
 from amqp_agents.config import WorkerSettings
 from amqp_agents.errors import (
     BrokerUnavailableError,
     ConfigurationError,
-    InvalidPayloadError,
     LifecycleError,
-    MessageTooLargeError,
     TransportError,
 )
 from amqp_agents.events.bus import EventBus
-from amqp_agents.metrics import Metrics
-from amqp_agents.metrics import Outcome as MetricOutcome
-from amqp_agents.models.messages import AgentResponse, ErrorCode
-from amqp_agents.models.rewrites import attempt_from
 from amqp_agents.models.topology import Topology
-from amqp_agents.models.wire import deadline_from, read_request
+from amqp_agents.runtime.admission import Admission, StuckTries
 from amqp_agents.runtime.monitor import QueueMonitor
-from amqp_agents.runtime.settle import Settlement, WorkerStats, action_label, log_fields
+from amqp_agents.runtime.pipeline import RequestPipeline
+from amqp_agents.runtime.settle import Settlement, WorkerStats
 from amqp_agents.transport.base import (
     Delivery,
     ExchangeKind,
@@ -75,7 +68,7 @@ from amqp_agents.transport.base import (
 from amqp_agents.transport.recovery import Attachment, Recovery
 
 if TYPE_CHECKING:
-    from amqp_agents.models.envelope import Envelope
+    from amqp_agents.metrics import Metrics
     from amqp_agents.runtime.agent import Agent
     from amqp_agents.tracing import Tracing
 
@@ -85,12 +78,6 @@ log = logging.getLogger(__name__)
 
 _SHUTDOWN_HOOKS_S = 10.0
 """The longest the agents' ``shutdown()`` hooks may take together during a stop."""
-
-_STUCK_GRACE_S = 5.0
-"""How long a handler cut off by its time limit may take to end before it is let go."""
-
-_ANSWER_RESERVE_S = 0.05
-"""Time kept back from a caller's deadline (at most a tenth of it) for the answer."""
 
 ShutdownTrigger = Callable[[], Awaitable[object]]
 
@@ -133,13 +120,8 @@ class Worker:
             raise ConfigurationError(f"agent names must be unique: {', '.join(duplicates)}")
         self._transport = transport
         self._agents = list(agents)
-        self._agent_names = frozenset(names)
         self._topology = topology or Topology()
-        self._agent_queues = frozenset(self._topology.agent_queue(name) for name in names)
         self._settings = settings or WorkerSettings()
-        self._publish_timeout_s = publish_timeout_s
-        self._max_bytes = max_message_bytes
-        self._slots = Slots(self._settings.concurrency)
         self._recovery = Recovery(
             transport,
             metrics=metrics,
@@ -149,15 +131,7 @@ class Worker:
         self._escalation = ""
         self._unregister: tuple[Callable[[], None], ...] = ()
         self._consumers: list[Attachment] = []
-        self._waiting: set[asyncio.Task[object]] = set()
-        self._giving_back: set[asyncio.Future[None]] = set()
-        self._deliveries: dict[asyncio.Task[object], Delivery] = {}
-        """The delivery of each running task (the watchdog settles abandoned ones)."""
-        self._abandoned: dict[asyncio.Task[object], str] = {}
-        """Handlers that ignored their time limit's cancellation: task -> what it runs."""
         self._watchdog: asyncio.Task[None] | None = None
-        self._closing_channels = False
-        self._running: set[asyncio.Task[object]] = set()
         self._state = _State.NEW
         self._lost = asyncio.Event()
         """Set when consumers cannot heal in place (see ``reattach_limit_s``)."""
@@ -170,18 +144,6 @@ class Worker:
             if metrics is None
             else QueueMonitor(transport, metrics, self.queues, interval_s=depth_interval_s)
         )
-        self.events = EventBus(
-            transport,
-            topology=self._topology,
-            publish_timeout_s=publish_timeout_s,
-            max_message_bytes=max_message_bytes,
-            prefetch=self._settings.concurrency,
-            handler_timeout_s=self._settings.action_timeout_s,
-            guard=self._guarded,
-            metrics=metrics,
-            recovery=self._recovery,
-        )
-        """The worker's event bus: agents emit through it, their handlers run on it."""
         self.stats = WorkerStats()
         self._settle = Settlement(
             transport,
@@ -193,6 +155,36 @@ class Worker:
             stats=self.stats,
         )
         """The settlement table, carried out (see :mod:`~amqp_agents.runtime.settle`)."""
+        self._admission = Admission(
+            transport,
+            self._settle,
+            topology=self._topology,
+            agents=self._agents,
+            concurrency=self._settings.concurrency,
+            publish_timeout_s=publish_timeout_s,
+            stats=self.stats,
+            metrics=metrics,
+            accepting=self._accepting,
+        )
+        self._pipeline = RequestPipeline(
+            self._settle,
+            settings=self._settings,
+            stats=self.stats,
+            metrics=metrics,
+            max_message_bytes=max_message_bytes,
+        )
+        self.events = EventBus(
+            transport,
+            topology=self._topology,
+            publish_timeout_s=publish_timeout_s,
+            max_message_bytes=max_message_bytes,
+            prefetch=self._settings.concurrency,
+            handler_timeout_s=self._settings.action_timeout_s,
+            guard=self._admission.guarded,
+            metrics=metrics,
+            recovery=self._recovery,
+        )
+        """The worker's event bus: agents emit through it, their handlers run on it."""
 
     @property
     def agents(self) -> list[Agent]:
@@ -225,7 +217,7 @@ class Worker:
         (their tasks cannot be killed; only a restart frees them)."""
         if self.consumers_lost:
             return f"consumers did not heal: {self.not_ready_reason() or 'consumers lost'}"
-        stuck = self.stuck_handlers
+        stuck = self._admission.stuck_handlers
         if stuck:
             return f"{len(stuck)} handler(s) ignore cancellation: {', '.join(stuck[:5])}"
         return None
@@ -263,8 +255,14 @@ class Worker:
 
     @property
     def in_flight(self) -> int:
-        """Requests being handled right now."""
-        return len(self._running)
+        """Requests and events being handled right now."""
+        return self._admission.in_flight
+
+    @property
+    def stuck_handlers(self) -> list[str]:
+        """Handlers that ignored their time limit's cancellation and still run (their
+        slots and deliveries were let go; liveness fails while any is left)."""
+        return self._admission.stuck_handlers
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -309,9 +307,9 @@ class Worker:
                         spec.pattern,
                         f"group {spec.group}" if spec.group else "broadcast",
                     )
-            self._started = True
+            self._started = self._admission.started = True
             self._watchdog = asyncio.get_running_loop().create_task(
-                self._watch_handlers(), name="amqp-agents-handler-watchdog"
+                self._admission.watch(self._stuck_tries), name="amqp-agents-handler-watchdog"
             )
             if self._monitor is not None:
                 self._monitor.start()
@@ -416,29 +414,7 @@ class Worker:
             with contextlib.suppress(TransportError):
                 await consumer.cancel()
         await self.events.stop_consuming()
-        for task in list(self._waiting):
-            task.cancel()
-        if self._running:
-            finished = asyncio.ensure_future(asyncio.wait(set(self._running)))
-            grace_cut = asyncio.ensure_future(self._grace_cut.wait())
-            await asyncio.wait(
-                {finished, grace_cut},
-                timeout=self._settings.grace_period_s,
-                return_when=asyncio.FIRST_COMPLETED,
-            )
-            finished.cancel()  # cancels the wait, never the handlers
-            grace_cut.cancel()
-            pending = {task for task in self._running if not task.done()}
-            for task in pending:
-                task.cancel()
-            if pending:
-                log.warning("cancelled %d handler(s) after the grace period", len(pending))
-                await asyncio.wait(pending, timeout=5)
-        # Copies given back need their channel for the ack: no new ones from here on
-        # (later ones are plainly requeued), and the started ones finish first (bounded).
-        self._closing_channels = True
-        if self._giving_back:
-            await asyncio.wait(set(self._giving_back), timeout=5)
+        await self._admission.drain(self._settings.grace_period_s, self._grace_cut)
         for consumer in self._consumers:
             await consumer.close()
         # Bounded: a shutdown hook that hangs must not hold up the stop (and with it a
@@ -460,275 +436,26 @@ class Worker:
     # -- per delivery ----------------------------------------------------------------
 
     def _handler_for(self, agent: Agent) -> Callable[[Delivery], Awaitable[None]]:
-        process = functools.partial(self._process, agent)
+        process = functools.partial(self._pipeline.process, agent)
+        guarded = self._admission.guarded
         metrics = self._metrics
         received = None if metrics is None else metrics.child(metrics.messages_received, agent.name)
 
         async def on_delivery(delivery: Delivery) -> None:
             if received is not None:
                 received.inc()
-            await self._guarded(delivery, process)
+            await guarded(delivery, process)
 
         return on_delivery
 
-    async def _guarded(
-        self, delivery: Delivery, process: Callable[[Delivery], Awaitable[None]]
-    ) -> None:
-        """Run ``process`` within the concurrency bound, tracked for a graceful stop.
-
-        Every delivery, request or event, passes here (in its own task, spawned by the
-        transport): deliveries that arrive while stopping, or are still waiting for a
-        slot when the stop begins, are given back unstarted (:meth:`_give_back`);
-        cancelled ones are requeued.
-        """
-        self.stats.received += 1
-        if self._state is not _State.RUNNING:
-            await self._give_back(delivery)
-            return
-        task = asyncio.current_task()
-        assert task is not None  # noqa: S101  # always inside a task
-        if not self._slots.try_take():
-            self._waiting.add(task)
-            try:
-                await self._slots.take()
-            except asyncio.CancelledError:
-                await self._give_back(delivery)
-                raise
-            finally:
-                self._waiting.discard(task)
-        if not self._accepting():
-            # A slot freed while stopping: not started yet, so it goes back.
-            self._slots.release()
-            await self._give_back(delivery)
-            return
-        self._running.add(task)
-        self._deliveries[task] = delivery
-        self.stats.in_flight += 1
-        if self._metrics is not None:
-            self._metrics.in_flight.inc()
-        try:
-            await process(delivery)
-        except asyncio.CancelledError:
-            await self._settle.requeue(delivery)
-            raise
-        except Exception:
-            # A bug of ours, not the handler's (those become replies): never leave the
-            # delivery unsettled. Requeued, it comes back redelivered, and redeliveries
-            # are counted, so it cannot loop forever.
-            log.exception("processing a delivery failed; requeued")
-            await self._settle.requeue(delivery)
-        finally:
-            del self._deliveries[task]
-            if not self._abandoned or self._abandoned.pop(task, None) is None:
-                # (else: the watchdog let it go, and did this already)
-                self.stats.in_flight -= 1
-                if self._metrics is not None:
-                    self._metrics.in_flight.dec()
-                self._running.discard(task)
-                self._slots.release()
-
-    @property
-    def stuck_handlers(self) -> list[str]:
-        """Handlers that ignored their time limit's cancellation and still run (their
-        slots and deliveries were let go; liveness fails while any is left)."""
-        return sorted(self._abandoned.values())
-
-    async def _watch_handlers(self) -> None:
-        """Let go of handlers that ignore cancellation: a try cut off by its limit
-        more than ``_STUCK_GRACE_S`` ago that still runs has its delivery requeued (the
-        redelivery counts as an attempt, so a request or group event that always does
-        this ends in its dead-letter queue) and its slot freed, so the worker keeps
-        serving. Action handlers and event handlers alike."""
-        while True:
-            await asyncio.sleep(_STUCK_GRACE_S / 2)
-            stuck: list[tuple[asyncio.Task[object], Agent | None]] = [
-                (task, agent)
-                for agent in self._agents
-                for task in agent.stuck_tries(_STUCK_GRACE_S)
-            ]
-            stuck += [(task, None) for task in self.events.stuck_tries(_STUCK_GRACE_S)]
-            for task, agent in stuck:
-                delivery = self._deliveries.get(task)
-                if delivery is not None and task not in self._abandoned:
-                    await self._abandon(agent, task, delivery)
-
-    async def _abandon(
-        self, agent: Agent | None, task: asyncio.Task[object], delivery: Delivery
-    ) -> None:
-        envelope = delivery.envelope
-        if agent is None:
-            what = f"event handler for {envelope.routing_key}"
-        else:
-            what = f"{agent.name}.{action_label(agent, envelope.type)}"
-        self._abandoned[task] = what
-        self._running.discard(task)
-        self.stats.in_flight -= 1
-        if self._metrics is not None:
-            self._metrics.in_flight.dec()
-        self._slots.release()
-        log.error(
-            "%s ignored its time limit's cancellation for %gs and still runs; its"
-            " delivery is requeued and its slot freed (correlation id %s)",
-            what,
-            _STUCK_GRACE_S,
-            envelope.correlation_id,
-        )
-        if agent is None:
-            await self._settle.requeue(delivery)
-        else:
-            await self._settle.requeue_counted(agent, delivery)
-
-    async def _give_back(self, delivery: Delivery) -> None:
-        """Return a request that never started without making it a redelivery.
-
-        A ``nack(requeue)`` marks it ``redelivered``, and every redelivery counts as an
-        attempt (it may have crashed a worker): a few rolling restarts would then
-        dead-letter a healthy request that only sat in a worker's prefetch. So an
-        unstarted request is published again as it came (same attempt, the time left
-        as its TTL; confirmed) and then acked; it goes to the back of its priority
-        level. An event, a request that was already a redelivery (its count is still
-        due), one whose copy is not confirmed, or any while the worker is not fully
-        started or already closing its channels (the ack could be lost, and the request
-        would be queued twice) is requeued as before.
-        """
-        envelope = delivery.envelope
-        queue = self._queue_of(envelope)
-        if (
-            queue is None
-            or envelope.redelivered
-            or self._closing_channels
-            or not self._started  # a consume cut short closes its channel: no ack then
-        ):
-            await self._settle.requeue(delivery)
-            return
-        # Copy and ack as one unit, shielded: a cancellation between the two would
-        # leave the request twice in the queue.
-        giving = asyncio.ensure_future(self._publish_back(delivery, queue))
-        self._giving_back.add(giving)
-        giving.add_done_callback(self._giving_back.discard)
-        await asyncio.shield(giving)
-
-    async def _publish_back(self, delivery: Delivery, queue: str) -> None:
-        envelope = delivery.envelope
-        deadline = deadline_from(envelope)
-        left_ms = None if deadline is None else int((deadline - time.time()) * 1000)
-        if left_ms is not None and left_ms <= 0:
-            self.stats.expired += 1
-            await delivery.ack()  # its caller stopped waiting: as the worker would
-            return
-        copy = dataclasses.replace(
-            envelope,
-            exchange="",
-            routing_key=queue,
-            expiration_ms=left_ms if left_ms is not None else envelope.expiration_ms,
-            redelivered=False,
-        )
-        try:
-            await self._transport.publish(
-                copy, mandatory=True, timeout_s=min(self._publish_timeout_s, 2.0)
-            )
-        except TransportError:
-            await self._settle.requeue(delivery)
-            return
-        self.stats.requeued += 1
-        await delivery.ack()
-
-    def _queue_of(self, envelope: Envelope) -> str | None:
-        """The agent queue a request was delivered from; ``None`` for anything else."""
-        topology = self._topology
-        if envelope.exchange == topology.requests_exchange:
-            name = envelope.routing_key
-            return topology.agent_queue(name) if name in self._agent_names else None
-        if envelope.exchange == "" and envelope.routing_key in self._agent_queues:
-            return envelope.routing_key
-        return None
-
-    async def _process(self, agent: Agent, delivery: Delivery) -> None:
-        envelope = delivery.envelope
-        deadline = deadline_from(envelope)
-        timeout_s = self._settings.action_timeout_s
-        if deadline is not None:
-            remaining = deadline - time.time()
-            if remaining <= 0:
-                self.stats.expired += 1
-                log.info(
-                    "dropping %s.%s: its caller's deadline passed (correlation id %s)",
-                    agent.name,
-                    envelope.type,
-                    envelope.correlation_id,
-                    extra=log_fields(agent, envelope, "expired"),
-                )
-                await delivery.ack()
-                self._settle.count(agent, envelope.type, MetricOutcome.EXPIRED)
-                return
-            # Work stops a little before the caller's deadline: the answer (and a
-            # dead letter) must still be published and travel back in time.
-            remaining -= min(_ANSWER_RESERVE_S, remaining / 10)
-            timeout_s = min(timeout_s, remaining)
-        work_until = None if deadline is None else time.monotonic() + remaining
-        if envelope.redelivered:
-            # Delivered before and never settled: maybe it crashed the worker. Count it
-            # as an attempt *in the message* (republish, then ack), or a message that
-            # kills the process would loop forever.
-            await self._settle.count_redelivery(agent, delivery, attempt_from(envelope) + 1)
-            return
-        policy = self._settings.retry
-        if len(envelope.body) > self._max_bytes:
-            attempt = attempt_from(envelope)
-            too_large = MessageTooLargeError(
-                f"the request is {len(envelope.body)} bytes, over the {self._max_bytes}-byte limit"
-            )
-            await self._settle.fail(
-                agent, delivery, AgentResponse.from_error(too_large), attempt, dead_letter=True
-            )
-            return
-        try:
-            message = read_request(envelope)
-        except InvalidPayloadError as exc:
-            self.stats.invalid += 1
-            log.warning(
-                "invalid request for %s (correlation id %s): %s",
-                agent.name,
-                envelope.correlation_id,
-                exc.message,
-                extra=log_fields(agent, envelope, "invalid", exc.code),
-            )
-            await self._settle.fail(
-                agent,
-                delivery,
-                AgentResponse.from_error(exc),
-                attempt_from(envelope),
-                dead_letter=True,
-            )
-            return
-        metrics = self._metrics
-        started = 0.0 if metrics is None else time.perf_counter()
-        outcome = await agent.run(message, timeout_s=timeout_s, policy=policy, deadline=work_until)
-        if metrics is not None:
-            action = action_label(agent, message.action)
-            metrics.child(metrics.handler_duration, agent.name, action).observe(
-                time.perf_counter() - started
-            )
-            if not outcome.ok and outcome.response.code == ErrorCode.TIMEOUT:
-                metrics.child(metrics.handler_timeouts, agent.name, action).inc()
-        if outcome.ok:
-            await self._settle.reply_and_ack(agent, delivery, outcome)
-            return
-        response = outcome.response
-        assert response.error is not None  # noqa: S101  # not ok: an error reply
-        if not outcome.retryable:
-            crashed = response.error.code == ErrorCode.INTERNAL_ERROR
-            attempt = attempt_from(envelope)
-            await self._settle.fail(agent, delivery, response, attempt, dead_letter=crashed)
-            return
-        attempt = attempt_from(envelope)
-        policy = agent.retry_policy(message.action, policy)
-        if attempt < policy.max_deliveries:
-            delay_ms = policy.redelivery_delay_ms(attempt, outcome.delay_s)
-            if deadline is None or time.time() + delay_ms / 1000 < deadline:
-                await self._settle.redeliver_later(agent, delivery, response, attempt + 1, delay_ms)
-                return
-        await self._settle.fail(agent, delivery, outcome.response, attempt, dead_letter=True)
+    def _stuck_tries(self, grace_s: float) -> StuckTries:
+        """Tries of the agents' actions and event handlers cut off more than ``grace_s``
+        ago that still run (what the watchdog lets go)."""
+        stuck: StuckTries = [
+            (task, agent) for agent in self._agents for task in agent.stuck_tries(grace_s)
+        ]
+        stuck += [(task, None) for task in self.events.stuck_tries(grace_s)]
+        return stuck
 
 
 async def _forever() -> None:

@@ -1,4 +1,4 @@
-"""The worker's bounds: Slots (concurrency) and TimeLimits (per-try time limits)."""
+"""The bounds: Slots (concurrency), Deadlines (one timer for many) and TimeLimits."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from amqp_agents.bounds import Slots, TimeLimits
+from amqp_agents.bounds import Deadlines, Slots, TimeLimits
 
 
 async def test_slots_admit_n_holders_then_serve_waiters_in_order() -> None:
@@ -116,7 +116,7 @@ async def test_the_heap_of_limits_stays_bounded() -> None:
     limits = TimeLimits()
     for _ in range(10_000):
         limits.arm(3600).end(None)
-    assert len(limits._heap) <= 1100
+    assert len(limits._deadlines._heap) <= 1100
 
 
 async def test_arm_outside_a_task_is_refused() -> None:
@@ -132,3 +132,46 @@ async def test_arm_outside_a_task_is_refused() -> None:
 
     loop.call_soon(outside)
     assert "needs a task" in str(await future)
+
+
+async def test_deadlines_expire_in_order_and_skip_finished_items() -> None:
+    """Each item whose deadline passes is expired once, earliest first; an item that
+    finished before its deadline is not."""
+    expired: list[str] = []
+    done: set[str] = set()
+    all_expired = asyncio.Event()
+
+    def expire(item: str, _now: float) -> None:
+        expired.append(item)
+        if len(expired) == 2:
+            all_expired.set()
+
+    deadlines: Deadlines[str] = Deadlines(expire, done.__contains__)
+    now = asyncio.get_running_loop().time()
+    deadlines.arm(now + 0.03, "late")
+    deadlines.arm(now + 0.01, "early")
+    deadlines.arm(now + 0.02, "finished")
+    done.add("finished")
+    await asyncio.wait_for(all_expired.wait(), timeout=5)
+    assert expired == ["early", "late"]
+
+
+async def test_deadlines_stay_bounded_and_clear_stops_the_timer() -> None:
+    """Released entries are pruned (heap near the slack, not 10,000); clear() leaves no
+    timer and no entry, so nothing expires after it."""
+    done: set[int] = set()
+    expired: list[int] = []
+    deadlines: Deadlines[int] = Deadlines(
+        lambda item, _now: expired.append(item), done.__contains__
+    )
+    now = asyncio.get_running_loop().time()
+    for item in range(10_000):
+        deadlines.arm(now + 3600, item)
+        done.add(item)
+        deadlines.release()
+    assert len(deadlines._heap) <= 1100
+    deadlines.arm(now, -1)
+    deadlines.clear()
+    assert deadlines._timer is None
+    await asyncio.sleep(0)  # one loop turn: a timer left behind would have fired
+    assert expired == []

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from amqp_agents.transport.rabbitmq import _close_within
+from amqp_agents.transport.rabbit.consumer import close_within
 
 
 async def test_a_close_that_ignores_cancellation_is_abandoned_at_the_bound() -> None:
@@ -26,7 +26,7 @@ async def test_a_close_that_ignores_cancellation_is_abandoned_at_the_bound() -> 
             ended.set()
 
     started = time.monotonic()
-    await _close_within(stubborn_close(), 0.05)
+    await close_within(stubborn_close(), 0.05)
     assert time.monotonic() - started < 1.0
     assert not ended.is_set(), "abandoned, not awaited"
     release.set()
@@ -40,6 +40,6 @@ async def test_link_errors_of_a_close_are_ignored_and_others_raised() -> None:
     async def bug() -> None:
         raise ValueError("a bug, not a dying link")
 
-    await _close_within(reset(), 1)
+    await close_within(reset(), 1)
     with pytest.raises(ValueError, match="a bug"):
-        await _close_within(bug(), 1)
+        await close_within(bug(), 1)

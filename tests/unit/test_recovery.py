@@ -40,9 +40,11 @@ def test_every_consumer_the_library_starts_notices_its_end() -> None:
     assert calls, "the scan found no consume() call: it is broken"
     assert [call for call in calls if not call[2]] == []
     # Long-lived consumers go through the one recovery owner; only the dead-letter
-    # reader (short-lived, it stops waiting when its consumer ends) consumes directly.
+    # reader (short-lived, it stops waiting when its consumer ends) consumes directly,
+    # and the traced transport forwards each consume (with its on_end) to the one below.
     assert sorted({module for module, _line, _end in calls}) == [
         "runtime/dead_letters.py",
+        "tracing/transport.py",
         "transport/recovery.py",
     ]
 

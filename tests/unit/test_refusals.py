@@ -21,7 +21,7 @@ from amqp_agents.runtime.agent import Agent, action
 from amqp_agents.runtime.worker import Worker
 from amqp_agents.transport.base import QueueSpec
 from amqp_agents.transport.memory import InMemoryBroker, InMemoryTransport
-from amqp_agents.transport.rabbitmq import _channel_on
+from amqp_agents.transport.rabbit.consumer import channel_on
 from tests.agents_for_tests import await_until
 
 TOPOLOGY = Topology()
@@ -142,4 +142,4 @@ async def test_a_channel_asked_of_a_closing_connection_is_a_transport_error() ->
     """Not a bare RuntimeError escaping the error tree (it ended callers' tasks in the
     broker-restart fault test, and would end a consumer's re-attach loop)."""
     with pytest.raises(BrokerUnavailableError, match="connection closed"):
-        await _channel_on(cast("Any", _ClosedConnection()), publisher_confirms=True)
+        await channel_on(cast("Any", _ClosedConnection()), publisher_confirms=True)

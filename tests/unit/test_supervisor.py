@@ -14,7 +14,7 @@ from amqp_agents.runtime.supervisor import Supervisor
 from amqp_agents.runtime.worker import Worker
 from amqp_agents.transport.base import Transport
 from amqp_agents.transport.memory import InMemoryBroker, InMemoryTransport
-from amqp_agents.transport.rabbitmq import _RabbitConsumer
+from amqp_agents.transport.rabbit.consumer import RabbitConsumer
 from tests.agents_for_tests import await_until
 
 
@@ -93,7 +93,7 @@ class _Channel:
 
 
 async def test_a_consumer_cancel_cut_by_a_dying_link_returns() -> None:
-    consumer = _RabbitConsumer("q", cast("Any", _Channel()), None, lambda: False)
+    consumer = RabbitConsumer("q", cast("Any", _Channel()), None, lambda: False)
     await asyncio.wait_for(consumer.cancel(), 1)  # returns: the consumer died with the link
 
 
@@ -108,7 +108,7 @@ async def test_a_consumer_cancel_that_is_cancelled_raises() -> None:
         async def get_underlay_channel(self) -> _SlowUnderlay:  # type: ignore[override]
             return _SlowUnderlay()
 
-    consumer = _RabbitConsumer("q", cast("Any", _SlowChannel()), None, lambda: False)
+    consumer = RabbitConsumer("q", cast("Any", _SlowChannel()), None, lambda: False)
     task = asyncio.create_task(consumer.cancel())
     await asyncio.sleep(0)
     task.cancel()
