@@ -256,7 +256,7 @@ async def test_requests_a_stop_gives_back_are_not_counted_as_attempts(backend: B
     assert first.stats.requeued == 1
     assert await backend.ready(observer, queue) == 2
     tap = Tap(await backend.connect())
-    second = Worker(tap, [echo])  # type: ignore[arg-type]
+    second = Worker(tap, [echo])
     await second.start()
     try:
 

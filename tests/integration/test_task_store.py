@@ -100,7 +100,7 @@ class _Replica:
     def __init__(self, url: str, store_env: dict[str, str], log_dir: Path) -> None:
         self.process = CliProcess(
             ["--url", url, "run", "amqp_agents.examples.tasks:app"],
-            env=cli_env(**store_env),
+            env={**cli_env(), **store_env},
             log_dir=log_dir,
         )
 

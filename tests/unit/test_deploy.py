@@ -904,7 +904,7 @@ def run_with_config(
             str(port),
             *extra,
         ],
-        env=cli_env(**env),
+        env={**cli_env(), **env},
         log_dir=tmp_path,
     )
     try:

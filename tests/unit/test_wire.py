@@ -124,7 +124,9 @@ def test_request_round_trip() -> None:
     assert message.priority == Priority.HIGH
     assert message.deadline is not None
     assert envelope.headers is not None
-    assert message.deadline.timestamp() == pytest.approx(envelope.headers[HEADER_DEADLINE] / 1000)
+    deadline_ms = envelope.headers[HEADER_DEADLINE]
+    assert isinstance(deadline_ms, int)
+    assert message.deadline.timestamp() == pytest.approx(deadline_ms / 1000)
 
 
 # -- decode_request ---------------------------------------------------------------
