@@ -21,8 +21,6 @@ import pytest
 from tests.agents_for_tests import await_until
 from tests.faults import FaultProxy, make_tls_material
 
-pytestmark = pytest.mark.integration
-
 Unique = Callable[[str], str]
 
 

@@ -14,8 +14,6 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any, cast
 
-import pytest
-
 from amqp_agents.config import RetryPolicy, WorkerSettings
 from amqp_agents.errors import AgentError, BrokerUnavailableError, NotFoundError
 from amqp_agents.events.bus import EventBus
@@ -28,8 +26,6 @@ from amqp_agents.runtime.worker import Worker
 from amqp_agents.transport.base import QueueInfo, Transport
 from amqp_agents.transport.rabbitmq import RabbitTransport
 from tests.agents_for_tests import Flaky, await_until, holds
-
-pytestmark = pytest.mark.integration
 
 Connect = Callable[..., Awaitable[RabbitTransport]]
 Unique = Callable[[str], str]

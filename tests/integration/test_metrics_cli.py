@@ -12,7 +12,6 @@ import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from amqp_agents.config import WorkerSettings
@@ -23,8 +22,6 @@ from amqp_agents.runtime.worker import Worker
 from amqp_agents.testing import BrokerAdmin, url_for_vhost
 from amqp_agents.transport.rabbitmq import RabbitTransport
 from tests.agents_for_tests import CliProcess, await_until, cli_env, free_port, holds, run_cli
-
-pytestmark = pytest.mark.integration
 
 Connect = Callable[..., Awaitable[RabbitTransport]]
 Unique = Callable[[str], str]

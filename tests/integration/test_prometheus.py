@@ -47,8 +47,6 @@ from amqp_agents.testing import BrokerAdmin, url_for_vhost
 from amqp_agents.transport.rabbitmq import RabbitTransport
 from tests.agents_for_tests import CliProcess, cli_env, free_port, wait_until
 
-pytestmark = pytest.mark.integration
-
 ROOT = Path(__file__).resolve().parents[2]
 DASHBOARD = ROOT / "deploy" / "grafana" / "amqp-agents.json"
 ALERTS = ROOT / "deploy" / "prometheus" / "alerts.yml"

@@ -38,8 +38,6 @@ from tests.agents_for_tests import (
     scenario_retry_after_delay,
 )
 
-pytestmark = pytest.mark.integration
-
 Connect = Callable[..., Awaitable[RabbitTransport]]
 Unique = Callable[[str], str]
 TOPOLOGY = Topology()
