@@ -213,12 +213,8 @@ async def test_a_full_queue_nacks_clearly(backend: Backend) -> None:
         transport, "full", arguments={"x-max-length": 1, "x-overflow": "reject-publish"}
     )
     await backend.publish(transport, b"1", routing_key=full)
-    try:
+    with pytest.raises(PublishRejectedError):
         await backend.publish(transport, b"2", routing_key=full)
-    except PublishRejectedError:
-        pass
-    else:
-        raise AssertionError("the second publish was not refused")
     assert await backend.ready(transport, full) == 1
 
 
