@@ -16,9 +16,8 @@ from __future__ import annotations
 
 import abc
 import asyncio
-import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
@@ -37,6 +36,7 @@ from amqp_agents.transport.base import (
 )
 from amqp_agents.transport.memory import InMemoryBroker, InMemoryTransport
 from amqp_agents.transport.rabbitmq import RabbitTransport
+from tests.support import wait_until
 
 PUBLISH_TIMEOUT_S = 5.0
 
@@ -173,14 +173,9 @@ class Backend(abc.ABC):
         envelope = Envelope(body=body, exchange=exchange, routing_key=routing_key, **properties)
         await transport.publish(envelope, mandatory=mandatory, timeout_s=PUBLISH_TIMEOUT_S)
 
-    async def wait_until(self, predicate: Callable[[], Awaitable[bool]], what: str) -> None:
-        """Poll broker state that has no event to await; fail if not true in time."""
-        timeout_s = self.timeout_s
-        deadline = time.monotonic() + timeout_s
-        while not await predicate():
-            if time.monotonic() > deadline:
-                pytest.fail(f"not true within {timeout_s:g}s: {what}")
-            await asyncio.sleep(0.01)
+    async def wait_until(self, predicate: Callable[[], object], what: str) -> None:
+        """:func:`tests.support.wait_until`, bounded by this backend's :attr:`timeout_s`."""
+        await wait_until(predicate, what=what, timeout_s=self.timeout_s)
 
     async def ready(self, transport: Transport, queue: str) -> int:
         """Ready messages in ``queue``."""
