@@ -60,6 +60,7 @@ from amqp_agents.transport.base import (
     QueueSpec,
     Transport,
 )
+from tests.support import wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 CLI = str(Path(sys.executable).with_name("amqp-agents"))
@@ -222,26 +223,6 @@ def run_cli(
         timeout=timeout_s,
         check=False,
     )
-
-
-def wait_until(predicate: Callable[[], bool], *, timeout_s: float, what: str) -> None:
-    """Poll ``predicate`` every 50 ms; fail the test if it is not true within ``timeout_s``."""
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s:g}s waiting for {what}")
-        time.sleep(0.05)
-
-
-async def await_until(
-    predicate: Callable[[], Awaitable[bool]], *, timeout_s: float, what: str
-) -> None:
-    """Async :func:`wait_until`: poll ``await predicate()`` every 20 ms, bounded."""
-    deadline = time.monotonic() + timeout_s
-    while not await predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s:g}s waiting for {what}")
-        await asyncio.sleep(0.02)
 
 
 # -- retries and dead letters (tests/unit/test_retries.py, tests/integration/test_retries.py)
@@ -527,15 +508,6 @@ async def peek_envelopes(
     return [d.envelope for d in got]
 
 
-def holds(predicate: Callable[[], bool]) -> Callable[[], Awaitable[bool]]:
-    """A sync predicate for :func:`await_until`."""
-
-    async def check() -> bool:
-        return predicate()
-
-    return check
-
-
 # Scenarios that run on both brokers: tests/unit/test_retries.py calls them on the
 # in-memory broker, tests/integration/test_retries.py on RabbitMQ, each with its rig.
 
@@ -551,8 +523,8 @@ async def scenario_poison_is_dead_lettered(r: Rig, *, timeout_s: float) -> None:
     poison = asyncio.create_task(
         client.send(agent.name, "poison", {"id": 1}, priority=7, timeout_s=timeout_s)
     )
-    await await_until(
-        holds(lambda: agent.calls["poison"] >= policy.attempts),
+    await wait_until(
+        lambda: agent.calls["poison"] >= policy.attempts,
         timeout_s=5,
         what="the first delivery of the poison message",
     )
@@ -679,7 +651,7 @@ async def scenario_peek_and_replay(r: Rig) -> None:
         async def counted() -> bool:
             return await letters.count(agent.name) == count
 
-        await await_until(counted, timeout_s=5, what=f"{count} dead letter(s) in place")
+        await wait_until(counted, timeout_s=5, what=f"{count} dead letter(s) in place")
 
     first = await letters.peek(agent.name, limit=10)
     assert ids(first) == [1, 2, 3]
@@ -696,8 +668,8 @@ async def scenario_peek_and_replay(r: Rig) -> None:
     agent.fixed = True
     assert await letters.replay(agent.name, limit=2) == 2
     assert await letters.count(agent.name) == 1
-    await await_until(
-        holds(lambda: agent.answered == [("broken", 1), ("broken", 2)]),
+    await wait_until(
+        lambda: agent.answered == [("broken", 1), ("broken", 2)],
         timeout_s=5,
         what="the replayed requests to be handled",
     )
@@ -713,8 +685,8 @@ async def scenario_peek_and_replay(r: Rig) -> None:
     assert ids(await letters.peek(agent.name, limit=10)) == [3]
     await back_to(1)
     assert await letters.replay(agent.name, limit=5) == 1
-    await await_until(
-        holds(lambda: len(agent.answered) == 3), timeout_s=5, what="the last replayed request"
+    await wait_until(
+        lambda: len(agent.answered) == 3, timeout_s=5, what="the last replayed request"
     )
     assert await letters.count(agent.name) == 0
     assert await letters.peek(agent.name) == []

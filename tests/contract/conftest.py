@@ -9,19 +9,15 @@ Each test gets ``backend``: *a broker* of its own and a way to open connections 
 * ``memory``: a fresh :class:`InMemoryBroker`; losing a connection is
   :meth:`InMemoryTransport.simulate_connection_loss`.
 
-RabbitMQ is the truth. Where the in-memory broker differs, the test keeps asserting
-RabbitMQ's behaviour and carries ``@memory_bug("...")``: the memory run of that test is
-a strict xfail until the in-memory transport is fixed. ``@rabbit_bug("...")`` marks
-the few places where ``RabbitTransport`` itself breaks the documented contract.
+RabbitMQ is the truth: both backends must pass the same assertions.
 """
 
 from __future__ import annotations
 
 import abc
 import asyncio
-import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
@@ -40,48 +36,9 @@ from amqp_agents.transport.base import (
 )
 from amqp_agents.transport.memory import InMemoryBroker, InMemoryTransport
 from amqp_agents.transport.rabbitmq import RabbitTransport
+from tests.support import wait_until
 
 PUBLISH_TIMEOUT_S = 5.0
-
-
-_KNOWN_BUGS = {"memory_bug": "memory", "rabbit_bug": "rabbitmq"}
-"""Marker -> the backend whose run of the marked test is a strict xfail."""
-
-
-def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line(
-        "markers",
-        "memory_bug(reason): the in-memory transport differs from RabbitMQ here "
-        "(its run of the test is a strict xfail)",
-    )
-    config.addinivalue_line(
-        "markers",
-        "rabbit_bug(reason): RabbitTransport breaks the documented Transport contract here "
-        "(its run of the test is a strict xfail)",
-    )
-
-
-def memory_bug(reason: str) -> pytest.MarkDecorator:
-    """The in-memory transport is wrong here: its run is a strict xfail until fixed."""
-    return pytest.mark.memory_bug(reason=reason)
-
-
-def rabbit_bug(reason: str) -> pytest.MarkDecorator:
-    """RabbitTransport breaks the documented contract here: its run is a strict xfail."""
-    return pytest.mark.rabbit_bug(reason=reason)
-
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    for item in items:
-        callspec = getattr(item, "callspec", None)
-        if callspec is None:
-            continue
-        for name, backend in _KNOWN_BUGS.items():
-            for marker in item.iter_markers(name):
-                if callspec.params.get("backend") == backend:
-                    label = name.split("_")[0].upper()
-                    reason = f"{label} BUG: {marker.kwargs['reason']}"
-                    item.add_marker(pytest.mark.xfail(strict=True, reason=reason))
 
 
 # -- consuming -----------------------------------------------------------------------
@@ -216,14 +173,9 @@ class Backend(abc.ABC):
         envelope = Envelope(body=body, exchange=exchange, routing_key=routing_key, **properties)
         await transport.publish(envelope, mandatory=mandatory, timeout_s=PUBLISH_TIMEOUT_S)
 
-    async def wait_until(self, predicate: Callable[[], Awaitable[bool]], what: str) -> None:
-        """Poll broker state that has no event to await; fail if not true in time."""
-        timeout_s = self.timeout_s
-        deadline = time.monotonic() + timeout_s
-        while not await predicate():
-            if time.monotonic() > deadline:
-                pytest.fail(f"not true within {timeout_s:g}s: {what}")
-            await asyncio.sleep(0.01)
+    async def wait_until(self, predicate: Callable[[], object], what: str) -> None:
+        """:func:`tests.support.wait_until`, bounded by this backend's :attr:`timeout_s`."""
+        await wait_until(predicate, what=what, timeout_s=self.timeout_s)
 
     async def ready(self, transport: Transport, queue: str) -> int:
         """Ready messages in ``queue``."""

@@ -120,11 +120,12 @@ async def test_operations_on_a_lost_connection_raise_broker_unavailable(
 async def test_is_connected_follows_the_lifecycle(backend: Backend) -> None:
     """False before connect, True while connected, False after aclose."""
     transport = backend.new_transport()
-    assert not transport.is_connected
+    seen = [transport.is_connected]
     await transport.connect()
-    assert transport.is_connected
+    seen.append(transport.is_connected)
     await transport.aclose()
-    assert not transport.is_connected
+    seen.append(transport.is_connected)
+    assert seen == [False, True, False]
 
 
 async def test_connect_twice_raises_lifecycle_error(backend: Backend) -> None:

@@ -4,7 +4,6 @@ per-message TTL."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
 
 import pytest
 
@@ -25,13 +24,6 @@ async def dead_letter_setup(
     source = await backend.queue(transport, "source", arguments=arguments)
     await transport.bind_queue(dead, dlx, routing_key or source)
     return source, dlx, dead
-
-
-def _async(check: Callable[[], bool]) -> Callable[[], Awaitable[bool]]:
-    async def wrapped() -> bool:
-        return check()
-
-    return wrapped
 
 
 # -- order and flow ------------------------------------------------------------------
@@ -144,14 +136,14 @@ async def test_a_suspending_no_ack_handler_finishes_and_is_cancelled_by_close(
     consumer = await transport.consume(queue, handler, prefetch=0, no_ack=True)
     await backend.publish(transport, b"slow", routing_key=queue)
     await backend.publish(transport, b"quick", routing_key=queue)
-    await backend.wait_until(_async(lambda: finished == [b"quick"]), "the quick one")
+    await backend.wait_until(lambda: finished == [b"quick"], "the quick one")
     release.set()
-    await backend.wait_until(_async(lambda: b"slow" in finished), "the slow one")
+    await backend.wait_until(lambda: b"slow" in finished, "the slow one")
     release.clear()
     await backend.publish(transport, b"stuck", routing_key=queue)
-    await backend.wait_until(_async(lambda: b"stuck" in started), "the stuck one starts")
+    await backend.wait_until(lambda: b"stuck" in started, "the stuck one starts")
     await consumer.close()
-    await backend.wait_until(_async(lambda: cancelled == [b"stuck"]), "closing cancels it")
+    await backend.wait_until(lambda: cancelled == [b"stuck"], "closing cancels it")
     assert b"stuck" not in finished
 
 

@@ -21,7 +21,6 @@ HEADERS: dict[str, HeaderValue] = {
     "yes": True,
     "no": False,
     "nothing": None,
-    "half": 0.5,
 }
 
 

@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 from amqp_agents.config import WorkerSettings
@@ -102,7 +102,7 @@ async def test_a_handler_cut_off_at_the_deadline_answers_before_it(backend: Back
             assert response.error.code == ErrorCode.TIMEOUT
             assert "action 'hold' took longer than" in response.error.message
             assert await asyncio.wait_for(agent.entered.get(), backend.timeout_s) == {"n": 1}
-            await backend.wait_until(_async(lambda: worker.in_flight == 0), "the handler ends")
+            await backend.wait_until(lambda: worker.in_flight == 0, "the handler ends")
             assert client.late_replies == 0
             assert client.pending_calls == 0
 
@@ -120,13 +120,6 @@ async def test_pending_rpc_calls_fail_with_connection_lost(backend: Backend) -> 
             agent.release.set()
     assert response.error is not None
     assert response.error.code == ErrorCode.CONNECTION_LOST
-
-
-def _async(predicate: Callable[[], bool]) -> Callable[[], Awaitable[bool]]:
-    async def check() -> bool:
-        return predicate()
-
-    return check
 
 
 # -- events --------------------------------------------------------------------------
@@ -162,7 +155,7 @@ async def test_every_group_gets_every_event_once(backend: Backend) -> None:
         for n in range(total):
             await bus.publish(event, {"n": n})
         await backend.wait_until(
-            _async(lambda: len(billing.numbers) + len(audit.numbers) >= 2 * total), "fan-out"
+            lambda: len(billing.numbers) + len(audit.numbers) >= 2 * total, "fan-out"
         )
     assert sorted(billing.numbers) == sorted(audit.numbers) == list(range(total))
 
@@ -181,7 +174,7 @@ async def test_one_group_on_two_connections_shares_the_events(backend: Backend) 
         for n in range(total):
             await publisher.publish(event, {"n": n})
         await backend.wait_until(
-            _async(lambda: len(pod_a.numbers) + len(pod_b.numbers) >= total), "all handled"
+            lambda: len(pod_a.numbers) + len(pod_b.numbers) >= total, "all handled"
         )
     counts = Counter(pod_a.numbers + pod_b.numbers)
     assert sorted(counts) == list(range(total))

@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 
 from amqp_agents.errors import QueueNotFoundError, ResourceLockedError, TopologyMismatchError
+from amqp_agents.models.envelope import HeaderValue
 from amqp_agents.transport.base import ExchangeKind, QueueSpec, Transport
 from tests.contract.conftest import Backend
 
@@ -70,7 +71,8 @@ async def test_redeclaring_with_an_argument_rabbitmq_does_not_compare_succeeds(
     """Only known arguments (x-max-priority, x-dead-letter-*...) must match."""
     name = backend.unique("q")
     await transport.declare_queue(QueueSpec(name=name, arguments={"x-app-version": 1}))
-    for arguments in ({"x-app-version": 2}, {}):
+    other_values: list[dict[str, HeaderValue]] = [{"x-app-version": 2}, {}]
+    for arguments in other_values:
         assert await transport.declare_queue(QueueSpec(name=name, arguments=arguments)) == name
 
 

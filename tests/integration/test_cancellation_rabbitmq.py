@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import re
-import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
@@ -28,7 +27,8 @@ from amqp_agents.runtime.agent import Agent, action
 from amqp_agents.runtime.worker import Worker
 from amqp_agents.transport.base import Delivery, ExchangeKind, QueueSpec, Transport
 from amqp_agents.transport.rabbitmq import RabbitTransport
-from tests.agents_for_tests import Journal, Tap, Work, await_until, data_of, holds
+from tests.agents_for_tests import Journal, Tap, Work, data_of
+from tests.support import wait_for_tasks_to_end, wait_until
 
 Connect = Callable[..., Awaitable[RabbitTransport]]
 TOPOLOGY = Topology()
@@ -88,12 +88,9 @@ def _source(task: asyncio.Task[Any]) -> str:
 
 async def assert_no_task_leaked(baseline: set[asyncio.Task[Any]]) -> None:
     """Every task started since ``baseline`` ends within :data:`WAIT_S`."""
-    deadline = time.monotonic() + WAIT_S
-    while leftover := running_tasks() - baseline:
-        if time.monotonic() > deadline:
-            names = sorted(getattr(t.get_coro(), "__qualname__", repr(t)) for t in leftover)
-            raise AssertionError(f"tasks still running after {WAIT_S:g}s: {names}")
-        await asyncio.sleep(0.01)
+    await wait_for_tasks_to_end(
+        lambda: running_tasks() - baseline, timeout_s=WAIT_S, interval_s=0.01
+    )
 
 
 async def cancel_after(task: asyncio.Task[Any], delay: float | None) -> None:
@@ -194,7 +191,7 @@ async def test_a_cancelled_call_leaves_nothing_behind(
         assert returned > 0, "the delays did not span a whole call"
         assert len(journal.finished) == len(set(journal.finished))
         # (The last reply can reach us before the worker has its confirm and counts it.)
-        await await_until(holds(lambda: worker.in_flight == 0), timeout_s=WAIT_S, what="idle")
+        await wait_until(lambda: worker.in_flight == 0, timeout_s=WAIT_S, what="idle")
         stats = worker.stats
         assert stats.replied + stats.acked_without_reply == len(journal.finished)
         assert client.late_replies <= cancelled_but_handled
@@ -360,7 +357,7 @@ async def test_cancelling_serve_mid_backlog_loses_nothing(
         queued = await ready(observer, queue) + await ready(observer, retry)
         return len(handled) + queued >= BACKLOG
 
-    await await_until(accounted, timeout_s=WAIT_S, what="every request handled or queued")
+    await wait_until(accounted, timeout_s=WAIT_S, what="every request handled or queued")
     overlap = len(handled) + await ready(observer, queue) + await ready(observer, retry) - BACKLOG
     assert overlap == 0 if grace_s else overlap <= CONCURRENCY
 
@@ -372,7 +369,7 @@ async def test_cancelling_serve_mid_backlog_loses_nothing(
         empty = await ready(observer, queue) + await ready(observer, retry) == 0
         return empty and set(journal.finished) == set(range(BACKLOG))
 
-    await await_until(drained, timeout_s=WAIT_S, what="a fresh worker to handle the rest")
+    await wait_until(drained, timeout_s=WAIT_S, what="a fresh worker to handle the rest")
     await successor.stop()
     assert await ready(observer, TOPOLOGY.agent_dead_letter_queue(agent)) == 0
     twice = {i for i, n in Counter(journal.finished).items() if n > 1}
@@ -430,7 +427,7 @@ async def test_cancelling_serve_while_it_starts_leaves_no_consumer(
             info = await observer.queue_info(queue)
             return info.consumers == 0 and info.messages + len(set(journal.finished)) >= 5
 
-        await await_until(settled, timeout_s=WAIT_S, what=f"no consumer left (attempt {n})")
+        await wait_until(settled, timeout_s=WAIT_S, what=f"no consumer left (attempt {n})")
         await assert_no_task_leaked(baseline)
     assert phases["starting"] > 0, phases
     assert phases["serving"] > 0, phases
@@ -540,7 +537,7 @@ async def test_a_cancelled_consume_handles_nothing(
             info = await transport.queue_info(queue)
             return info.consumers == 0 and info.messages + len(set(handled)) >= total
 
-        await await_until(released, timeout_s=WAIT_S, what=f"the queue released (k={k})")
+        await wait_until(released, timeout_s=WAIT_S, what=f"the queue released (k={k})")
         if task.cancelled() and len(handled) > before:
             wrong.append(f"k={k}: a cancelled consume handled {handled[before:]}")
         queued = (await transport.queue_info(queue)).messages

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from amqp_agents.testing import BrokerAdmin, url_for_vhost
-from tests.agents_for_tests import CliProcess, cli_env, run_cli, wait_until
+from tests.agents_for_tests import CliProcess, cli_env, run_cli
+from tests.support import wait_until_sync
 
 TASKS_QUEUE = "agents.task_manager"
 
@@ -42,7 +43,7 @@ def tasks_worker(
         log_dir=tmp_path_factory.mktemp("tasks-worker"),
     )
     try:
-        wait_until(
+        wait_until_sync(
             lambda: worker.running() and consumers(broker_admin, module_vhost, TASKS_QUEUE) == 1,
             timeout_s=20,
             what="the task_manager worker to consume",
@@ -177,7 +178,7 @@ def test_password_never_printed_with_valid_credentials(
         log_dir=tmp_path,
     )
     try:
-        wait_until(
+        wait_until_sync(
             lambda: (
                 worker.running() and consumers(broker_admin, module_vhost, f"agents.{name}") == 1
             ),
@@ -246,7 +247,7 @@ def test_run_imports_modules_from_the_working_directory(
         ["--url", vhost_url, "run", "tests.agents_for_tests:recorder"], env=env, log_dir=tmp_path
     )
     try:
-        wait_until(
+        wait_until_sync(
             lambda: (
                 worker.running() and consumers(broker_admin, module_vhost, f"agents.{name}") == 1
             ),

@@ -13,16 +13,10 @@ from amqp_agents.models.topology import Topology
 from amqp_agents.rpc.client import RpcClient
 from amqp_agents.transport.base import Delivery
 from amqp_agents.transport.rabbitmq import RabbitTransport
-from tests.agents_for_tests import CliProcess, await_until, cli_env, free_port, read_ids
+from tests.agents_for_tests import CliProcess, cli_env, free_port, read_ids
+from tests.support import wait_until
 
 Connect = Callable[..., Awaitable[RabbitTransport]]
-
-
-def _holds(predicate: Callable[[], bool]) -> Callable[[], Awaitable[bool]]:
-    async def check() -> bool:
-        return predicate()
-
-    return check
 
 
 async def test_second_sigint_stops_at_once_and_the_request_is_requeued(
@@ -38,8 +32,8 @@ async def test_second_sigint_stops_at_once_and_the_request_is_requeued(
     worker = CliProcess(args, env=env, log_dir=tmp_path)
     transport = await connect()
     try:
-        await await_until(
-            _holds(lambda: f"consuming agents.{name}" in worker.output()),
+        await wait_until(
+            lambda: f"consuming agents.{name}" in worker.output(),
             timeout_s=20,
             what="the worker to consume",
         )
@@ -49,14 +43,10 @@ async def test_second_sigint_stops_at_once_and_the_request_is_requeued(
         assert f"serving /metrics, /healthz and /readyz on http://127.0.0.1:{port}" in started
         async with RpcClient(transport) as client:
             await client.notify(name, "hold", {"id": 7}, timeout_s=600)  # never released
-        await await_until(
-            _holds(lambda: read_ids(record) == [7]), timeout_s=20, what="the hold to run"
-        )
+        await wait_until(lambda: read_ids(record) == [7], timeout_s=20, what="the hold to run")
         worker.proc.send_signal(signal.SIGINT)
-        await await_until(
-            _holds(
-                lambda: "SIGINT: stopping gracefully, 1 request(s) in flight" in worker.output()
-            ),
+        await wait_until(
+            lambda: "SIGINT: stopping gracefully, 1 request(s) in flight" in worker.output(),
             timeout_s=10,
             what="the first SIGINT to be logged",
         )

@@ -25,7 +25,7 @@ from redis import Redis
 
 from amqp_agents.models.topology import Topology
 from amqp_agents.testing import BrokerAdmin, url_for_vhost
-from tests.agents_for_tests import CLI, CliProcess, cli_env, free_port, run_cli, wait_until
+from tests.agents_for_tests import CLI, CliProcess, cli_env, free_port, run_cli
 from tests.deploy_kit import (
     EXAMPLE_APP,
     METRICS_PORT,
@@ -35,6 +35,7 @@ from tests.deploy_kit import (
     secret_env,
     worker_container,
 )
+from tests.support import wait_until_sync
 
 
 def http_status(port: int, path: str) -> tuple[int, str] | None:
@@ -126,7 +127,7 @@ def test_worker_runs_as_the_deployment_says_answers_and_stops_on_sigterm(
             worker.running()
             return http_status(port, "/readyz") == (200, "ready\n")
 
-        wait_until(ready, timeout_s=30, what="/readyz 200 from the worker")
+        wait_until_sync(ready, timeout_s=30, what="/readyz 200 from the worker")
         assert http_status(port, "/healthz") == (200, "ok\n")
         metrics = http_status(port, "/metrics")
         assert metrics is not None

@@ -9,7 +9,6 @@ gets a vhost of its own.
 from __future__ import annotations
 
 import asyncio
-import inspect
 import json
 import time
 import uuid
@@ -35,6 +34,7 @@ from amqp_agents.runtime.worker import Worker
 from amqp_agents.testing import BrokerAdmin, url_for_vhost
 from amqp_agents.transport.base import Delivery, QueueSpec
 from amqp_agents.transport.rabbitmq import RabbitTransport
+from tests.support import wait_until
 
 Connect = Callable[..., Awaitable[RabbitTransport]]
 Unique = Callable[[str], str]
@@ -46,22 +46,6 @@ ABSENCE_WINDOW_S = 0.3
 
 
 # -- helpers -------------------------------------------------------------------------
-
-
-async def wait_until(
-    predicate: Callable[[], bool | Awaitable[bool]], *, timeout_s: float = 5.0, what: str
-) -> None:
-    """Poll ``predicate`` every 10 ms; fail the test if it is not true within ``timeout_s``."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        result = predicate()
-        if inspect.isawaitable(result):
-            result = await result
-        if result:
-            return
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s:g}s waiting for {what}")
-        await asyncio.sleep(0.01)
 
 
 async def queue_depth(transport: RabbitTransport, queue: str) -> int:

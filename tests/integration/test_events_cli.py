@@ -16,6 +16,7 @@ from amqp_agents.models.topology import Topology
 from amqp_agents.transport.base import QueueSpec
 from amqp_agents.transport.rabbitmq import RabbitTransport
 from tests.agents_for_tests import CliProcess, cli_env, run_cli
+from tests.support import wait_until
 
 Connect = Callable[..., Awaitable[RabbitTransport]]
 Unique = Callable[[str], str]
@@ -25,13 +26,14 @@ TOPOLOGY = Topology()
 
 async def wait_for_listening(listener: CliProcess, *, timeout_s: float = 15.0) -> None:
     """Wait (bounded) for ``listen``'s "listening for" line on stderr; fail if it exits."""
-    deadline = time.monotonic() + timeout_s
-    while "listening for" not in listener.stderr_path.read_text(errors="replace"):
-        if listener.proc.poll() is not None:
-            raise AssertionError(f"listen exited early:\n{listener.output()}")
-        if time.monotonic() > deadline:
-            raise AssertionError(f"listen did not start in {timeout_s:g}s:\n{listener.output()}")
-        await asyncio.sleep(0.01)
+    await wait_until(
+        lambda: (
+            listener.running()
+            and "listening for" in listener.stderr_path.read_text(errors="replace")
+        ),
+        timeout_s=timeout_s,
+        what=lambda: f"listen to start:\n{listener.output()}",
+    )
 
 
 async def cli_publish(url: str, event_type: str, payload: str) -> dict[str, Any]:

@@ -18,10 +18,8 @@ import aio_pika
 import aiormq
 import pytest
 
-from tests.agents_for_tests import await_until
 from tests.faults import FaultProxy, make_tls_material
-
-pytestmark = pytest.mark.integration
+from tests.support import wait_until
 
 Unique = Callable[[str], str]
 
@@ -148,7 +146,7 @@ async def test_amqps_through_the_tls_terminating_proxy(
         async def proxy_saw_it() -> bool:
             return proxy.handshake_failures >= 1
 
-        await await_until(proxy_saw_it, timeout_s=2, what="the proxy to count the bad handshake")
+        await wait_until(proxy_saw_it, timeout_s=2, what="the proxy to count the bad handshake")
 
         connection = await aio_pika.connect(url, ssl_context=tls.client_context(), timeout=10)
         try:

@@ -44,8 +44,9 @@ from amqp_agents.runtime.worker import Worker
 from amqp_agents.testing import BrokerAdmin, url_for_vhost
 from amqp_agents.transport.base import QueueInfo, Transport
 from amqp_agents.transport.rabbitmq import RabbitTransport
-from tests.agents_for_tests import Tap, await_until
+from tests.agents_for_tests import Tap
 from tests.faults import FaultProxy
+from tests.support import wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -196,7 +197,7 @@ async def system_under_load(
     try:
         for transport in opened:
             await transport.connect()
-        await await_until(_ready(supervisor), timeout_s=20, what="the worker ready")
+        await wait_until(lambda: supervisor.is_ready, timeout_s=20, what="the worker ready")
         await client.start()
         await publisher.start()
         await subscriber.start()
@@ -229,13 +230,6 @@ async def system_under_load(
                 await closing()
         for transport in opened:
             await transport.aclose()
-
-
-def _ready(supervisor: Supervisor) -> Callable[[], Awaitable[bool]]:
-    async def check() -> bool:
-        return supervisor.is_ready
-
-    return check
 
 
 async def load(system: System, running: asyncio.Event) -> None:
@@ -338,7 +332,7 @@ async def run_fault(
             return ledger.first_ok_after(fault_ended) is not None
 
         try:
-            await await_until(flowing, timeout_s=30, what="calls succeeding again")
+            await wait_until(flowing, timeout_s=30, what="calls succeeding again")
         except AssertionError:
             after = Counter(o for s_, _e, o in ledger.calls if s_ >= fault_ended)
             info, _ = await system.queue_infos()
@@ -366,7 +360,7 @@ async def run_fault(
             ledger.events_received
         )
 
-    await await_until(drained, timeout_s=30, what="every confirmed message handled")
+    await wait_until(drained, timeout_s=30, what="every confirmed message handled")
     agent_info, group_info = await system.queue_infos()
 
     lost_requests = system.ledger.notify_confirmed - set(handled)
@@ -443,7 +437,7 @@ async def test_a_stall_longer_than_the_heartbeat_loses_nothing(
                 async def noticed() -> bool:
                     return not client_transport.is_connected
 
-                await await_until(noticed, timeout_s=20, what="the heartbeat noticing")
+                await wait_until(noticed, timeout_s=20, what="the heartbeat noticing")
             finally:
                 proxy.resume()
 
@@ -494,7 +488,7 @@ async def test_calls_during_a_long_outage_fail_in_time_then_work_again(
                 async def noticed() -> bool:
                     return not client_transport.is_connected
 
-                await await_until(noticed, timeout_s=5, what="the client noticing the cut")
+                await wait_until(noticed, timeout_s=5, what="the client noticing the cut")
                 began = time.monotonic()
                 response = await client.send(agent.name, "work", {"id": 2}, timeout_s=10)
                 elapsed = time.monotonic() - began
@@ -509,7 +503,7 @@ async def test_calls_during_a_long_outage_fail_in_time_then_work_again(
                     reply = await client.send(agent.name, "work", {"id": 3}, timeout_s=2)
                     return reply.ok
 
-                await await_until(answered, timeout_s=15, what="calls answered again")
+                await wait_until(answered, timeout_s=15, what="calls answered again")
                 assert client_transport.reconnects == 1
         finally:
             await worker.stop()

@@ -9,7 +9,6 @@ says 1, and consuming goes on. After the alarm: everything flows again.
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -24,7 +23,7 @@ from amqp_agents.runtime.agent import Agent, action
 from amqp_agents.runtime.worker import Worker
 from amqp_agents.testing import BrokerAdmin
 from amqp_agents.transport.rabbitmq import RabbitTransport
-from tests.agents_for_tests import await_until
+from tests.support import wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -78,7 +77,7 @@ async def test_a_memory_alarm_blocks_publishes_with_a_bound_and_shows_in_readine
         # may be the one that finds out (its outcome is then unknown).
         with pytest.raises(PublishTimeoutError):
             await bus.publish("flow.test", {"n": 1})
-        await await_until(lambda: _true(client_transport.is_blocked), timeout_s=10, what="blocked")
+        await wait_until(lambda: client_transport.is_blocked, timeout_s=10, what="blocked")
         began = time.monotonic()
         with pytest.raises(PublishTimeoutError, match=r"blocks publishing.*was not sent"):
             await bus.publish("flow.test", {"n": 2})
@@ -86,14 +85,14 @@ async def test_a_memory_alarm_blocks_publishes_with_a_bound_and_shows_in_readine
 
         # The worker's publishing connection is blocked once it publishes too.
         await _publish_from(worker_transport)
-        await await_until(lambda: _true(not worker.is_ready), timeout_s=10, what="not ready")
+        await wait_until(lambda: not worker.is_ready, timeout_s=10, what="not ready")
         assert worker.is_blocked
         assert not worker.consumers_lost  # alive: a restart would not help
         assert metrics.registry.get_sample_value("amqp_agents_connection_blocked") == 1.0
 
         await sound(memory_alarm, False)
-        await await_until(
-            lambda: _true(not client_transport.is_blocked and worker.is_ready),
+        await wait_until(
+            lambda: not client_transport.is_blocked and worker.is_ready,
             timeout_s=20,
             what="unblocked and ready again",
         )
@@ -116,8 +115,3 @@ async def _publish_from(transport: RabbitTransport) -> None:
         pass  # blocked: that is what this is for
     finally:
         await bus.aclose()
-
-
-async def _true(value: bool) -> bool:
-    await asyncio.sleep(0)
-    return value

@@ -15,7 +15,8 @@ from amqp_agents.rpc.client import RpcClient
 from amqp_agents.runtime.health import HealthServer, ProbeResult
 from amqp_agents.runtime.worker import Worker
 from amqp_agents.transport.rabbitmq import RabbitTransport
-from tests.agents_for_tests import CliProcess, await_until, cli_env, free_port, read_ids, run_cli
+from tests.agents_for_tests import CliProcess, cli_env, free_port, read_ids, run_cli
+from tests.support import wait_until
 
 Connect = Callable[..., Awaitable[RabbitTransport]]
 
@@ -129,7 +130,7 @@ async def test_cli_worker_serves_probes_and_drains_unready(
         return worker.running() and await http_or_none(port, path) == code
 
     try:
-        await await_until(lambda: status_is("/readyz", 200), timeout_s=20, what="/readyz 200")
+        await wait_until(lambda: status_is("/readyz", 200), timeout_s=20, what="/readyz 200")
         assert (await observer.queue_info(f"agents.{name}")).consumers == 1
         assert await http(port, "/healthz") == 200
         assert await http(port, "/nope") == 404
@@ -141,9 +142,9 @@ async def test_cli_worker_serves_probes_and_drains_unready(
         async def holding() -> bool:
             return worker.running() and read_ids(record) == [1]
 
-        await await_until(holding, timeout_s=10, what="the hold request to be in flight")
+        await wait_until(holding, timeout_s=10, what="the hold request to be in flight")
         worker.terminate()
-        await await_until(lambda: status_is("/readyz", 503), timeout_s=10, what="/readyz 503")
+        await wait_until(lambda: status_is("/readyz", 503), timeout_s=10, what="/readyz 503")
         assert await http(port, "/healthz") == 200
         worker.proc.send_signal(signal.SIGUSR1)  # let the in-flight request finish
         code = await worker.await_exit(15)

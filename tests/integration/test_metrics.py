@@ -8,13 +8,10 @@ test reads exactly what its own objects counted. Gauges that a background probe 
 from __future__ import annotations
 
 import asyncio
-import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any, cast
-
-import pytest
 
 from amqp_agents.config import RetryPolicy, WorkerSettings
 from amqp_agents.errors import AgentError, BrokerUnavailableError, NotFoundError
@@ -27,9 +24,8 @@ from amqp_agents.runtime.monitor import QueueMonitor
 from amqp_agents.runtime.worker import Worker
 from amqp_agents.transport.base import QueueInfo, Transport
 from amqp_agents.transport.rabbitmq import RabbitTransport
-from tests.agents_for_tests import Flaky, await_until, holds
-
-pytestmark = pytest.mark.integration
+from tests.agents_for_tests import Flaky
+from tests.support import wait_until
 
 Connect = Callable[..., Awaitable[RabbitTransport]]
 Unique = Callable[[str], str]
@@ -137,13 +133,14 @@ async def settles(
     metrics: Metrics, sample: str, expected: float, *, timeout_s: float = 10.0, **labels: str
 ) -> None:
     """Poll until the sample equals ``expected`` (bounded); fail with the last value seen."""
-    deadline = time.monotonic() + timeout_s
-    while (seen := value(metrics, sample, **labels)) != expected:
-        if time.monotonic() > deadline:
-            raise AssertionError(
-                f"{sample}{labels} is {seen}, not {expected}, after {timeout_s:g}s"
-            )
-        await asyncio.sleep(0.02)  # poll interval of a bounded loop
+    await wait_until(
+        lambda: value(metrics, sample, **labels) == expected,
+        timeout_s=timeout_s,
+        interval_s=0.02,
+        what=lambda: (
+            f"{sample}{labels} to be {expected} (it is {value(metrics, sample, **labels)})"
+        ),
+    )
 
 
 async def declare_only(transport: RabbitTransport, agent: Agent) -> None:
@@ -218,9 +215,7 @@ async def test_queue_depth_and_consumers_follow_the_backlog(
         try:
             assert worker.is_ready
             assert not worker.consumers_lost
-            await await_until(
-                holds(lambda: agent.entered == 1), timeout_s=10, what="one request in flight"
-            )
+            await wait_until(lambda: agent.entered == 1, timeout_s=10, what="one request in flight")
             # Prefetch 1: one delivery is unacked (not "ready"), the rest wait.
             for metrics in (seen, worker_metrics):
                 await settles(metrics, DEPTH, requests - 1, queue=queue)

@@ -12,7 +12,6 @@ import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from amqp_agents.config import WorkerSettings
@@ -22,9 +21,8 @@ from amqp_agents.runtime.agent import Agent, action
 from amqp_agents.runtime.worker import Worker
 from amqp_agents.testing import BrokerAdmin, url_for_vhost
 from amqp_agents.transport.rabbitmq import RabbitTransport
-from tests.agents_for_tests import CliProcess, await_until, cli_env, free_port, holds, run_cli
-
-pytestmark = pytest.mark.integration
+from tests.agents_for_tests import CliProcess, cli_env, free_port, run_cli
+from tests.support import wait_until
 
 Connect = Callable[..., Awaitable[RabbitTransport]]
 Unique = Callable[[str], str]
@@ -109,7 +107,7 @@ async def page_where(
         page = got[1]
         return check(page)
 
-    await await_until(passes, timeout_s=20, what=what)
+    await wait_until(passes, timeout_s=20, what=what)
     return page
 
 
@@ -119,7 +117,7 @@ async def becomes_ready(process: CliProcess, port: int) -> None:
     async def ready() -> bool:
         return process.running() and await status(port, "/readyz") == 200
 
-    await await_until(ready, timeout_s=20, what="/readyz 200")
+    await wait_until(ready, timeout_s=20, what="/readyz 200")
 
 
 def collapse(statuses: list[int | None]) -> list[int | None]:
@@ -182,7 +180,7 @@ async def test_readyz_follows_the_broker_connection(
                 return collapse(statuses)[-3:] == [200, 503, 200]
 
             try:
-                await await_until(settled, timeout_s=20, what="an exit or /readyz 200 again")
+                await wait_until(settled, timeout_s=20, what="an exit or /readyz 200 again")
             except AssertionError as exc:
                 raise AssertionError(f"{exc}: {collapse(statuses)}\n{worker.output()}") from None
             if worker.proc.poll() is not None:
@@ -243,12 +241,12 @@ async def test_queues_prints_ready_and_consumers(
         async with RpcClient(observer) as client:
             for _ in range(3):
                 await client.notify(name, "hold", timeout_s=60)
-        await await_until(holds(lambda: agent.entered == 1), timeout_s=10, what="one in flight")
+        await wait_until(lambda: agent.entered == 1, timeout_s=10, what="one in flight")
 
         async def two_ready() -> bool:
             return (await observer.queue_info(queue)).messages == 2
 
-        await await_until(two_ready, timeout_s=10, what="two requests waiting")
+        await wait_until(two_ready, timeout_s=10, what="two requests waiting")
         args = ["--url", amqp_url, "queues", "--agent", name, "--group", group]
         done = await asyncio.to_thread(run_cli, *args, env=cli_env(pythonpath=False))
     finally:

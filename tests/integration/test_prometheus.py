@@ -45,9 +45,8 @@ from amqp_agents.rpc.client import RpcClient
 from amqp_agents.runtime.health import HealthServer, ProbeResult
 from amqp_agents.testing import BrokerAdmin, url_for_vhost
 from amqp_agents.transport.rabbitmq import RabbitTransport
-from tests.agents_for_tests import CliProcess, cli_env, free_port, wait_until
-
-pytestmark = pytest.mark.integration
+from tests.agents_for_tests import CliProcess, cli_env, free_port
+from tests.support import wait_until, wait_until_sync
 
 ROOT = Path(__file__).resolve().parents[2]
 DASHBOARD = ROOT / "deploy" / "grafana" / "amqp-agents.json"
@@ -116,11 +115,12 @@ class Prometheus:
 
     async def until(self, expr: str, *, timeout_s: float = 20.0, what: str = "") -> None:
         """Wait (bounded) until ``expr`` returns series."""
-        deadline = time.monotonic() + timeout_s
-        while not await asyncio.to_thread(self.query, expr):
-            if time.monotonic() > deadline:
-                raise AssertionError(f"timed out after {timeout_s:g}s waiting for {what or expr}")
-            await asyncio.sleep(0.2)
+        await wait_until(
+            lambda: asyncio.to_thread(self.query, expr),
+            timeout_s=timeout_s,
+            interval_s=0.2,
+            what=what or expr,
+        )
 
 
 @dataclass
@@ -197,7 +197,7 @@ def stack(
     log = tmp / "prometheus.log"
     try:
         ready = f"http://127.0.0.1:{worker_port}/readyz"
-        wait_until(
+        wait_until_sync(
             lambda: worker.running() and (_http(ready) or (0, ""))[0] == 200,
             timeout_s=20,
             what="the worker's /readyz 200",
@@ -229,9 +229,9 @@ def stack(
             got = _http(f"http://127.0.0.1:{prometheus_port}/-/ready")
             return got is not None and got[0] == 200
 
-        wait_until(prometheus_ready, timeout_s=30, what="Prometheus /-/ready")
+        wait_until_sync(prometheus_ready, timeout_s=30, what="Prometheus /-/ready")
         # Prometheus applies its targets up to 5 s after it starts.
-        wait_until(
+        wait_until_sync(
             lambda: len(server.query('up{job=~"amqp-agents-worker|rabbitmq"} == 1')) == 2,
             timeout_s=30,
             what="the worker and RabbitMQ scraped",
@@ -365,14 +365,14 @@ async def test_dashboard_and_rules_return_real_series(stack: Stack, client: RpcC
 
     # Prometheus itself evaluates every rule, without error, and none fires: a healthy
     # worker answering callers' mistakes (NOT_FOUND, INVALID_PAYLOAD, UNKNOWN_ACTION).
-    deadline = time.monotonic() + 20
-    while True:
+    async def evaluated_rules() -> dict[str, dict[str, Any]]:
         groups = (await asyncio.to_thread(prometheus.api, "rules"))["groups"]
-        evaluated = {rule["name"]: rule for group in groups for rule in group["rules"]}
-        if all(rule["health"] != "unknown" for rule in evaluated.values()):
-            break
-        assert time.monotonic() < deadline, "rules not evaluated within 20 s"
-        await asyncio.sleep(0.2)
+        rules = {rule["name"]: rule for group in groups for rule in group["rules"]}
+        return rules if all(rule["health"] != "unknown" for rule in rules.values()) else {}
+
+    evaluated = await wait_until(
+        evaluated_rules, timeout_s=20, interval_s=0.2, what="every rule evaluated"
+    )
     assert set(evaluated) == {rule["alert"] for rule in _rules()}
     assert {
         name: rule.get("lastError") for name, rule in evaluated.items() if rule["health"] != "ok"
@@ -444,9 +444,11 @@ async def test_sigkill_is_what_the_rule_tests_assume(
     assert seen_s < 20, seen_s
 
     await broker_admin.arun("delete_queue", "-p", stack.vhost, "agents.audit")
-    deadline = time.monotonic() + 20
-    while await asyncio.to_thread(
-        prometheus.query, 'rabbitmq_detailed_queue_consumers{queue="agents.audit"}'
-    ):
-        assert time.monotonic() < deadline, "the deleted queue's series stayed"
-        await asyncio.sleep(0.2)
+
+    async def series_gone() -> bool:
+        consumers = 'rabbitmq_detailed_queue_consumers{queue="agents.audit"}'
+        return not await asyncio.to_thread(prometheus.query, consumers)
+
+    await wait_until(
+        series_gone, timeout_s=20, interval_s=0.2, what="the deleted queue's series to go"
+    )

@@ -16,7 +16,6 @@ import re
 import shlex
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -24,6 +23,7 @@ import pytest
 from amqp_agents.cli_parser import build_parser as _parser
 from amqp_agents.testing import url_for_vhost
 from tests.agents_for_tests import CLI, ROOT, cli_env, free_port
+from tests.support import wait_until_sync
 
 README = ROOT / "README.md"
 FENCE = re.compile(r"^```(\w*)\n(.*?)^```$", re.M | re.S)
@@ -164,11 +164,14 @@ def test_readme_code_runs_against_the_broker(
             [CLI, *run_words[1:]], cwd=workdir, env=env, stdout=out, stderr=subprocess.STDOUT
         )
     try:
-        deadline = time.monotonic() + 20
-        while "consuming agents.greeter" not in log.read_text():
+
+        def consuming() -> bool:
             assert worker.poll() is None, log.read_text()
-            assert time.monotonic() < deadline, log.read_text()
-            time.sleep(0.05)
+            return "consuming agents.greeter" in log.read_text()
+
+        wait_until_sync(
+            consuming, timeout_s=20, what=lambda: f"the greeter to consume:\n{log.read_text()}"
+        )
 
         printed = run([sys.executable, "call_greeter.py"], workdir, env).splitlines()
         assert printed == [

@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 
 from amqp_agents.testing import BrokerAdmin, url_for_vhost
-from tests.agents_for_tests import CliProcess, cli_env, free_port, run_cli, wait_until
+from tests.agents_for_tests import CliProcess, cli_env, free_port, run_cli
+from tests.support import wait_until_sync
 
 APP = "amqp_agents.examples.tasks:app"
 
@@ -48,7 +49,7 @@ def worker(
         log_dir=tmp_path,
     )
     try:
-        wait_until(
+        wait_until_sync(
             lambda: process.running() and _get(port, "/readyz")[0] == 200,
             timeout_s=40,
             what="the worker to be ready",
@@ -90,7 +91,7 @@ def test_worker_reattaches_every_consumer_after_its_connections_are_closed(
                 and _get(port, "/readyz")[0] == 200
             )
 
-        wait_until(recovered, timeout_s=30, what=f"reconnect {round_}, consumers re-attached")
+        wait_until_sync(recovered, timeout_s=30, what=f"reconnect {round_}, consumers re-attached")
         _call_ok(url)
     assert _get(port, "/healthz")[0] == 200
 
@@ -115,13 +116,15 @@ def test_worker_survives_a_broker_restart(
     _call_ok(url)
     restartable_broker.run("stop_app")
     try:
-        wait_until(lambda: _get(port, "/readyz")[0] == 503, timeout_s=20, what="readiness to drop")
+        wait_until_sync(
+            lambda: _get(port, "/readyz")[0] == 503, timeout_s=20, what="readiness to drop"
+        )
         assert process.running()
         assert _get(port, "/healthz")[0] == 200  # alive: it is reconnecting, not stuck
     finally:
         restartable_broker.run("start_app")
         restartable_broker.run("await_startup", "--timeout", "60")
-    wait_until(
+    wait_until_sync(
         lambda: process.running() and _get(port, "/readyz")[0] == 200,
         timeout_s=60,
         what="the worker to serve again",

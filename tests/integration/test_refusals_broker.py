@@ -17,8 +17,8 @@ from amqp_agents.metrics import Metrics
 from amqp_agents.rpc.client import RpcClient
 from amqp_agents.runtime.worker import Worker
 from amqp_agents.transport.rabbitmq import RabbitTransport
-from tests.agents_for_tests import await_until
 from tests.faults import FaultProxy
+from tests.support import wait_until
 
 Connect = Callable[..., Awaitable[RabbitTransport]]
 
@@ -114,7 +114,7 @@ async def test_a_poison_frame_is_handled_and_the_connection_kept(
                 tasks = await client.call(agent.name, "task_list", {}, timeout_s=5)
                 return any(task["title"] == "poison" for task in tasks["tasks"])
 
-            await await_until(listed, timeout_s=10, what="the poison request handled")
+            await wait_until(listed, timeout_s=10, what="the poison request handled")
             stop.set()
             await asyncio.wait_for(load, 10)
     finally:

@@ -24,9 +24,7 @@ from tests.agents_for_tests import (
     FAST_BACKOFF,
     CliProcess,
     Flaky,
-    await_until,
     cli_env,
-    holds,
     read_ids,
     rig,
     run_cli,
@@ -37,8 +35,7 @@ from tests.agents_for_tests import (
     scenario_poison_is_dead_lettered,
     scenario_retry_after_delay,
 )
-
-pytestmark = pytest.mark.integration
+from tests.support import wait_until
 
 Connect = Callable[..., Awaitable[RabbitTransport]]
 Unique = Callable[[str], str]
@@ -159,8 +156,8 @@ async def test_dead_letters_cli_lists_and_replays(
         assert [json.loads(line) for line in lines] == [
             {"agent": agent.name, "replayed": 2, "left": 1}
         ]
-        await await_until(
-            holds(lambda: agent.answered == [("broken", 1), ("broken", 2)]),
+        await wait_until(
+            lambda: agent.answered == [("broken", 1), ("broken", 2)],
             timeout_s=5,
             what="the replayed requests to be handled",
         )
@@ -211,11 +208,11 @@ async def test_peeking_and_replaying_do_not_leak_channels(
             return await letters.count(r.agent.name) == 2
 
         await letters.peek(r.agent.name)  # opens what a first use needs
-        await await_until(in_place, timeout_s=5, what="the dead letters back in place")
+        await wait_until(in_place, timeout_s=5, what="the dead letters back in place")
         before = await asyncio.to_thread(channels)
         for _ in range(10):
             assert len(await letters.peek(r.agent.name)) == 2
-            await await_until(in_place, timeout_s=5, what="the dead letters back in place")
+            await wait_until(in_place, timeout_s=5, what="the dead letters back in place")
         assert await letters.replay(r.agent.name, limit=1) == 1
         after = await asyncio.to_thread(channels)
     assert after == before, f"open channels {before} -> {after}"
@@ -253,7 +250,7 @@ async def test_a_message_that_kills_the_worker_is_dead_lettered_after_max_delive
         return CliProcess(args, env=env, log_dir=tmp_path / "logs")
 
     worker = start()
-    await await_until(lambda: consuming(worker), timeout_s=20, what="the worker to consume")
+    await wait_until(lambda: consuming(worker), timeout_s=20, what="the worker to consume")
     try:
         async with RpcClient(transport) as client:
             killer = asyncio.create_task(

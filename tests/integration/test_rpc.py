@@ -34,6 +34,7 @@ from amqp_agents.runtime.worker import Worker, WorkerStats
 from amqp_agents.testing import BrokerAdmin, url_for_vhost
 from amqp_agents.transport.base import Delivery, QueueSpec
 from amqp_agents.transport.rabbitmq import RabbitTransport
+from tests.support import wait_until
 
 Connect = Callable[..., Awaitable[RabbitTransport]]
 Unique = Callable[[str], str]
@@ -129,19 +130,6 @@ async def running(
         await worker.stop()
 
 
-async def wait_until(predicate: Callable[[], bool], what: str, timeout_s: float = 5.0) -> None:
-    """Poll ``predicate`` every 10 ms; fail the test if it is not true within ``timeout_s``.
-
-    For counters the library exposes without an event (``late_replies``, ``stats``).
-    """
-    try:
-        async with asyncio.timeout(timeout_s):
-            while not predicate():  # noqa: ASYNC110  # no event to await for these counters
-                await asyncio.sleep(0.01)
-    except TimeoutError:
-        pytest.fail(f"not true within {timeout_s:g}s: {what}")
-
-
 async def reply_inbox(transport: RabbitTransport) -> tuple[str, asyncio.Queue[Envelope]]:
     """An exclusive queue and the raw replies arriving on it (a hand-written caller)."""
     inbox: asyncio.Queue[Envelope] = asyncio.Queue()
@@ -222,7 +210,7 @@ async def test_notify_is_handled_and_gets_no_reply(connect: Connect, unique: Uni
         await client.notify(agent.name, "record", {"n": 7})
         async with asyncio.timeout(5):
             await agent.handled.wait()
-        await wait_until(lambda: worker.stats.acked_without_reply == 1, "the request is acked")
+        await wait_until(lambda: worker.stats.acked_without_reply == 1, what="the request is acked")
         assert client.late_replies == 0
     assert agent.seen == [7]
     assert worker.stats.replied == 0
@@ -346,7 +334,7 @@ async def test_aclose_ends_pending_calls_with_shutting_down(
         try:
             sent = asyncio.create_task(client.send(gate.name, "hold", timeout_s=20))
             called = asyncio.create_task(client.call(gate.name, "hold", timeout_s=20))
-            await wait_until(lambda: gate.entered == 2, "both requests reach the agent")
+            await wait_until(lambda: gate.entered == 2, what="both requests reach the agent")
             await client.aclose()
             async with asyncio.timeout(1):
                 reply = await sent
@@ -378,7 +366,7 @@ async def test_unserialisable_result_is_an_internal_error(connect: Connect, uniq
     async with running(await connect(), [agent]) as worker, RpcClient(await connect()) as client:
         reply = await client.send(agent.name, "unserialisable", timeout_s=2)
         assert reply.code == ErrorCode.INTERNAL_ERROR
-        await wait_until(lambda: worker.stats.in_flight == 0, "the handler is done")
+        await wait_until(lambda: worker.stats.in_flight == 0, what="the handler is done")
         assert (worker.stats.replied, worker.stats.requeued) == (1, 0)  # answered and acked
 
 
@@ -428,7 +416,7 @@ async def test_malformed_request_is_answered_and_not_redelivered(
             timeout_s=5,
         )
         reply = await asyncio.wait_for(replies.get(), timeout=5)
-        await wait_until(lambda: worker.stats.in_flight == 0, "the request is settled")
+        await wait_until(lambda: worker.stats.in_flight == 0, what="the request is settled")
     assert reply.correlation_id == "bad-1"
     assert json.loads(reply.body)["error"]["code"] == ErrorCode.INVALID_PAYLOAD
     # Answered once, acked, and kept (once) in the dead-letter queue for inspection.
@@ -451,7 +439,7 @@ async def test_late_reply_after_timeout_is_dropped(connect: Connect, unique: Uni
             assert reply.code == ErrorCode.TIMEOUT
             assert client.late_replies == 0
             gate.release.set()
-            await wait_until(lambda: client.late_replies == 1, "the late reply arrives")
+            await wait_until(lambda: client.late_replies == 1, what="the late reply arrives")
             assert client.pending_calls == 0
             assert await client.call(gate.name, "hold", timeout_s=5) == "released"
         finally:
@@ -474,12 +462,12 @@ async def test_flood_of_late_replies_leaks_no_pending_call(
                 asyncio.create_task(client.send(gate.name, "hold", timeout_s=1.5))
                 for _ in range(200)
             ]
-            await wait_until(lambda: gate.entered == 200, "every request reaches the agent")
+            await wait_until(lambda: gate.entered == 200, what="every request reaches the agent")
             replies = await asyncio.wait_for(asyncio.gather(*calls), timeout=5)
             assert {reply.code for reply in replies} == {ErrorCode.TIMEOUT}
             assert client.pending_calls == 0
             gate.release.set()
-            await wait_until(lambda: client.late_replies == 200, "200 late replies arrive")
+            await wait_until(lambda: client.late_replies == 200, what="200 late replies arrive")
             assert client.pending_calls == 0
         finally:
             gate.release.set()
@@ -503,7 +491,7 @@ async def test_high_priority_requests_overtake_a_backlog(connect: Connect, uniqu
             await client.notify(name, "record", {"n": n}, priority=Priority.HIGH)
     assert (await transport.queue_info(queue)).messages == 35
     async with running(await connect(), [recorder], settings=WorkerSettings(concurrency=1)):
-        await wait_until(lambda: len(recorder.seen) == 35, "the backlog is handled")
+        await wait_until(lambda: len(recorder.seen) == 35, what="the backlog is handled")
     assert set(recorder.seen[:6]) >= {100, 101, 102, 103, 104}
     assert sorted(recorder.seen) == [*range(30), *range(100, 105)]
 
@@ -548,12 +536,12 @@ async def test_connection_loss_fails_every_pending_call_at_once(
             ]
             for call in calls:
                 call.add_done_callback(lambda _: ended.append(time.monotonic()))
-            await wait_until(lambda: gate.entered == 10, "every request reaches the agent")
+            await wait_until(lambda: gate.entered == 10, what="every request reaches the agent")
             closed = await asyncio.to_thread(broker_admin.close_connections, fresh_vhost)
             replies = await asyncio.wait_for(asyncio.gather(*calls), timeout=10)
             assert client.pending_calls == 0
             # ...and the client comes back by itself (its worker here does not).
-            await wait_until(lambda: client_transport.reconnects == 1, "the client reconnects")
+            await wait_until(lambda: client_transport.reconnects == 1, what="the client reconnects")
         finally:
             gate.release.set()
     assert closed == 4  # the client's and the worker's publish + consume connections

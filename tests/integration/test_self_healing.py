@@ -20,8 +20,9 @@ from amqp_agents.models.messages import AgentResponse, ErrorCode
 from amqp_agents.rpc.client import RpcClient
 from amqp_agents.testing import BrokerAdmin, url_for_vhost
 from amqp_agents.transport.rabbitmq import RabbitTransport
-from tests.agents_for_tests import CliProcess, await_until, cli_env, free_port
+from tests.agents_for_tests import CliProcess, cli_env, free_port
 from tests.integration.test_metrics_cli import http_get, page_where, sample, status
+from tests.support import wait_until
 
 Connect = Callable[..., Awaitable[RabbitTransport]]
 WORKER_NAME = "self-healing-worker"
@@ -81,7 +82,7 @@ async def worker(
         async def ready() -> bool:
             return process.running() and await status(port, "/readyz") == 200
 
-        await await_until(ready, timeout_s=20, what="the example worker ready")
+        await wait_until(ready, timeout_s=20, what="the example worker ready")
         yield process, port, url
     finally:
         process.terminate()
@@ -101,7 +102,7 @@ async def consumers_back(observer: RabbitTransport, queue: str, *, since: float)
         except QueueNotFoundError:
             return False
 
-    await await_until(one, timeout_s=10, what=f"one consumer on {queue} (broker's count)")
+    await wait_until(one, timeout_s=10, what=f"one consumer on {queue} (broker's count)")
     return time.monotonic() - since
 
 
@@ -115,14 +116,14 @@ async def test_a_deleted_agent_queue_comes_back_under_load(
     async with RpcClient(await connect(url)) as client:
         load = Load(client)
         load.start()
-        await await_until(lambda: _answered(load, 20), timeout_s=10, what="twenty calls answered")
+        await wait_until(lambda: _answered(load, 20), timeout_s=10, what="twenty calls answered")
         observer = await connect(url)
         started = time.monotonic()
         dropped = await observer.delete_queue(QUEUE)  # what rabbitmqctl delete_queue does
         deleted = time.monotonic()
         back_s = await consumers_back(observer, QUEUE, since=started)
         settled = time.monotonic()
-        await await_until(
+        await wait_until(
             lambda: _answered(load, 20, after=settled), timeout_s=10, what="calls after"
         )
         await load.stop()
@@ -169,7 +170,7 @@ async def test_a_queue_it_may_not_redeclare_is_not_ready_until_allowed(
             got = await http_get(port, "/readyz")
             return got is not None and got[0] == 503 and QUEUE in got[1]
 
-        await await_until(not_ready, timeout_s=10, what="/readyz 503 naming the queue")
+        await wait_until(not_ready, timeout_s=10, what="/readyz 503 naming the queue")
         got = await http_get(port, "/readyz")
         assert got is not None
         assert "cancelled" in got[1], got[1]
@@ -190,7 +191,7 @@ async def test_a_queue_it_may_not_redeclare_is_not_ready_until_allowed(
     async def ready() -> bool:
         return await status(port, "/readyz") == 200
 
-    await await_until(ready, timeout_s=10, what="/readyz 200 again")
+    await wait_until(ready, timeout_s=10, what="/readyz 200 again")
 
 
 async def test_a_closed_connection_heals_in_place(

@@ -26,7 +26,8 @@ from amqp_agents.runtime.worker import Worker
 from amqp_agents.testing import BrokerAdmin
 from amqp_agents.transport.base import Delivery
 from amqp_agents.transport.rabbitmq import RabbitTransport
-from tests.agents_for_tests import CliProcess, await_until, cli_env, read_ids
+from tests.agents_for_tests import CliProcess, cli_env, read_ids
+from tests.support import wait_until
 
 Connect = Callable[..., Awaitable[RabbitTransport]]
 TOPOLOGY = Topology()
@@ -76,15 +77,6 @@ async def declare_agent_queue(transport: RabbitTransport, agent: str) -> str:
     await placeholder.start()
     await placeholder.stop()
     return TOPOLOGY.agent_queue(agent)
-
-
-def _async(predicate: Callable[[], bool]) -> Callable[[], Awaitable[bool]]:
-    """A sync predicate for :func:`await_until`."""
-
-    async def check() -> bool:
-        return predicate()
-
-    return check
 
 
 async def total_messages(admin: BrokerAdmin, vhost: str, queue: str) -> int:
@@ -141,8 +133,8 @@ async def test_sigterm_drains_in_flight_and_loses_nothing(
 
     first = CliProcess(args, env=env, log_dir=tmp_path)
     try:
-        await await_until(
-            _async(lambda: first.running() and len(read_ids(record)) >= total // 3),
+        await wait_until(
+            lambda: first.running() and len(read_ids(record)) >= total // 3,
             timeout_s=60,
             what="the first worker to handle a third of the backlog",
         )
@@ -159,7 +151,7 @@ async def test_sigterm_drains_in_flight_and_loses_nothing(
         return len(set(read_ids(record))) + (await transport.queue_info(queue)).messages >= total
 
     # Unacked deliveries return to the queue once the broker has closed the channel.
-    await await_until(accounted, timeout_s=10, what="every request handled or queued")
+    await wait_until(accounted, timeout_s=10, what="every request handled or queued")
     handled = read_ids(record)
     queued = (await transport.queue_info(queue)).messages
     assert 0 < queued < total, "SIGTERM did not land mid-backlog"
@@ -173,7 +165,7 @@ async def test_sigterm_drains_in_flight_and_loses_nothing(
             done = second.running() and len(set(read_ids(record))) == total
             return done and (await transport.queue_info(queue)).messages == 0
 
-        await await_until(drained, timeout_s=60, what="the second worker to drain the queue")
+        await wait_until(drained, timeout_s=60, what="the second worker to drain the queue")
         second.terminate()
         code = await second.await_exit(grace_s + 15)
     finally:
@@ -200,8 +192,8 @@ async def test_sigterm_past_grace_period_requeues_the_overrunning_request(
     args = ["--url", amqp_url, "run", "tests.agents_for_tests:recorder", "--grace-period", "1"]
     worker = CliProcess(args, env=env, log_dir=tmp_path)
     try:
-        await await_until(
-            _async(lambda: worker.running() and read_ids(record) == [7]),
+        await wait_until(
+            lambda: worker.running() and read_ids(record) == [7],
             timeout_s=20,
             what="the hold request to be in flight",
         )
@@ -246,7 +238,7 @@ async def test_stop_lets_in_flight_handlers_finish_and_ack(
         async def consumer_gone() -> bool:
             return (await client_transport.queue_info(queue)).consumers == 0
 
-        await await_until(consumer_gone, timeout_s=5, what="the worker to cancel its consumer")
+        await wait_until(consumer_gone, timeout_s=5, what="the worker to cancel its consumer")
         assert not stopping.done(), "stop() returned while handlers were still running"
         await client.notify(agent.name, "job", {"id": 99}, timeout_s=60)  # stays queued
 
@@ -262,7 +254,7 @@ async def test_stop_lets_in_flight_handlers_finish_and_ack(
     async def only_late_request_left() -> bool:
         return await total_messages(broker_admin, module_vhost, queue) == 1
 
-    await await_until(only_late_request_left, timeout_s=5, what="4 acks + 1 queued request")
+    await wait_until(only_late_request_left, timeout_s=5, what="4 acks + 1 queued request")
 
 
 async def test_stop_cancels_overrunning_handlers_and_requeues(
@@ -334,15 +326,11 @@ async def test_stop_requeues_deliveries_waiting_for_a_slot(
             await client.notify(agent.name, "job", {"id": i}, timeout_s=60)
 
     running = await asyncio.wait_for(journal.started.get(), 5)
-    await await_until(
-        _async(lambda: worker.stats.received == 3), timeout_s=5, what="all three deliveries"
-    )
+    await wait_until(lambda: worker.stats.received == 3, timeout_s=5, what="all three deliveries")
     assert worker.in_flight == 1
 
     stopping = asyncio.create_task(worker.stop())
-    await await_until(
-        _async(lambda: worker.stats.requeued == 2), timeout_s=5, what="two waiting requeued"
-    )
+    await wait_until(lambda: worker.stats.requeued == 2, timeout_s=5, what="two waiting requeued")
     journal.gate.set()
     await asyncio.wait_for(stopping, 5)
 
@@ -355,7 +343,7 @@ async def test_stop_requeues_deliveries_waiting_for_a_slot(
         counts = {agent.name: rows[TOPOLOGY.agent_queue(agent.name)].messages for agent in agents}
         return counts == {agent.name: int(agent.name in waiting) for agent in agents}
 
-    await await_until(settled, timeout_s=5, what="running acked, waiting ones back in queue")
+    await wait_until(settled, timeout_s=5, what="running acked, waiting ones back in queue")
     for name in waiting:
         (delivery,) = await take_deliveries(observer, TOPOLOGY.agent_queue(name), 1)
         assert not delivery.envelope.redelivered

@@ -15,7 +15,8 @@ from amqp_agents.models.messages import ErrorCode
 from amqp_agents.rpc.client import RpcClient
 from amqp_agents.testing import url_for_vhost
 from amqp_agents.transport.rabbitmq import RabbitTransport
-from tests.agents_for_tests import CliProcess, await_until, cli_env, run_cli
+from tests.agents_for_tests import CliProcess, cli_env, run_cli
+from tests.support import wait_until
 
 Connect = Callable[..., Awaitable[RabbitTransport]]
 
@@ -100,7 +101,7 @@ class _Replica:
     def __init__(self, url: str, store_env: dict[str, str], log_dir: Path) -> None:
         self.process = CliProcess(
             ["--url", url, "run", "amqp_agents.examples.tasks:app"],
-            env=cli_env(**store_env),
+            env={**cli_env(), **store_env},
             log_dir=log_dir,
         )
 
@@ -109,7 +110,7 @@ class _Replica:
             assert self.process.running(), self.process.output()
             return "consuming agents.task_manager" in self.process.output()
 
-        await await_until(ready, timeout_s=20, what="a replica to consume")
+        await wait_until(ready, timeout_s=20, what="a replica to consume")
 
     async def stop(self) -> None:
         self.process.terminate()

@@ -27,8 +27,8 @@ from amqp_agents.rpc.client import RpcClient
 from amqp_agents.runtime.agent import Agent, action
 from amqp_agents.runtime.worker import Worker
 from amqp_agents.transport.rabbitmq import RabbitTransport
-from tests.agents_for_tests import await_until
 from tests.faults import FaultProxy, TlsMaterial, make_tls_material
+from tests.support import wait_until
 
 PASSWORD = "guest"
 
@@ -157,7 +157,7 @@ async def test_mutual_tls_with_a_client_certificate(
         # the client has given up: the count may lag the refusal by a moment.
         return mtls_proxy.handshake_failures >= 2
 
-    await await_until(both_counted, timeout_s=5, what="two failed handshakes counted")
+    await wait_until(both_counted, timeout_s=5, what="two failed handshakes counted")
 
 
 def test_tls_settings_check_their_files(tmp_path: Path) -> None:

@@ -2,7 +2,7 @@
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 import pytest
@@ -443,14 +443,15 @@ async def test_handle_propagates_cancellation() -> None:
 async def test_start_and_shutdown() -> None:
     """is_running follows start() and shutdown(); shutdown() is idempotent."""
     shop = Shop()
-    assert not shop.is_running
+    seen = [shop.is_running]
 
     await shop.start()
-    assert shop.is_running
+    seen.append(shop.is_running)
 
     await shop.shutdown()
     await shop.shutdown()
-    assert not shop.is_running
+    seen.append(shop.is_running)
+    assert seen == [False, True, False]
 
 
 async def test_start_twice_raises() -> None:
@@ -593,7 +594,9 @@ def test_agent_with_neither_actions_nor_event_handlers_is_refused() -> None:
 
 
 @pytest.mark.parametrize("decorator", [action, on_event])
-def test_decorator_without_parentheses_is_a_clear_error(decorator: Any) -> None:
+def test_decorator_without_parentheses_is_a_clear_error(
+    decorator: Callable[[Callable[..., Awaitable[None]]], object],
+) -> None:
     """A bare @action / @on_event fails at class definition with the spelling to use."""
     with pytest.raises(ConfigurationError, match=r"write @(action|on_event)\(\"...\"\) above"):
 
@@ -626,4 +629,5 @@ def test_payload_annotations_that_accept_objects_are_fine(annotation: Any) -> No
 
     handler.__annotations__["payload"] = annotation
     agent_class = type("Good", (Agent,), {"name": "good", "go": action("go")(handler)})
+    assert issubclass(agent_class, Agent)
     assert "go" in agent_class.actions()

@@ -25,7 +25,7 @@ from amqp_agents.runtime.agent import Agent, action
 from amqp_agents.testing import AgentHarness
 from amqp_agents.transport.base import Delivery, QueueSpec
 from amqp_agents.transport.memory import InMemoryBroker, InMemoryTransport
-from tests.agents_for_tests import await_until, holds
+from tests.support import wait_until
 
 TOPOLOGY = Topology()
 AGENT = "fuzzed"
@@ -257,8 +257,8 @@ async def timed_out_round(
         )
         await spy.publish(reply, timeout_s=1)
     del requests
-    await await_until(  # each reply is consumed in a task of its own
-        holds(lambda: client.late_replies >= late_before + calls),
+    await wait_until(  # each reply is consumed in a task of its own
+        lambda: client.late_replies >= late_before + calls,
         timeout_s=5,
         what="the late replies to arrive",
     )

@@ -15,7 +15,6 @@ the ranges of ``k`` span a whole call, and a whole worker run.
 from __future__ import annotations
 
 import asyncio
-import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from dataclasses import dataclass
@@ -44,6 +43,7 @@ from amqp_agents.transport.base import (
 )
 from amqp_agents.transport.memory import InMemoryBroker, InMemoryTransport
 from tests.agents_for_tests import Journal, Work, data_of
+from tests.support import wait_for_tasks_to_end, wait_until
 
 TOPOLOGY = Topology()
 POLICY = RetryPolicy(attempts=1, redelivery_delays_s=(0.001,), max_deliveries=50)
@@ -284,21 +284,9 @@ def running_tasks() -> set[asyncio.Task[Any]]:
 
 async def assert_no_task_leaked(baseline: set[asyncio.Task[Any]]) -> None:
     """Every task started since ``baseline`` ends within :data:`WAIT_S`."""
-    deadline = time.monotonic() + WAIT_S
-    while leftover := running_tasks() - baseline:
-        if time.monotonic() > deadline:
-            names = sorted(getattr(t.get_coro(), "__qualname__", repr(t)) for t in leftover)
-            raise AssertionError(f"tasks still running after {WAIT_S:g}s: {names}")
-        await asyncio.sleep(0.005)
-
-
-async def wait_until(predicate: Callable[[], bool], what: str) -> None:
-    """Poll ``predicate`` until true; fail after :data:`WAIT_S` naming ``what``."""
-    deadline = time.monotonic() + WAIT_S
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not true within {WAIT_S:g}s: {what}")
-        await asyncio.sleep(0.002)
+    await wait_for_tasks_to_end(
+        lambda: running_tasks() - baseline, timeout_s=WAIT_S, interval_s=0.005
+    )
 
 
 def gauge(metrics: Metrics, name: str) -> float:
@@ -335,7 +323,9 @@ class ClientRig:
         )
 
     async def settle(self) -> None:
-        await wait_until(self.idle, "the worker idle and the agent queue drained")
+        await wait_until(
+            self.idle, what="the worker idle and the agent queue drained", timeout_s=WAIT_S
+        )
 
     async def still_works(self) -> None:
         reply = await self.client.send(AGENT, "work", {"id": 10_000}, timeout_s=WAIT_S)
@@ -525,7 +515,9 @@ async def test_a_cancelled_aclose_can_be_finished(rig: ClientRig, k: int) -> Non
     baseline = running_tasks()
     client = rig.client
     held = asyncio.create_task(client.send(AGENT, "hold", {"id": 1}))
-    await wait_until(lambda: rig.journal.started == [1], "the held call in flight")
+    await wait_until(
+        lambda: rig.journal.started == [1], what="the held call in flight", timeout_s=WAIT_S
+    )
     closing = asyncio.create_task(client.aclose())
     await steps(k)
     closing.cancel()
@@ -643,7 +635,7 @@ async def drain(b: Backlog) -> Latency:
     link = await connected(b.broker)
     stop = asyncio.Event()
     serving = asyncio.create_task(worker_on(link, b.journal, grace_s=5).serve(stop.wait))
-    await wait_until(b.done, "a fresh worker to handle every request left")
+    await wait_until(b.done, what="a fresh worker to handle every request left", timeout_s=WAIT_S)
     stop.set()
     await asyncio.wait_for(serving, WAIT_S)
     return link
@@ -799,7 +791,7 @@ async def one_worker(
     agents = [Stepper(journal, name=name) for name in AGENTS]
     worker = Worker(link, agents, settings=settings)
     serving = asyncio.create_task(worker.serve())
-    await wait_until(lambda: worker.is_ready, "the worker consuming")
+    await wait_until(lambda: worker.is_ready, what="the worker consuming", timeout_s=WAIT_S)
     return worker, link, serving
 
 
@@ -820,7 +812,9 @@ async def test_a_handler_past_the_grace_period_is_requeued_and_answered_by_the_n
     client_link = await connected(broker)
     async with RpcClient(client_link) as client:
         call = asyncio.create_task(client.send("alpha", "hold", {"id": 1}, timeout_s=WAIT_S))
-        await wait_until(lambda: journal.started == [1], "the handler running")
+        await wait_until(
+            lambda: journal.started == [1], what="the handler running", timeout_s=WAIT_S
+        )
         serving.cancel()
         await asyncio.wait({serving}, timeout=WAIT_S)
         assert serving.cancelled()
@@ -863,10 +857,16 @@ async def test_a_waiting_delivery_is_requeued_while_the_stop_still_waits() -> No
     journal = Journal()
     await queue_two(broker, journal)
     worker, _link, serving = await one_worker(broker, journal, grace_s=5, concurrency=1)
-    await wait_until(lambda: worker.stats.received == 2, "both deliveries at the worker")
+    await wait_until(
+        lambda: worker.stats.received == 2, what="both deliveries at the worker", timeout_s=WAIT_S
+    )
 
     serving.cancel()
-    await wait_until(lambda: ready(broker, "beta") == 1, "beta's request back in its queue")
+    await wait_until(
+        lambda: ready(broker, "beta") == 1,
+        what="beta's request back in its queue",
+        timeout_s=WAIT_S,
+    )
     assert not serving.done(), "the stop did not wait for the running handler"
     assert journal.started == [1]
     journal.gate.set()
@@ -884,7 +884,9 @@ async def test_a_delivery_waiting_for_a_slot_is_requeued_even_if_a_slot_frees_du
     journal = Journal()
     await queue_two(broker, journal)
     worker, _link, serving = await one_worker(broker, journal, grace_s=5, concurrency=1)
-    await wait_until(lambda: worker.stats.received == 2, "both deliveries at the worker")
+    await wait_until(
+        lambda: worker.stats.received == 2, what="both deliveries at the worker", timeout_s=WAIT_S
+    )
     assert journal.started == [1]
 
     serving.cancel()
@@ -907,7 +909,9 @@ async def test_cancelling_serve_again_while_it_stops_leaves_nothing_running(k: i
     async with RpcClient(await connected(broker)) as client:
         for i in range(2):
             await client.notify("alpha", "hold", {"id": i})
-    await wait_until(lambda: len(journal.started) == 2, "both handlers running")
+    await wait_until(
+        lambda: len(journal.started) == 2, what="both handlers running", timeout_s=WAIT_S
+    )
 
     serving.cancel()
     await steps(k)

@@ -171,18 +171,14 @@ def test_settings_validate_cli_url() -> None:
         _settings(args)
 
 
-def test_connection_url_variable_is_not_silently_ignored(
+def test_connection_url_variable_is_rejected_not_silently_ignored(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """AMQP_AGENTS_CONNECTION__URL is either used or rejected, never dropped."""
-    url = "amqp://app:pw@prod-broker/"
-    monkeypatch.setenv("AMQP_AGENTS_CONNECTION__URL", url)
+    """AMQP_AGENTS_CONNECTION__URL is refused with the variable to use, never dropped."""
+    monkeypatch.setenv("AMQP_AGENTS_CONNECTION__URL", "amqp://app:pw@prod-broker/")
 
-    try:
-        settings = _settings(_parser().parse_args(["call", "a", "b"]))
-    except ValidationError:
-        return
-    assert settings.connection.url.get_secret_value() == url
+    with pytest.raises(ValidationError, match=r"set the broker URL with AMQP_URL"):
+        _settings(_parser().parse_args(["call", "a", "b"]))
 
 
 # -- main ------------------------------------------------------------------------------

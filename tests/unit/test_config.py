@@ -4,7 +4,7 @@ import os
 from pathlib import Path
 
 import pytest
-from pydantic import SecretStr, ValidationError
+from pydantic import BaseModel, SecretStr, ValidationError
 
 from amqp_agents.config import (
     DEFAULT_URL,
@@ -90,7 +90,7 @@ def test_settings_reject_other_schemes() -> None:
         (RpcSettings, "timeout_s", 0),
     ],
 )
-def test_invalid_values_name_the_field(model: type, field: str, value: object) -> None:
+def test_invalid_values_name_the_field(model: type[BaseModel], field: str, value: object) -> None:
     """An out-of-range value raises ValidationError located at that field."""
     with pytest.raises(ValidationError) as caught:
         model.model_validate({field: value})

@@ -19,7 +19,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -37,7 +36,7 @@ from amqp_agents.examples.tasks import TaskStoreSettings, app
 from amqp_agents.metrics import Metrics
 from amqp_agents.models.topology import Topology
 from amqp_agents.runtime.health import LoopWatch
-from tests.agents_for_tests import CliProcess, cli_env, run_cli, wait_until
+from tests.agents_for_tests import CliProcess, cli_env, run_cli
 from tests.deploy_kit import (
     COMPOSE,
     DEPLOY,
@@ -65,6 +64,7 @@ from tests.deploy_kit import (
     settings_env_names,
     worker_container,
 )
+from tests.support import wait_until_sync
 
 K8S_VERSION = "1.29"
 BUILTIN_KINDS = frozenset(
@@ -683,7 +683,9 @@ def test_dockerfile_healthcheck_follows_the_metrics_port_setting(tmp_path: Path)
     env = cli_env(AMQP_URL="memory://", AMQP_AGENTS_METRICS__PORT=str(port))
     worker = CliProcess(["run", EXAMPLE_APP], env=env, log_dir=tmp_path)
     try:
-        wait_until(lambda: "serving /metrics" in worker.output(), timeout_s=20, what="the probes")
+        wait_until_sync(
+            lambda: "serving /metrics" in worker.output(), timeout_s=20, what="the probes"
+        )
         command = [sys.executable, *probe[1:]]
         ok = subprocess.run(command, env=env, capture_output=True, timeout=20, check=False)
         wrong = {**env, "AMQP_AGENTS_METRICS__PORT": str(free_port())}
@@ -872,20 +874,23 @@ def free_port() -> int:
 def concurrency_limit(worker: CliProcess, port: int, *, timeout_s: float = 15) -> float:
     """The amqp_agents_concurrency_limit a running worker exports (its effective
     worker.concurrency)."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
+
+    def exported() -> float:
         worker.running()
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as page:
                 text = page.read().decode()
         except (urllib.error.URLError, ConnectionError):
-            time.sleep(0.1)
-            continue
+            return 0.0
         found = re.search(r"^amqp_agents_concurrency_limit ([0-9.e+]+)$", text, re.M)
-        if found and float(found.group(1)) > 0:
-            return float(found.group(1))
-        time.sleep(0.1)
-    raise AssertionError(f"no concurrency limit on :{port}/metrics:\n{worker.output()}")
+        return float(found.group(1)) if found else 0.0
+
+    return wait_until_sync(
+        exported,
+        timeout_s=timeout_s,
+        interval_s=0.1,
+        what=lambda: f"a concurrency limit on :{port}/metrics:\n{worker.output()}",
+    )
 
 
 def run_with_config(
@@ -905,7 +910,7 @@ def run_with_config(
             str(port),
             *extra,
         ],
-        env=cli_env(**env),
+        env={**cli_env(), **env},
         log_dir=tmp_path,
     )
     try:

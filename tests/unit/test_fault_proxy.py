@@ -13,15 +13,16 @@ import ipaddress
 import socket
 import ssl
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from cryptography import x509
 
-from tests.agents_for_tests import await_until, free_port, wait_until
+from tests.agents_for_tests import free_port
 from tests.faults import FaultProxy, TlsMaterial, make_tls_material
+from tests.support import wait_until, wait_until_sync
 
 Streams = tuple[asyncio.StreamReader, asyncio.StreamWriter]
 Dial = Callable[..., Coroutine[Any, Any, Streams]]
@@ -67,17 +68,8 @@ class EchoServer:
         self._server.close()
         for writer in list(self._writers):
             writer.close()
-        await await_until(
-            _async(lambda: not self._writers), timeout_s=5, what="echo connections to close"
-        )
+        await wait_until(lambda: not self._writers, timeout_s=5, what="echo connections to close")
         await self._server.wait_closed()
-
-
-def _async(predicate: Callable[[], bool]) -> Callable[[], Awaitable[bool]]:
-    async def check() -> bool:
-        return predicate()
-
-    return check
 
 
 @pytest.fixture
@@ -171,8 +163,8 @@ async def test_bytes_flow_both_ways_and_connections_are_counted(
     assert echo.bytes_received == 5 + len(big)
 
     streams[1].close()
-    await await_until(
-        _async(lambda: proxy.active_connections == 0 and echo.open_connections == 0),
+    await wait_until(
+        lambda: proxy.active_connections == 0 and echo.open_connections == 0,
         timeout_s=2,
         what="the proxy to close both sides after the client left",
     )
@@ -202,9 +194,7 @@ async def test_cut_resets_both_sides_and_new_connections_work(
     await assert_dropped(first[0], within_s=1)
     await assert_dropped(second[0], within_s=1)
     assert time.monotonic() - started < 1.5
-    await await_until(
-        _async(lambda: echo.open_connections == 0), timeout_s=2, what="upstream side closed"
-    )
+    await wait_until(lambda: echo.open_connections == 0, timeout_s=2, what="upstream side closed")
 
     again = await dial(proxy.port)
     assert await roundtrip(again, b"back") == b"back"
@@ -289,7 +279,7 @@ def test_unreachable_upstream_drops_the_client_from_a_sync_test() -> None:
                     assert sock.recv(1) == b""
             except ConnectionResetError:
                 pass
-        wait_until(
+        wait_until_sync(
             lambda: proxy.accepted_total == 2 and proxy.active_connections == 0,
             timeout_s=2,
             what="both clients accepted and dropped",
@@ -310,8 +300,8 @@ async def test_stop_closes_everything_quickly_and_never_hangs(
         plain.stall()
         stalled = await dial(plain.port)
         silent = await dial(secure.port)  # TCP only: the TLS handshake never starts
-        await await_until(
-            _async(lambda: (plain.active_connections, secure.active_connections) == (2, 1)),
+        await wait_until(
+            lambda: (plain.active_connections, secure.active_connections) == (2, 1),
             timeout_s=2,
             what="the proxies to accept",
         )
@@ -342,9 +332,7 @@ async def _stop_during_a_storm(proxy: FaultProxy) -> None:
     done = asyncio.Event()
     writers: list[asyncio.StreamWriter] = []
     tasks = [asyncio.create_task(_storm(proxy.port, writers, done)) for _ in range(3)]
-    await await_until(
-        _async(lambda: proxy.accepted_total >= 5), timeout_s=5, what="clients to connect"
-    )
+    await wait_until(lambda: proxy.accepted_total >= 5, timeout_s=5, what="clients to connect")
     await asyncio.to_thread(proxy.stop)
     done.set()
     await asyncio.gather(*tasks)
@@ -380,8 +368,8 @@ async def test_tls_is_terminated_and_trusts_only_the_test_ca(
 
         with pytest.raises(ssl.SSLCertVerificationError):
             await dial(proxy.port, "localhost", ssl=tls.client_context(ca_file=tls.wrong_ca_file))
-        await await_until(
-            _async(lambda: proxy.handshake_failures == 1), timeout_s=2, what="handshake failure"
+        await wait_until(
+            lambda: proxy.handshake_failures == 1, timeout_s=2, what="handshake failure"
         )
         assert echo.connections == 2  # never forwarded
 
@@ -409,8 +397,8 @@ async def test_client_certificates_are_required_when_asked(
         else:  # TLS 1.3: the client learns on its first read
             writer.write(b"let me in")
             await assert_dropped(reader, within_s=2)
-        await await_until(
-            _async(lambda: proxy.handshake_failures == 1), timeout_s=2, what="handshake failure"
+        await wait_until(
+            lambda: proxy.handshake_failures == 1, timeout_s=2, what="handshake failure"
         )
         assert echo.connections == 1
 
@@ -424,9 +412,7 @@ async def test_tls_handshake_waits_out_a_stall_then_completes(
         attempt = asyncio.create_task(dial(proxy.port, "localhost", ssl=tls.client_context()))
         done, _ = await asyncio.wait({attempt}, timeout=NOTHING_ARRIVES_S)
         assert not done
-        await await_until(
-            _async(lambda: proxy.active_connections == 1), timeout_s=2, what="the accept"
-        )
+        await wait_until(lambda: proxy.active_connections == 1, timeout_s=2, what="the accept")
         assert echo.connections == 0
 
         assert proxy.resume() == 0  # the new connection is not reset

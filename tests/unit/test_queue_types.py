@@ -80,7 +80,7 @@ def test_private_queues_are_exclusive() -> None:
 def test_an_unknown_queue_type_is_refused() -> None:
     """A typo in settings fails at start, naming the allowed values."""
     with pytest.raises(ValidationError, match="classic"):
-        Topology(queue_type="stream")  # type: ignore[arg-type]
+        Topology.model_validate({"queue_type": "stream"})
 
 
 async def test_in_memory_broker_names_both_types_on_a_mismatch() -> None:

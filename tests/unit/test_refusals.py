@@ -22,7 +22,7 @@ from amqp_agents.runtime.worker import Worker
 from amqp_agents.transport.base import QueueSpec
 from amqp_agents.transport.memory import InMemoryBroker, InMemoryTransport
 from amqp_agents.transport.rabbit.consumer import channel_on
-from tests.agents_for_tests import await_until
+from tests.support import wait_until
 
 TOPOLOGY = Topology()
 
@@ -68,7 +68,7 @@ async def test_a_reply_into_an_agent_queue_is_dropped_not_sent() -> None:
             value = metrics.registry.get_sample_value("amqp_agents_messages_handled_total", labels)
             return value == 1
 
-        await await_until(dropped, timeout_s=2, what="the reply counted as dropped")
+        await wait_until(dropped, timeout_s=2, what="the reply counted as dropped")
     finally:
         await worker.stop()
     assert agent.runs == 1

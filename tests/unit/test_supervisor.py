@@ -15,7 +15,7 @@ from amqp_agents.runtime.worker import Worker
 from amqp_agents.transport.base import Transport
 from amqp_agents.transport.memory import InMemoryBroker, InMemoryTransport
 from amqp_agents.transport.rabbit.consumer import RabbitConsumer
-from tests.agents_for_tests import await_until
+from tests.support import wait_until
 
 
 class Echo(Agent):
@@ -54,7 +54,7 @@ async def test_a_stray_cancellation_does_not_end_the_supervisor() -> None:
     async def ready() -> bool:
         return supervisor.is_ready
 
-    await await_until(ready, timeout_s=5, what="a fresh worker serving")
+    await wait_until(ready, timeout_s=5, what="a fresh worker serving")
     assert [type(w) for w in built] == [StrayCancelWorker, Worker]
     assert supervisor.reconnects == 1
     stop.set()
@@ -71,7 +71,7 @@ async def test_cancelling_the_supervisor_still_cancels_it() -> None:
     async def ready() -> bool:
         return supervisor.is_ready
 
-    await await_until(ready, timeout_s=5, what="the worker serving")
+    await wait_until(ready, timeout_s=5, what="the worker serving")
     running.cancel()
     with pytest.raises(asyncio.CancelledError):
         await asyncio.wait_for(running, 5)
