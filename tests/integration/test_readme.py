@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from amqp_agents.cli_parser import build_parser as _parser
+from amqp_agents.cli.parser import build_parser as _parser
 from amqp_agents.testing import url_for_vhost
 from tests.agents_for_tests import CLI, ROOT, cli_env, free_port
 from tests.support import wait_until_sync

@@ -9,8 +9,10 @@ from collections.abc import Iterator
 import pytest
 from pydantic import ValidationError
 
-from amqp_agents.cli import _loop_factory, _settings, load_agents, main
-from amqp_agents.cli_parser import build_parser as _parser
+from amqp_agents.cli import load_agents, main
+from amqp_agents.cli.app import _loop_factory
+from amqp_agents.cli.app import settings_from as _settings
+from amqp_agents.cli.parser import build_parser as _parser
 from amqp_agents.errors import ConfigurationError
 from amqp_agents.examples.tasks import AuditAgent, TaskManager
 from amqp_agents.runtime.agent import Agent, action

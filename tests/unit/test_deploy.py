@@ -30,7 +30,7 @@ import pytest
 import yaml
 from pydantic import BaseModel
 
-from amqp_agents.cli import _worker_probes
+from amqp_agents.cli.worker import worker_probes as _worker_probes
 from amqp_agents.config import Settings
 from amqp_agents.examples.tasks import TaskStoreSettings, app
 from amqp_agents.metrics import Metrics

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from amqp_agents.cli import _initialise_metrics
+from amqp_agents.cli.worker import initialise_metrics as _initialise_metrics
 from amqp_agents.config import Settings
 from amqp_agents.examples.tasks import app
 from amqp_agents.metrics import CONSUMER_END_REASONS, OTHER_ACTION, Metrics, Outcome
