@@ -55,8 +55,8 @@ __all__ = [
     "CONSUMER_END_REASONS",
     "CONTENT_TYPE",
     "OTHER_ACTION",
+    "DeliveryOutcome",
     "Metrics",
-    "Outcome",
     "code_label",
 ]
 
@@ -87,7 +87,7 @@ _BUCKETS: Final = (
 )
 
 
-class Outcome(StrEnum):
+class DeliveryOutcome(StrEnum):
     """How a delivery ended; the ``outcome`` label."""
 
     OK = "ok"
@@ -251,7 +251,7 @@ class Metrics:
         ``actions`` maps each agent to the actions it declares (``other`` is added);
         ``groups`` are the event groups subscribed to; ``queues`` the queues whose depth
         is probed; ``consumed_queues`` those consumed (agent and group queues). Codes are
-        the standard ones and ``OTHER``; outcomes every :class:`Outcome`. Idempotent.
+        the standard ones and ``OTHER``; outcomes every :class:`DeliveryOutcome`. Idempotent.
         The ``consumer_attached`` gauge is left alone: 0 would claim a re-attach.
         """
         codes = sorted({code_label(code.value) for code in ErrorCode} | {code_label("")})
@@ -263,12 +263,12 @@ class Metrics:
                 self.child(self.handler_duration, agent, action)
                 self.child(self.handler_timeouts, agent, action)
                 self.child(self.retries, agent, action)
-                for outcome in Outcome:
+                for outcome in DeliveryOutcome:
                     self.child(self.messages_handled, agent, action, outcome.value)
                 for code in codes:
                     self.child(self.error_replies, agent, action, code)
         for group in groups:
-            for outcome in Outcome:
+            for outcome in DeliveryOutcome:
                 self.child(self.events_consumed, group, outcome.value)
         for queue in queues:
             self.child(self.queue_depth_errors, queue)

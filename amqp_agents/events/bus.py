@@ -62,7 +62,7 @@ from amqp_agents.errors import (
     TransportError,
     UnroutableError,
 )
-from amqp_agents.metrics import Outcome as MetricOutcome
+from amqp_agents.metrics import DeliveryOutcome
 from amqp_agents.models.messages import AgentResponse, ErrorCode, Event, IdSource
 from amqp_agents.models.rewrites import attempt_from
 from amqp_agents.models.schema import adapter_for, handler_argument, validate_payload
@@ -601,7 +601,7 @@ class EventBus:
                 attempt - 1,
             )
             await delivery.reject()
-            self._count(queue.group, MetricOutcome.DEAD_LETTERED)
+            self._count(queue.group, DeliveryOutcome.DEAD_LETTERED)
             return
         copy = dataclasses.replace(
             envelope,
@@ -618,7 +618,7 @@ class EventBus:
             return
         await delivery.ack()
 
-    def _count(self, group: str | None, outcome: MetricOutcome) -> None:
+    def _count(self, group: str | None, outcome: DeliveryOutcome) -> None:
         if self._metrics is not None:
             self._metrics.child(
                 self._metrics.events_consumed, group or "private", outcome.value
@@ -689,8 +689,8 @@ class EventBus:
         # event goes to the dead-letter queue rather than back into the queue.
         if failed and not envelope.reply_to:
             await delivery.reject()
-            outcome = MetricOutcome.DEAD_LETTERED
+            outcome = DeliveryOutcome.DEAD_LETTERED
         else:
             await delivery.ack()
-            outcome = MetricOutcome.ERROR if failed else MetricOutcome.OK
+            outcome = DeliveryOutcome.ERROR if failed else DeliveryOutcome.OK
         self._count(group, outcome)

@@ -362,7 +362,8 @@ class Agent:
         smaller); a handler that overruns is cancelled and answered ``TIMEOUT``. The
         action's retry policy applies in process; redeliveries are the worker's.
         """
-        outcome = await self.run(message, timeout_s=timeout_s)
+        policy = self.retry_policy(message.action, NO_RETRY)
+        outcome = await self.run(message, timeout_s=timeout_s, policy=policy)
         return outcome.response
 
     async def run(
@@ -375,8 +376,10 @@ class Agent:
     ) -> Outcome:
         """Run the request with in-process retries; the reply and whether to redeliver.
 
-        ``policy`` applies unless the action has its own; ``deadline`` (``time.monotonic``)
-        bounds every try and every backoff: no retry starts that could not finish.
+        ``policy`` is the action's, resolved once by the caller with
+        :meth:`retry_policy` (the worker uses it again to decide on a redelivery);
+        ``deadline`` (``time.monotonic``) bounds every try and every backoff: no retry
+        starts that could not finish.
         """
         cid = message.correlation_id
         spec = self._actions.get(message.action)
@@ -386,8 +389,6 @@ class Agent:
                 f"agent {self.name!r} has no action {message.action!r} (known: {known})"
             )
             return Outcome(AgentResponse.from_error(unknown, correlation_id=cid))
-        if spec.retry is not None:
-            policy = spec.retry
         adapter = spec.payload
         try:
             payload = None if adapter is None else validate_payload(adapter, message.payload)

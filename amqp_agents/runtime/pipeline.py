@@ -18,7 +18,7 @@ import time
 from typing import TYPE_CHECKING, Final
 
 from amqp_agents.errors import ErrorCode, InvalidPayloadError, MessageTooLargeError
-from amqp_agents.metrics import Outcome as MetricOutcome
+from amqp_agents.metrics import DeliveryOutcome
 from amqp_agents.models.messages import AgentResponse
 from amqp_agents.models.rewrites import attempt_from
 from amqp_agents.models.wire import deadline_from, read_request
@@ -71,10 +71,10 @@ class RequestPipeline:
                     agent.name,
                     envelope.type,
                     envelope.correlation_id,
-                    extra=log_fields(agent, envelope, "expired"),
+                    extra=log_fields(agent, envelope, DeliveryOutcome.EXPIRED),
                 )
                 await delivery.ack()
-                self._settle.count(agent, envelope.type, MetricOutcome.EXPIRED)
+                self._settle.count(agent, envelope.type, DeliveryOutcome.EXPIRED)
                 return
             # Work stops a little before the caller's deadline: the answer (and a
             # dead letter) must still be published and travel back in time.
@@ -87,7 +87,6 @@ class RequestPipeline:
             # kills the process would loop forever.
             await self._settle.count_redelivery(agent, delivery, attempt_from(envelope) + 1)
             return
-        policy = self._settings.retry
         if len(envelope.body) > self._max_bytes:
             attempt = attempt_from(envelope)
             too_large = MessageTooLargeError(
@@ -106,7 +105,7 @@ class RequestPipeline:
                 agent.name,
                 envelope.correlation_id,
                 exc.message,
-                extra=log_fields(agent, envelope, "invalid", exc.code),
+                extra=log_fields(agent, envelope, DeliveryOutcome.DEAD_LETTERED, exc.code),
             )
             await self._settle.fail(
                 agent,
@@ -118,6 +117,7 @@ class RequestPipeline:
             return
         metrics = self._metrics
         started = 0.0 if metrics is None else time.perf_counter()
+        policy = agent.retry_policy(message.action, self._settings.retry)  # once per request
         outcome = await agent.run(message, timeout_s=timeout_s, policy=policy, deadline=work_until)
         if metrics is not None:
             action = action_label(agent, message.action)
@@ -137,7 +137,6 @@ class RequestPipeline:
             await self._settle.fail(agent, delivery, response, attempt, dead_letter=crashed)
             return
         attempt = attempt_from(envelope)
-        policy = agent.retry_policy(message.action, policy)
         if attempt < policy.max_deliveries:
             delay_ms = policy.redelivery_delay_ms(attempt, outcome.delay_s)
             if deadline is None or time.time() + delay_ms / 1000 < deadline:

@@ -54,8 +54,7 @@ from amqp_agents.errors import (
     TransportError,
     UnroutableError,
 )
-from amqp_agents.metrics import Outcome as MetricOutcome
-from amqp_agents.metrics import code_label
+from amqp_agents.metrics import DeliveryOutcome, code_label
 from amqp_agents.models.messages import AgentResponse
 from amqp_agents.models.rewrites import dead_letter_envelope, retry_envelope
 from amqp_agents.models.wire import encode_reply, encode_success
@@ -185,7 +184,7 @@ class Settlement:
         """How long a delivery whose copy the broker keeps refusing is held before it is
         requeued."""
 
-    def count(self, agent: Agent, action: str | None, outcome: MetricOutcome) -> None:
+    def count(self, agent: Agent, action: str | None, outcome: DeliveryOutcome) -> None:
         if self._metrics is not None:
             label = action_label(agent, action)
             self._metrics.child(
@@ -198,7 +197,7 @@ class Settlement:
 
     async def requeue_counted(self, agent: Agent, delivery: Delivery) -> None:
         await self.requeue(delivery)
-        self.count(agent, delivery.envelope.type, MetricOutcome.REQUEUED)
+        self.count(agent, delivery.envelope.type, DeliveryOutcome.REQUEUED)
 
     async def _hold_then_requeue(self, agent: Agent, delivery: Delivery) -> None:
         """Give a delivery back after a pause: a copy the broker keeps refusing comes
@@ -242,7 +241,7 @@ class Settlement:
                     reply_to,
                     error,
                     envelope.correlation_id,
-                    extra=log_fields(agent, envelope, "requeued"),
+                    extra=log_fields(agent, envelope, DeliveryOutcome.REQUEUED),
                 )
                 await self.requeue_counted(agent, delivery)
                 return False
@@ -254,7 +253,7 @@ class Settlement:
                     reply_to,
                     error,
                     envelope.correlation_id,
-                    extra=log_fields(agent, envelope, "reply_dropped"),
+                    extra=log_fields(agent, envelope, DeliveryOutcome.REPLY_DROPPED),
                 )
             else:
                 self.stats.replied += 1
@@ -264,7 +263,10 @@ class Settlement:
         if self._metrics is not None:
             action = action_label(agent, envelope.type)
             error_info = None if isinstance(answer, Outcome) else answer.error
-            outcome = "reply_dropped" if dropped else "ok" if error_info is None else "error"
+            if dropped:
+                outcome = DeliveryOutcome.REPLY_DROPPED
+            else:
+                outcome = DeliveryOutcome.OK if error_info is None else DeliveryOutcome.ERROR
             self._metrics.child(self._metrics.messages_handled, agent.name, action, outcome).inc()
             if error_info is not None:
                 self._metrics.child(
@@ -309,7 +311,7 @@ class Settlement:
                     failure,
                     "requeued" if verdict is Verdict.NOT_SENT else f"requeued in {self._hold_s:g}s",
                     envelope.correlation_id,
-                    extra=log_fields(agent, envelope, "requeued", error.code),
+                    extra=log_fields(agent, envelope, DeliveryOutcome.REQUEUED, error.code),
                 )
                 if verdict is Verdict.REFUSED:
                     await self._hold_then_requeue(agent, delivery)
@@ -332,7 +334,7 @@ class Settlement:
                 error.code,
                 error.message,
                 said,
-                extra=log_fields(agent, envelope, "dead_lettered", error.code),
+                extra=log_fields(agent, envelope, DeliveryOutcome.DEAD_LETTERED, error.code),
             )
         await self.reply_and_ack(agent, delivery, response)
 
@@ -358,7 +360,9 @@ class Settlement:
         if self._metrics is not None:
             action = action_label(agent, delivery.envelope.type)
             self._metrics.child(self._metrics.retries, agent.name, action).inc()
-            self._metrics.child(self._metrics.messages_handled, agent.name, action, "retried").inc()
+            self._metrics.child(
+                self._metrics.messages_handled, agent.name, action, DeliveryOutcome.RETRIED
+            ).inc()
         log.info(
             "retrying %s.%s in %d ms (attempt %d, correlation id %s)",
             agent.name,
@@ -366,7 +370,7 @@ class Settlement:
             delay_ms,
             attempt,
             delivery.envelope.correlation_id,
-            extra=log_fields(agent, delivery.envelope, "retried"),
+            extra=log_fields(agent, delivery.envelope, DeliveryOutcome.RETRIED),
         )
         await delivery.ack()
 
@@ -460,14 +464,14 @@ class Settlement:
 
 
 def log_fields(
-    agent: Agent, envelope: Envelope, outcome: str, code: str | None = None
+    agent: Agent, envelope: Envelope, outcome: DeliveryOutcome, code: str | None = None
 ) -> dict[str, str | None]:
     """Structured log fields (JSON logs show them as keys)."""
     return {
         "agent": agent.name,
         "action": action_label(agent, envelope.type),
         "correlation_id": envelope.correlation_id,
-        "outcome": outcome,
+        "outcome": outcome.value,
         "code": code,
     }
 

@@ -13,7 +13,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from amqp_agents.cli.worker import initialise_metrics as _initialise_metrics
 from amqp_agents.config import Settings
 from amqp_agents.examples.tasks import app
-from amqp_agents.metrics import CONSUMER_END_REASONS, OTHER_ACTION, Metrics, Outcome
+from amqp_agents.metrics import CONSUMER_END_REASONS, OTHER_ACTION, DeliveryOutcome, Metrics
 from amqp_agents.models.messages import ErrorCode
 from amqp_agents.transport.base import EndReason
 
@@ -47,7 +47,7 @@ def test_initialise_creates_every_label_set_at_zero() -> None:
     assert _label_sets(metrics, "amqp_agents_messages_handled_total") == {
         frozenset({("agent", "billing"), ("action", action), ("outcome", outcome.value)})
         for action in actions
-        for outcome in Outcome
+        for outcome in DeliveryOutcome
     }
     assert len(_label_sets(metrics, "amqp_agents_error_replies_total")) == len(actions) * len(codes)
     for name in (
@@ -59,7 +59,7 @@ def test_initialise_creates_every_label_set_at_zero() -> None:
             frozenset({("agent", "billing"), ("action", action)}) for action in actions
         }, name
     assert _label_sets(metrics, "amqp_agents_events_consumed_total") == {
-        frozenset({("group", "audit"), ("outcome", outcome.value)}) for outcome in Outcome
+        frozenset({("group", "audit"), ("outcome", outcome.value)}) for outcome in DeliveryOutcome
     }
     assert _label_sets(metrics, "amqp_agents_queue_depth_errors_total") == {
         frozenset({("queue", "agents.billing")}),

@@ -22,7 +22,7 @@ import pytest
 from prometheus_client.metrics import MetricWrapperBase
 
 from amqp_agents.cli import main
-from amqp_agents.metrics import CONSUMER_END_REASONS, Metrics, Outcome, code_label
+from amqp_agents.metrics import CONSUMER_END_REASONS, DeliveryOutcome, Metrics, code_label
 from amqp_agents.models.messages import ErrorCode
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -50,8 +50,8 @@ CODE_LABELS = frozenset(
 )
 LABEL_VALUES = {
     "code": CODE_LABELS,
-    # messages_handled and events_consumed use Outcome; rpc_calls uses ok or the code.
-    "outcome": frozenset(outcome.value for outcome in Outcome) | CODE_LABELS,
+    # messages_handled and events_consumed use DeliveryOutcome; rpc_calls uses ok or the code.
+    "outcome": frozenset(outcome.value for outcome in DeliveryOutcome) | CODE_LABELS,
     "reason": frozenset(CONSUMER_END_REASONS),
     "job": frozenset({WORKER_JOB}),
 }
