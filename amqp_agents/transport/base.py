@@ -62,6 +62,7 @@ if TYPE_CHECKING:
     from amqp_agents.models.envelope import Envelope
 
 __all__ = [
+    "ConnectionCallbacks",
     "ConsumerEnd",
     "ConsumerHandle",
     "Delivery",
@@ -73,7 +74,6 @@ __all__ = [
     "QueueSpec",
     "Transport",
     "blocked_too_long",
-    "discard_callback",
     "not_restored_in_time",
     "report_end",
 ]
@@ -90,8 +90,53 @@ def blocked_too_long(timeout_s: float) -> PublishTimeoutError:
     )
 
 
-def discard_callback(callbacks: list[Any], callback: object) -> None:
-    """Remove one registration of ``callback`` (a no-op if it is gone already)."""
+class ConnectionCallbacks:
+    """The connection-lost and connection-restored callbacks of one transport.
+
+    Both transports keep theirs here, so registering, unregistering and running them
+    (a failing callback logged, never raised into the transport) is written once.
+    """
+
+    __slots__ = ("_lost", "_restored")
+
+    def __init__(self) -> None:
+        self._lost: list[Callable[[BaseException | None], None]] = []
+        self._restored: list[Callable[[], Awaitable[None]]] = []
+
+    def on_lost(self, callback: Callable[[BaseException | None], None]) -> Callable[[], None]:
+        """Register; returns the function that unregisters it (a no-op once gone)."""
+        self._lost.append(callback)
+        return lambda: _discard(self._lost, callback)
+
+    def on_restored(self, callback: Callable[[], Awaitable[None]]) -> Callable[[], None]:
+        """Register; returns the function that unregisters it (a no-op once gone)."""
+        self._restored.append(callback)
+        return lambda: _discard(self._restored, callback)
+
+    def report_lost(self, reason: BaseException | None) -> None:
+        """Run every connection-lost callback once, in registration order."""
+        for callback in list(self._lost):
+            try:
+                callback(reason)
+            except Exception:
+                log.exception("connection-lost callback failed")
+
+    async def restore(self, *, stop_at_failure: bool) -> bool:
+        """Await every connection-restored callback in order; False if one failed (and,
+        with ``stop_at_failure``, the rest were not run: the caller starts over)."""
+        ok = True
+        for callback in list(self._restored):
+            try:
+                await callback()
+            except Exception:
+                log.exception("restoring after a reconnect failed")
+                ok = False
+                if stop_at_failure:
+                    break
+        return ok
+
+
+def _discard(callbacks: list[Any], callback: object) -> None:
     if callback in callbacks:
         callbacks.remove(callback)
 

@@ -15,10 +15,10 @@ from typing import TYPE_CHECKING, Self
 
 from amqp_agents.errors import BrokerUnavailableError, LifecycleError
 from amqp_agents.transport.base import (
+    ConnectionCallbacks,
     EndReason,
     QueueInfo,
     blocked_too_long,
-    discard_callback,
     not_restored_in_time,
 )
 from amqp_agents.transport.mem.broker import InMemoryBroker
@@ -55,8 +55,7 @@ class InMemoryTransport:
         self.broker = broker if broker is not None else InMemoryBroker()
         self._state = _State.NEW
         self._consumers: list[Consumer] = []
-        self._lost_callbacks: list[Callable[[BaseException | None], None]] = []
-        self._restored_callbacks: list[Callable[[], Awaitable[None]]] = []
+        self._callbacks = ConnectionCallbacks()
         self._usable = asyncio.Event()
         self._coming_back = False
         self._blocked = False
@@ -105,12 +104,10 @@ class InMemoryTransport:
     def on_connection_lost(
         self, callback: Callable[[BaseException | None], None]
     ) -> Callable[[], None]:
-        self._lost_callbacks.append(callback)
-        return lambda: discard_callback(self._lost_callbacks, callback)
+        return self._callbacks.on_lost(callback)
 
     def on_connection_restored(self, callback: Callable[[], Awaitable[None]]) -> Callable[[], None]:
-        self._restored_callbacks.append(callback)
-        return lambda: discard_callback(self._restored_callbacks, callback)
+        return self._callbacks.on_restored(callback)
 
     def simulate_connection_loss(
         self, reason: BaseException | None = None, *, will_reconnect: bool = False
@@ -133,11 +130,7 @@ class InMemoryTransport:
         for consumer in list(self._consumers):
             consumer.end(EndReason.CONNECTION_LOST, None, text)
         self._drop_connection()
-        for callback in list(self._lost_callbacks):
-            try:
-                callback(reason)
-            except Exception:
-                log.exception("connection-lost callback failed")
+        self._callbacks.report_lost(reason)
 
     async def simulate_reconnect(self) -> None:
         """Come back after :meth:`simulate_connection_loss`: the restored callbacks run
@@ -145,11 +138,7 @@ class InMemoryTransport:
         if self._state is not _State.LOST:
             raise LifecycleError(f"transport is {self._state.value}, not lost")
         self._state = _State.CONNECTED
-        for callback in list(self._restored_callbacks):
-            try:
-                await callback()
-            except Exception:
-                log.exception("restoring after a reconnect failed")
+        await self._callbacks.restore(stop_at_failure=False)
         self.reconnects += 1
         if not self._blocked:
             self._usable.set()

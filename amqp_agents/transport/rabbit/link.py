@@ -24,7 +24,7 @@ import aio_pika
 
 from amqp_agents.config import redact_url
 from amqp_agents.errors import AccessRefusedError, BrokerUnavailableError, LifecycleError
-from amqp_agents.transport.base import discard_callback
+from amqp_agents.transport.base import ConnectionCallbacks
 from amqp_agents.transport.rabbit.consumer import CLOSE_TIMEOUT_S, close_within, underlay_of
 from amqp_agents.transport.rabbit.errors import MAPPED_ERRORS, connect_error, stray
 
@@ -83,8 +83,7 @@ class Link:
         self.state = LinkState.NEW
         self.publishing: AbstractConnection | None = None
         self.consuming: AbstractConnection | None = None
-        self._lost_callbacks: list[Callable[[BaseException | None], None]] = []
-        self._restored_callbacks: list[Callable[[], Awaitable[None]]] = []
+        self._callbacks = ConnectionCallbacks()
         self.lost_reported = False
         self.usable = asyncio.Event()
         """Set while publishes may flow: connected, and restored after a loss."""
@@ -193,13 +192,11 @@ class Link:
         self, callback: Callable[[BaseException | None], None]
     ) -> Callable[[], None]:
         """Call ``callback`` once per loss; returns the function that unregisters it."""
-        self._lost_callbacks.append(callback)
-        return lambda: discard_callback(self._lost_callbacks, callback)
+        return self._callbacks.on_lost(callback)
 
     def on_connection_restored(self, callback: Callable[[], Awaitable[None]]) -> Callable[[], None]:
         """Await ``callback`` after each reconnect, before publishes flow again."""
-        self._restored_callbacks.append(callback)
-        return lambda: discard_callback(self._restored_callbacks, callback)
+        return self._callbacks.on_restored(callback)
 
     # -- opening and closing -----------------------------------------------------------
 
@@ -252,11 +249,7 @@ class Link:
         self.lost_reported = True
         self.usable.clear()
         log.warning("broker connection lost: %s", type(exc).__name__ if exc else "closed")
-        for callback in list(self._lost_callbacks):
-            try:
-                callback(exc)
-            except Exception:
-                log.exception("connection-lost callback failed")
+        self._callbacks.report_lost(exc)
         if self.settings.reconnect and (self._reconnector is None or self._reconnector.done()):
             self._reconnector = asyncio.get_running_loop().create_task(
                 self._reconnect(), name="amqp-agents-reconnect"
@@ -288,13 +281,8 @@ class Link:
                 continue
             self._replaced()
             self.lost_reported = False
-            for callback in list(self._restored_callbacks):
-                try:
-                    await callback()
-                except Exception:
-                    log.exception("restoring after a reconnect failed")
-                    self.lost_reported = True
-                    break
+            if not await self._callbacks.restore(stop_at_failure=True):
+                self.lost_reported = True
             if self.lost_reported or not self.is_connected:
                 self.lost_reported = True
                 continue  # lost again while restoring: start over
