@@ -225,9 +225,11 @@ class RpcClient:
             InvalidPayloadError: the payload is not JSON-serialisable.
             MessageTooLargeError: the encoded payload is over the size limit.
         """
-        sending = self._measured(agent, action, payload, priority, timeout_s, idempotent)
         if self._tracing is None:
-            return await sending
+            if self._metrics is None:  # the plain path: no coroutine in between
+                return await self._send(agent, action, payload, priority, timeout_s, idempotent)
+            return await self._measured(agent, action, payload, priority, timeout_s, idempotent)
+        sending = self._measured(agent, action, payload, priority, timeout_s, idempotent)
         return await self._tracing.call(agent, action, sending)  # tracing: the call's span
 
     async def _measured(
@@ -303,7 +305,7 @@ class RpcClient:
                     call.lose(str(exc))
                     refusals += call.request is not None
                 try:
-                    return await call.reply(agent, action, timeout)
+                    return call.reply(await call.outcome, agent, action, timeout)
                 except SendAgain:
                     pass
                 # The link died before the reply: send it again once it is back. If the
@@ -315,7 +317,7 @@ class RpcClient:
                 if loop.time() >= deadline:  # out of time: it times out, not sent again
                     call.rearm()
                     call.time_out()
-                    return await call.reply(agent, action, timeout)
+                    return call.reply(await call.outcome, agent, action, timeout)
                 lost = await self._await_restored(deadline, correlation_id)
                 if lost is not None:
                     return lost

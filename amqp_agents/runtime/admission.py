@@ -15,7 +15,8 @@ and frees the slot. Around that:
 * **the stop**: waiting deliveries are cancelled (and given back), running ones get the
   grace period, then are cancelled (requeued) (:meth:`Admission.drain`).
 
-The worker owns the lifecycle and asks :attr:`Admission.accepting` before each start.
+The worker owns the lifecycle: it sets :attr:`Admission.accepting` when it starts and
+clears it when its stop begins; every delivery checks it before it starts.
 """
 
 from __future__ import annotations
@@ -66,7 +67,6 @@ class Admission:
         publish_timeout_s: float,
         stats: WorkerStats,
         metrics: Metrics | None,
-        accepting: Callable[[], bool],
     ) -> None:
         self._transport = transport
         self._settle = settle
@@ -77,8 +77,9 @@ class Admission:
         self._publish_timeout_s = publish_timeout_s
         self._stats = stats
         self._metrics = metrics
-        self.accepting = accepting
-        """Whether the worker still takes work (asked again after every wait)."""
+        self.accepting = False
+        """Whether the worker takes work: set by the worker while it runs (checked again
+        after every wait for a slot)."""
         self.started = False
         """Set by the worker once every consumer is attached: before, a consume cut short
         closes its channel, so an unstarted request is requeued, never acked."""
@@ -102,6 +103,11 @@ class Admission:
         slots and deliveries were let go; liveness fails while any is left)."""
         return sorted(self._abandoned.values())
 
+    def _still_accepting(self) -> bool:
+        """:attr:`accepting` read again after an await (a method, so that type narrowing
+        from before the await does not apply)."""
+        return self.accepting
+
     def _track(self, step: int) -> None:
         """One more (or one fewer) delivery in flight, in the stats and the gauge."""
         self._stats.in_flight += step
@@ -114,7 +120,7 @@ class Admission:
         """Run ``process`` within the concurrency bound, tracked for a graceful stop;
         deliveries that cannot start are given back, cancelled ones requeued."""
         self._stats.received += 1
-        if not self.accepting():
+        if not self.accepting:
             await self.give_back(delivery)
             return
         task = asyncio.current_task()
@@ -128,11 +134,11 @@ class Admission:
                 raise
             finally:
                 self._waiting.discard(task)
-        if not self.accepting():
-            # A slot freed while stopping: not started yet, so it goes back.
-            self._slots.release()
-            await self.give_back(delivery)
-            return
+            if not self._still_accepting():
+                # A slot freed while stopping: not started yet, so it goes back.
+                self._slots.release()
+                await self.give_back(delivery)
+                return
         self._running.add(task)
         self._deliveries[task] = delivery
         self._track(+1)

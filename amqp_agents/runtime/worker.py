@@ -164,7 +164,6 @@ class Worker:
             publish_timeout_s=publish_timeout_s,
             stats=self.stats,
             metrics=metrics,
-            accepting=self._accepting,
         )
         self._pipeline = RequestPipeline(
             self._settle,
@@ -241,10 +240,6 @@ class Worker:
             return "the broker blocks publishing (memory or disk alarm)"
         return None
 
-    def _accepting(self) -> bool:
-        """Still running (a method: the state changes across awaits)."""
-        return self._state is _State.RUNNING
-
     def _consuming(self) -> bool:
         return (
             self._state is _State.RUNNING
@@ -271,6 +266,7 @@ class Worker:
         if self._state is not _State.NEW:
             raise LifecycleError(f"worker is {self._state.value}; start() runs once")
         self._state = _State.RUNNING
+        self._admission.accepting = True
         self._unregister = (
             self._transport.on_connection_lost(self._on_connection_lost),
             self._transport.on_connection_restored(self._on_connection_restored),
@@ -404,6 +400,7 @@ class Worker:
 
     async def _stop(self) -> None:
         self._state = _State.STOPPING
+        self._admission.accepting = False
         if self._monitor is not None:
             await self._monitor.aclose()
         watchdog, self._watchdog = self._watchdog, None

@@ -23,7 +23,7 @@ async def test_the_reply_wins_over_a_later_timeout() -> None:
     call = _call()
     call(REPLY)
     call.time_out()
-    reply = await call.reply("a", "b", 1)
+    reply = call.reply(await call.outcome, "a", "b", 1)
     assert (reply.ok, reply.data, reply.correlation_id) == (True, 7, "c")
 
 
@@ -32,7 +32,7 @@ async def test_a_timeout_wins_over_a_late_reply() -> None:
     call = _call()
     call.time_out()
     call(REPLY)
-    reply = await call.reply("tasks", "add", 2.5)
+    reply = call.reply(await call.outcome, "tasks", "add", 2.5)
     assert reply.code == ErrorCode.TIMEOUT
     assert reply.error is not None
     assert reply.error.message == "no reply from 'tasks' to 'add' within 2.5s"
@@ -43,23 +43,23 @@ async def test_a_lost_link_fails_a_plain_call_and_resends_an_idempotent_one() ->
     can then wait again (rearm) for the reply to the request sent again."""
     plain = _call()
     plain.lose("gone")
-    reply = await plain.reply("a", "b", 1)
+    reply = plain.reply(await plain.outcome, "a", "b", 1)
     assert (reply.code, reply.correlation_id) == (ErrorCode.CONNECTION_LOST, "c")
 
     idempotent = _call(idempotent=True)
     idempotent.lose("gone")
     with pytest.raises(SendAgain):
-        await idempotent.reply("a", "b", 1)
+        idempotent.reply(await idempotent.outcome, "a", "b", 1)
     idempotent.rearm()
     assert not idempotent.done
     idempotent(REPLY)
-    assert (await idempotent.reply("a", "b", 1)).data == 7
+    assert (idempotent.reply(await idempotent.outcome, "a", "b", 1)).data == 7
 
 
 async def test_fail_ends_it_with_the_given_code() -> None:
     """The client closing: SHUTTING_DOWN with the message, even for an idempotent call."""
     call = _call(idempotent=True)
     call.fail(ErrorCode.SHUTTING_DOWN, "closing")
-    reply = await call.reply("a", "b", 1)
+    reply = call.reply(await call.outcome, "a", "b", 1)
     assert reply.code == ErrorCode.SHUTTING_DOWN
     assert call.done
