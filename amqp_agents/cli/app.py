@@ -53,6 +53,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "dead-letters": tools.dead_letters,
             "queues": tools.queues,
             "exporter": tools.exporter,
+            "asyncapi": tools.asyncapi,
         }
         with asyncio.Runner(loop_factory=_loop_factory(settings.event_loop)) as runner:
             return runner.run(command[args.command](args, settings))

@@ -26,7 +26,7 @@ from amqp_agents.models.messages import Priority
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-__all__ = ["LOG_LEVELS", "build_parser"]
+__all__ = ["LOG_LEVELS", "build_parser", "package_version"]
 
 _EPILOG = """\
 examples:
@@ -130,7 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=_EPILOG,
         formatter_class=_Help,
     )
-    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
     _global_options(parser, suppress=False)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     common = _Parser(add_help=False)
@@ -300,6 +300,26 @@ def build_parser() -> argparse.ArgumentParser:
         help="send the oldest N back to the agent's queue instead of listing",
     )
 
+    asyncapi = command(
+        "asyncapi",
+        "write the AsyncAPI 3.0 document of the agents MODULE:ATTR names",
+        "examples:\n  amqp-agents asyncapi amqp_agents.examples.tasks:app\n"
+        "  amqp-agents asyncapi amqp_agents.examples.tasks:app --output asyncapi.yaml\n\n"
+        "The server, exchange and queue names come from the settings (AMQP_URL without its\n"
+        "credentials, AMQP_AGENTS_TOPOLOGY__*); nothing connects to the broker.",
+    )
+    asyncapi.add_argument(
+        "target",
+        metavar="MODULE:ATTR",
+        help="an agent class, an instance, a list of them, or a function returning one",
+    )
+    asyncapi.add_argument(
+        "--output",
+        type=Path,
+        metavar="FILE",
+        help="write to FILE: YAML if it ends in .yaml or .yml, else JSON (default: stdout, JSON)",
+    )
+
     command(
         "demo",
         "run the example app end to end in one process and print a transcript"
@@ -308,7 +328,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _version() -> str:
+def package_version() -> str:
+    """The installed package's version (``unknown`` in a bare checkout)."""
     try:
         return metadata.version("amqp-agents")
     except metadata.PackageNotFoundError:  # pragma: no cover - run from a bare checkout

@@ -1,5 +1,6 @@
 """The one-shot and operator commands: call, publish, listen, queues, exporter,
-dead-letters and demo. Each connects, does its work, and closes, whatever happens."""
+dead-letters, demo and asyncapi. Each connects, does its work, and closes, whatever
+happens (asyncapi does not connect at all)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import logging
 import sys
 from typing import TYPE_CHECKING
 
+from amqp_agents.cli.parser import package_version
 from amqp_agents.cli.plumbing import (
     connected,
     event_bus,
@@ -19,6 +21,7 @@ from amqp_agents.cli.plumbing import (
     tracing_from,
 )
 from amqp_agents.config import Settings, redact_url
+from amqp_agents.contract.asyncapi import asyncapi_document, render
 from amqp_agents.errors import (
     BrokerUnavailableError,
     ConfigurationError,
@@ -36,13 +39,40 @@ from amqp_agents.transport.memory import InMemoryBroker
 
 if TYPE_CHECKING:
     import argparse
+    from pathlib import Path
 
     from amqp_agents.events.bus import Process
     from amqp_agents.transport.base import Delivery, Transport
 
-__all__ = ["call", "dead_letters", "demo", "exporter", "listen", "publish", "queues"]
+__all__ = [
+    "asyncapi",
+    "call",
+    "dead_letters",
+    "demo",
+    "exporter",
+    "listen",
+    "publish",
+    "queues",
+]
 
 log = logging.getLogger("amqp_agents.cli")
+
+
+async def asyncapi(args: argparse.Namespace, settings: Settings) -> int:
+    document = asyncapi_document(
+        load_agents(args.target),
+        topology=settings.topology,
+        broker_url=settings.url.get_secret_value(),  # only host, port and vhost are kept
+        version=package_version(),
+    )
+    output: Path | None = args.output
+    text = render(document, yaml=output is not None and output.suffix in (".yaml", ".yml"))
+    if output is None:
+        sys.stdout.write(text)
+    else:
+        await asyncio.to_thread(output.write_text, text, encoding="utf-8")
+        print(f"wrote the AsyncAPI document of {document['info']['title']} to {output}")
+    return 0
 
 
 async def call(args: argparse.Namespace, settings: Settings) -> int:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from typing import Protocol
+from typing import TYPE_CHECKING, ClassVar, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -25,6 +25,9 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from amqp_agents.errors import ConfigurationError, NotFoundError
 from amqp_agents.models.messages import Event
 from amqp_agents.runtime.agent import Agent, action, on_event
+
+if TYPE_CHECKING:
+    from collections.abc import Mapping
 
 __all__ = [
     "AuditAgent",
@@ -204,6 +207,10 @@ class TaskManager(Agent):
     """Agent ``task_manager``: add, get, list and complete tasks."""
 
     name = "task_manager"
+    emits: ClassVar[Mapping[str, type[BaseModel]]] = {
+        "task.created": TaskEvent,
+        "task.completed": TaskEvent,
+    }
 
     def __init__(self, store: TaskStore | None = None, *, name: str | None = None) -> None:
         super().__init__(name=name)

@@ -20,7 +20,13 @@ from amqp_agents.errors import ConfigurationError, InvalidPayloadError
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-__all__ = ["adapter_for", "check_accepts_object", "handler_argument", "validate_payload"]
+__all__ = [
+    "adapter_for",
+    "check_accepts_object",
+    "handler_argument",
+    "handler_result",
+    "validate_payload",
+]
 
 
 def handler_argument(func: Callable[..., Any], *, bound: bool, what: str) -> Any:
@@ -50,6 +56,23 @@ def handler_argument(func: Callable[..., Any], *, bound: bool, what: str) -> Any
             f"{what}: cannot resolve the payload annotation of {func.__qualname__} ({exc});"
             " import the payload type at run time, not under TYPE_CHECKING"
         ) from None
+
+
+def handler_result(func: Callable[..., Any]) -> Any:
+    """The annotation of what ``func`` returns (an action's reply ``data``), for schemas.
+
+    ``Any`` when the return is not annotated, or names a type imported only under
+    ``TYPE_CHECKING``: that is allowed (the runtime never reads the return type), so
+    the contract then says "any JSON value" instead of failing.
+    """
+    raw = getattr(func, "__annotations__", {}).get("return", inspect.Signature.empty)
+    if raw is inspect.Signature.empty:
+        return Any
+    holder = types.SimpleNamespace(__annotations__={"return": raw})
+    try:
+        return get_type_hints(holder, globalns=getattr(func, "__globals__", {}))["return"]
+    except NameError:
+        return Any
 
 
 def adapter_for(annotation: Any) -> TypeAdapter[Any]:

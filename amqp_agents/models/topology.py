@@ -34,9 +34,11 @@ if TYPE_CHECKING:
     from amqp_agents.models.envelope import HeaderValue
 
 __all__ = [
+    "ACTION_DESCRIBE",
     "HEADER_ATTEMPT",
     "HEADER_DEADLINE",
     "MAX_PRIORITY",
+    "RESERVED_ACTIONS",
     "QueueSpec",
     "QueueType",
     "Topology",
@@ -64,11 +66,21 @@ DEAD_LETTER_HEADERS: Final = (
     HEADER_ORIGINAL_ROUTING_KEY,
     HEADER_DEAD_LETTERED_AT,
 )
+HEADER_TRACEPARENT: Final = "traceparent"
+"""Header (optional): the W3C trace context of the sender's span."""
+HEADER_TRACESTATE: Final = "tracestate"
+"""Header (optional): vendor trace state travelling with ``traceparent``."""
 BROKER_DEATH_HEADERS: Final = ("x-death", "x-first-death-")
 """What RabbitMQ itself adds when it dead-letters (``x-first-death-*`` is a prefix)."""
 CONTENT_TYPE_JSON: Final = "application/json"
 MAX_PRIORITY: Final = 9
 """Highest priority in the contract; the default ``x-max-priority`` of agent queues."""
+
+ACTION_DESCRIBE: Final = "$describe"
+"""The action every agent answers with its actions' schemas (in-band discovery)."""
+RESERVED_ACTIONS: Final = frozenset({ACTION_DESCRIBE})
+"""Actions the library answers itself. They start with ``$``, outside the grammar of
+names, so no action of a conforming agent (in any language) can collide with one."""
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,199}$")
 
@@ -77,9 +89,14 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,199}$")
 def check_name(kind: str, name: str) -> str:
     """Validate an agent/action/group/event name: it becomes a routing key or queue name.
 
+    A reserved action (:data:`RESERVED_ACTIONS`) is a valid action name to *send*;
+    ``@action`` refuses to declare one.
+
     Raises:
         ConfigurationError: (a ``ValueError``) naming the rule.
     """
+    if kind == "action" and name in RESERVED_ACTIONS:
+        return name
     if not _NAME.fullmatch(name):
         raise ConfigurationError(
             f"invalid {kind} name {name!r}: use 1-200 characters from letters, digits,"

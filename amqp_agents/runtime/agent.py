@@ -28,7 +28,7 @@ import asyncio
 import inspect
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
@@ -61,7 +61,8 @@ from amqp_agents.models.schema import (
     validate_payload,
 )
 from amqp_agents.models.topic import validate_pattern
-from amqp_agents.models.topology import check_name
+from amqp_agents.models.topology import ACTION_DESCRIBE, RESERVED_ACTIONS, check_name
+from amqp_agents.runtime.describe import check_emits, contract_of
 
 if TYPE_CHECKING:
     from pydantic import BaseModel, TypeAdapter
@@ -153,6 +154,10 @@ def action(
             that is not ``async def``, or ``@action`` used without its parentheses.
     """
     _check_decorator_argument("action", name)
+    if name in RESERVED_ACTIONS:
+        raise ConfigurationError(
+            f"action name {name!r} is reserved: every agent answers it (docs/protocol.md)"
+        )
     check_name("action", name)
     if timeout_s is not None and not timeout_s > 0:
         raise ConfigurationError(f"action {name!r}: timeout_s must be positive")
@@ -248,6 +253,10 @@ class Agent:
     it the worker does not start (a hung dependency fails fast, not silently)."""
     events: EventPublisher
     """Where :meth:`emit` publishes: the worker's event bus, or a recorder in tests."""
+    emits: ClassVar[Mapping[str, Any]] = {}
+    """The events this agent publishes, for its contract (``$describe``, AsyncAPI):
+    event type -> payload type, e.g. ``{"task.created": TaskEvent}``. Checked when the
+    class is defined; :meth:`emit` does not enforce it."""
     _actions: ClassVar[dict[str, ActionSpec]] = {}
     _action_names: ClassVar[frozenset[str]] = frozenset()
     _event_specs: ClassVar[tuple[EventHandlerSpec, ...]] = ()
@@ -279,6 +288,7 @@ class Agent:
                     payload=_payload_adapter(value, action_name),
                     retry=retry,
                 )
+        check_emits(cls.emits, where=cls.__qualname__)
         cls._actions = actions
         cls._action_names = frozenset(actions)
         cls._event_specs = tuple(events.values())
@@ -384,6 +394,8 @@ class Agent:
         cid = message.correlation_id
         spec = self._actions.get(message.action)
         if spec is None:
+            if message.action == ACTION_DESCRIBE:  # reserved: never a declared action
+                return Outcome.success(contract_of(self).describe(), correlation_id=cid)
             known = ", ".join(sorted(self._actions)) or "none"
             unknown = UnknownActionError(
                 f"agent {self.name!r} has no action {message.action!r} (known: {known})"
