@@ -59,8 +59,8 @@ __all__ = [
     "ActionContract",
     "ActionInfo",
     "AgentContract",
+    "DeclaredEvent",
     "Description",
-    "EmittedEvent",
     "EventInfo",
     "SubscriptionContract",
     "SubscriptionInfo",
@@ -147,7 +147,7 @@ class SubscriptionContract:
 
 
 @dataclass(frozen=True, slots=True)
-class EmittedEvent:
+class DeclaredEvent:
     """An event type the agent declares it publishes, with its payload."""
 
     type: str
@@ -161,7 +161,7 @@ class AgentContract:
     agent: str
     actions: tuple[ActionContract, ...]
     subscriptions: tuple[SubscriptionContract, ...]
-    emits: tuple[EmittedEvent, ...]
+    emits: tuple[DeclaredEvent, ...]
 
     def describe(self) -> Description:
         """The answer to ``$describe``: every schema self-contained, with ``$schema``."""
@@ -228,7 +228,7 @@ def contract_of(agent: Agent) -> AgentContract:
             )
         )
     emits = tuple(
-        EmittedEvent(event_type, adapter)
+        DeclaredEvent(event_type, adapter)
         for event_type, adapter in check_emits(cls.emits, where=cls.__qualname__).items()
     )
     return AgentContract(agent.name, tuple(actions), tuple(subscriptions), emits)

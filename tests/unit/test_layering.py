@@ -1,6 +1,7 @@
 """Imports point down only: checked on the source with ast, without importing anything.
 
-Layers, top to bottom: cli -> runtime -> rpc, events (siblings) -> transport -> models.
+Layers, top to bottom: cli -> contract -> runtime -> rpc, events (siblings) -> transport
+-> models.
 Only the RabbitMQ transport module touches aio-pika.
 """
 
@@ -106,7 +107,12 @@ def test_collector_sees_the_package() -> None:
     """The scan covers the real package (so an empty scan cannot pass the rules)."""
     importers = {imp.importer for imp in IMPORTS}
 
-    assert {"amqp_agents.cli.app", f"{RABBIT_PACKAGE}.link", "amqp_agents.models.wire"} <= importers
+    assert {
+        "amqp_agents.cli.app",
+        f"{RABBIT_PACKAGE}.link",
+        "amqp_agents.models.wire",
+        "amqp_agents.contract.asyncapi",
+    } <= importers
     assert any(imp.name == "aio_pika" for imp in IMPORTS)
 
 
@@ -124,14 +130,15 @@ def test_only_the_rabbit_transport_imports_aio_pika() -> None:
 @pytest.mark.parametrize(
     ("layer", "forbidden"),
     [
-        ("amqp_agents.models", ["transport", "rpc", "events", "runtime", "cli"]),
-        ("amqp_agents.transport", ["rpc", "events", "runtime", "cli"]),
-        ("amqp_agents.rpc", ["events", "runtime", "cli"]),
-        ("amqp_agents.events", ["rpc", "runtime", "cli"]),
-        ("amqp_agents.runtime", ["cli"]),
-        ("amqp_agents.tracing", ["rpc", "events", "runtime", "cli"]),
+        ("amqp_agents.models", ["transport", "rpc", "events", "runtime", "contract", "cli"]),
+        ("amqp_agents.transport", ["rpc", "events", "runtime", "contract", "cli"]),
+        ("amqp_agents.rpc", ["events", "runtime", "contract", "cli"]),
+        ("amqp_agents.events", ["rpc", "runtime", "contract", "cli"]),
+        ("amqp_agents.runtime", ["contract", "cli"]),
+        ("amqp_agents.contract", ["cli"]),
+        ("amqp_agents.tracing", ["rpc", "events", "runtime", "contract", "cli"]),
     ],
-    ids=["models", "transport", "rpc", "events", "runtime", "tracing"],
+    ids=["models", "transport", "rpc", "events", "runtime", "contract", "tracing"],
 )
 def test_imports_point_down(layer: str, forbidden: list[str]) -> None:
     """No layer imports a layer above it (rpc and events, siblings, not each other)."""
