@@ -4,7 +4,7 @@ Only the documented wire contract is used: publish to exchange ``agents`` with
 routing key = agent name and the properties ``type`` (action), ``correlation_id``,
 ``reply_to``, ``message_id``, ``priority``, ``content_type: application/json``; read
 ``{"ok": true, "data": ...}`` or ``{"ok": false, "error": {"code", "message"}}`` from
-the reply queue under the same ``correlation_id``.
+the reply queue under the same ``correlation_id``; ask ``$describe`` for the schemas.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
+import jsonschema
 import pika
 
 from amqp_agents.examples.tasks import TaskManager
@@ -180,3 +181,28 @@ async def test_plain_request_without_reply_to_is_handled(
             await agent.arrived.wait()
     assert agent.received == [{"n": 1}]
     assert worker.stats.replied == 0
+
+
+async def test_plain_client_discovers_the_schemas_and_validates_a_payload(
+    connect: Connect, unique: Unique, amqp_url: str
+) -> None:
+    """Discovery with nothing but pika and jsonschema: ask ``$describe`` (the reserved
+    action, docs/protocol.md), validate payloads against the returned schema, and see
+    the agent agree with the verdicts."""
+    agent = TaskManager(name=unique("tasks"))
+    async with running(await connect(), agent):
+        described = await asyncio.to_thread(plain_call, amqp_url, agent.name, "$describe", {})
+        assert described.body["ok"] is True
+        schemas = described.body["data"]["actions"]
+        schema = schemas["task_add"]["payload"]
+        validator = jsonschema.validators.validator_for(schema)(schema)
+        good, bad = {"title": "described"}, {"title": "x", "due": "tomorrow"}
+        accepted = await asyncio.to_thread(plain_call, amqp_url, agent.name, "task_add", good)
+        refused = await asyncio.to_thread(plain_call, amqp_url, agent.name, "task_add", bad)
+
+    assert set(schemas) == {"task_add", "task_get", "task_list", "task_complete"}
+    assert validator.is_valid(good)
+    assert accepted.body["ok"] is True
+    jsonschema.validate(accepted.body["data"], schemas["task_add"]["reply"])
+    assert not validator.is_valid(bad)
+    assert refused.body["error"]["code"] == "INVALID_PAYLOAD"
