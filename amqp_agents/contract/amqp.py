@@ -38,19 +38,12 @@ __all__ = [
     "request_message",
 ]
 
-BINDING_VERSION: Final = "0.3.0"
-"""The AMQP binding version of every ``bindings.amqp`` object."""
-REPLY_ADDRESS: Final = "$message.header#/reply_to"
-"""Where a reply goes: the request's ``reply_to`` property (a runtime expression)."""
-CORRELATION_ID: Final = "$message.header#/correlation_id"
-"""What ties a reply to its request: the ``correlation_id`` property of both."""
-SCHEMAS: Final = "#/components/schemas/"
-ERROR_REPLY: Final = "amqp-agents.ErrorReply"
-"""The error reply's name in ``components`` (``-`` keeps it apart from pydantic's names)."""
-_ERROR_CODE: Final = "amqp-agents.ErrorCode"
-_REQUEST_HEADERS: Final = "amqp-agents.RequestHeaders"
+BINDING_VERSION: Final = "0.3.0"  # of the AMQP binding, in every ``bindings.amqp``
 
-_PROPERTY: Final = "AMQP property (not a header-table entry)"
+# AsyncAPI runtime expressions: a reply goes to the request's ``reply_to`` property, and
+# the ``correlation_id`` property of both ties it to its request.
+REPLY_ADDRESS: Final = "$message.header#/reply_to"
+CORRELATION_ID: Final = "$message.header#/correlation_id"
 
 
 def exchange_binding(exchange: str, kind: str, vhost: str) -> dict[str, Any]:
@@ -85,6 +78,14 @@ def queue_binding(spec: QueueSpec, vhost: str) -> dict[str, Any]:
     return binding
 
 
+# Names in ``components``: the ``amqp-agents.`` prefix (``-`` cannot be in a Python
+# name) keeps them apart from the models that pydantic names there.
+SCHEMAS: Final = "#/components/schemas/"
+ERROR_REPLY: Final = "amqp-agents.ErrorReply"
+_ERROR_CODE: Final = "amqp-agents.ErrorCode"
+_REQUEST_HEADERS: Final = "amqp-agents.RequestHeaders"
+
+
 def common_components(topology: Topology) -> dict[str, Any]:
     """``components`` shared by every agent: the request headers, the error codes and
     the error reply (schema and message)."""
@@ -110,6 +111,9 @@ def common_components(topology: Topology) -> dict[str, Any]:
             }
         },
     }
+
+
+_PROPERTY: Final = "AMQP property (not a header-table entry)"
 
 
 def _request_headers(topology: Topology) -> dict[str, Any]:
