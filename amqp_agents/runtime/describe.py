@@ -205,7 +205,7 @@ def contract_of(agent: Agent) -> AgentContract:
         actions.append(
             ActionContract(
                 name=spec.name,
-                payload=spec.payload or _ANY_OBJECT,
+                payload=_described(spec.payload, "validation", fallback=_ANY_OBJECT),
                 reply=_describable(handler_result(method), "serialization"),
                 takes_payload=spec.payload is not None,
                 timeout_s=spec.timeout_s,
@@ -260,9 +260,22 @@ def _describable(annotation: Any, mode: _Mode) -> TypeAdapter[Any]:
     JSON value (an arbitrary class returned by a handler is not a contract failure)."""
     try:
         adapter = TypeAdapter(annotation)
-        adapter.json_schema(mode=mode)
     except PydanticUserError:
         return _ANY_VALUE
+    return _described(adapter, mode, fallback=_ANY_VALUE)
+
+
+def _described(
+    adapter: TypeAdapter[Any] | None, mode: _Mode, *, fallback: TypeAdapter[Any]
+) -> TypeAdapter[Any]:
+    """``adapter`` if it has a JSON schema in ``mode`` (a payload type holding arbitrary
+    classes has none), else ``fallback``."""
+    if adapter is None:
+        return fallback
+    try:
+        adapter.json_schema(mode=mode)
+    except PydanticUserError:
+        return fallback
     return adapter
 
 

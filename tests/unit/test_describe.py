@@ -104,6 +104,33 @@ async def test_describe_schemas_validate_payloads_like_the_agent() -> None:
         assert validator.is_valid(payload) == reply.ok, payload
 
 
+class Opaque:
+    """A class pydantic cannot describe (nor validate from JSON)."""
+
+
+class Holder(BaseModel):
+    model_config = ConfigDict(arbitrary_types_allowed=True)
+
+    thing: Opaque | None = None
+
+
+async def test_types_without_a_schema_are_described_as_anything() -> None:
+    """A payload or return type pydantic cannot describe does not break ``$describe``:
+    the schema says "any object" (payload) or "any value" (reply)."""
+
+    class Odd(Agent):
+        name = "odd"
+
+        @action("hold")
+        async def hold(self, payload: Holder) -> Opaque:
+            return Opaque()
+
+    answer = await describe(Odd())
+
+    assert answer["actions"]["hold"]["payload"]["type"] == "object"
+    assert answer["actions"]["hold"]["reply"] == {"$schema": JSON_SCHEMA_DIALECT}
+
+
 async def test_describe_lists_subscriptions_and_declared_events() -> None:
     """Handlers with their pattern, group and payload; ``emits`` with its payloads."""
     answer = await describe(Grid())
