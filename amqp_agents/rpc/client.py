@@ -39,7 +39,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import Enum
 from typing import TYPE_CHECKING, Any, Final, Self
@@ -225,29 +225,23 @@ class RpcClient:
             InvalidPayloadError: the payload is not JSON-serialisable.
             MessageTooLargeError: the encoded payload is over the size limit.
         """
+        sending = self._send(agent, action, payload, priority, timeout_s, idempotent)
+        if self._metrics is not None:
+            sending = self._measured(agent, action, sending)
         if self._tracing is None:
-            if self._metrics is None:  # the plain path: no coroutine in between
-                return await self._send(agent, action, payload, priority, timeout_s, idempotent)
-            return await self._measured(agent, action, payload, priority, timeout_s, idempotent)
-        sending = self._measured(agent, action, payload, priority, timeout_s, idempotent)
+            return await sending
         return await self._tracing.call(agent, action, sending)  # tracing: the call's span
 
     async def _measured(
-        self,
-        agent: str,
-        action: str,
-        payload: Payload,
-        priority: int,
-        timeout_s: float | _Default,
-        idempotent: bool,
+        self, agent: str, action: str, sending: Awaitable[AgentResponse]
     ) -> AgentResponse:
+        """Await ``sending`` and count it: pending calls, outcome, duration."""
         metrics = self._metrics
-        if metrics is None:
-            return await self._send(agent, action, payload, priority, timeout_s, idempotent)
+        assert metrics is not None  # noqa: S101  # only called with metrics
         started = time.perf_counter()
         metrics.rpc_pending.inc()
         try:
-            response = await self._send(agent, action, payload, priority, timeout_s, idempotent)
+            response = await sending
         finally:
             metrics.rpc_pending.dec()
         outcome = "ok" if response.error is None else code_label(response.error.code)
