@@ -12,6 +12,7 @@ from pydantic import ValidationError
 from amqp_agents.cli import _loop_factory, _settings, load_agents, main
 from amqp_agents.cli_parser import build_parser as _parser
 from amqp_agents.errors import ConfigurationError
+from amqp_agents.examples.planner import Planner
 from amqp_agents.examples.tasks import AuditAgent, TaskManager
 from amqp_agents.runtime.agent import Agent, action
 
@@ -111,7 +112,7 @@ def test_load_agents_example_app() -> None:
     """The documented example target loads the example agents."""
     agents = load_agents("amqp_agents.examples.tasks:app")
 
-    assert [type(agent) for agent in agents] == [TaskManager, AuditAgent]
+    assert [type(agent) for agent in agents] == [TaskManager, AuditAgent, Planner]
 
 
 @pytest.mark.parametrize(
