@@ -3,6 +3,7 @@
 The public API is what this module exports; everything else may change.
 """
 
+from amqp_agents.bounds import gather_limited
 from amqp_agents.config import (
     ConnectionSettings,
     RetryPolicy,
@@ -40,6 +41,7 @@ from amqp_agents.errors import (
 from amqp_agents.events.bus import EventBus, Subscription
 from amqp_agents.events.publisher import EventPublisher, RecordingPublisher
 from amqp_agents.metrics import Metrics
+from amqp_agents.models.context import MessageContext, current_context
 from amqp_agents.models.messages import (
     AgentMessage,
     AgentResponse,
@@ -80,6 +82,7 @@ __all__ = [
     "InternalError",
     "InvalidPayloadError",
     "LifecycleError",
+    "MessageContext",
     "MessageTooLargeError",
     "Metrics",
     "NoRouteError",
@@ -110,5 +113,7 @@ __all__ = [
     "WorkerSettings",
     "action",
     "create_transport",
+    "current_context",
+    "gather_limited",
     "on_event",
 ]

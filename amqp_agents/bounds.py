@@ -13,6 +13,9 @@ heap entry: :class:`TimeLimits` keeps ``(when, limit)`` in a heap with one timer
 earliest, and cancels the task of each limit that passes, as ``asyncio.timeout`` does
 (``Task.cancel``, then ``uncancel`` to tell its own cancellation from anyone else's).
 
+:func:`gather_limited` is the bounded fan-out for handlers: many awaitables, at most
+``limit`` of them started and unfinished at any moment.
+
 Guarantees: a try whose limit passes is cancelled within one loop step of it; a
 cancellation from elsewhere (a stopping worker) is never mistaken for a timeout; the
 heap holds at most about four times the running tries (finished entries are pruned).
@@ -24,12 +27,12 @@ import asyncio
 import heapq
 import itertools
 from collections import deque
-from typing import TYPE_CHECKING, Final, Generic, TypeVar
+from typing import TYPE_CHECKING, Final, Generic, TypeVar, cast
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Awaitable, Callable, Iterable
 
-__all__ = ["Deadlines", "Limit", "Slots", "TimeLimits"]
+__all__ = ["Deadlines", "Limit", "Slots", "TimeLimits", "gather_limited"]
 
 _PRUNE_SLACK: Final = 1024
 """Finished entries tolerated in the heap beyond four per live item."""
@@ -239,3 +242,43 @@ class Slots:
                 waiter.set_result(None)
                 return
         self._free += 1
+
+
+async def gather_limited(calls: Iterable[Callable[[], Awaitable[T]]], *, limit: int) -> list[T]:
+    """Await ``call()`` for every call, at most ``limit`` at a time; the results in order.
+
+    The seed's ``process_with_limit``, for handlers that fan out::
+
+        replies = await gather_limited(
+            [functools.partial(self.rpc.call, "task_manager", "task_add", t) for t in titles],
+            limit=5,
+        )
+
+    Each call is a zero-argument callable (``functools.partial``, a lambda), made into an
+    awaitable only when a slot is free: no coroutine is created that might never be
+    awaited. ``limit`` tasks take the calls in order, so at most ``limit`` run at once.
+    They are children of the calling task: they see its context (a handler's message
+    context, and so its deadline and priority, and its trace), and are cancelled with it.
+
+    Raises:
+        ValueError: ``limit`` is below 1.
+        Exception: the first exception a call raised; the calls still running are
+            cancelled first, and the ones not started never start.
+    """
+    if limit < 1:
+        raise ValueError(f"limit must be at least 1, not {limit}")
+    todo = list(enumerate(calls))
+    results: list[T | None] = [None] * len(todo)
+    queue = iter(todo)
+
+    async def take_turns() -> None:
+        for index, call in queue:  # a shared iterator: each call is taken once
+            results[index] = await call()
+
+    try:
+        async with asyncio.TaskGroup() as group:
+            for _ in range(min(limit, len(todo))):
+                group.create_task(take_turns())
+    except BaseExceptionGroup as failed:
+        raise failed.exceptions[0] from None
+    return cast("list[T]", results)  # every slot was filled

@@ -33,6 +33,10 @@ handler raise or time out is rejected to the group's dead-letter queue
 ``reply_to`` (from :meth:`EventBus.publish_and_wait`) is a question instead: each
 handler's answer - or error - is sent back and the event is acked.
 
+Context: a handler may read its event's :class:`~amqp_agents.models.context.MessageContext`
+(event id and type, attempt, headers...); an event published while a handler runs (of an
+agent's action or of an event) carries ``x-causation-id``, the id of that message.
+
 It is over 450 lines because publishing, subscribing (groups, private queues,
 recovery of their consumers) and delivery (dispatch, handler limits, settlement,
 redelivery counting) still share it; delivery is the seam to split along (issue 19).
@@ -63,6 +67,7 @@ from amqp_agents.errors import (
     UnroutableError,
 )
 from amqp_agents.metrics import DeliveryOutcome
+from amqp_agents.models.context import event_scope, maybe_context
 from amqp_agents.models.messages import AgentResponse, ErrorCode, Event, IdSource
 from amqp_agents.models.rewrites import attempt_from
 from amqp_agents.models.schema import adapter_for, handler_argument, validate_payload
@@ -309,7 +314,10 @@ class EventBus:
         # Nobody reads answers after the timeout: subscribers skip a question whose
         # deadline has passed. (Not an AMQP expiration: in a group queue an expired
         # message would be dead-lettered, and a stale question is not a failure.)
-        envelope.headers = {HEADER_DEADLINE: int((time.time() + timeout_s) * 1000)}
+        envelope.headers = {
+            **(envelope.headers or {}),
+            HEADER_DEADLINE: int((time.time() + timeout_s) * 1000),
+        }
         collected: list[AgentResponse] = []
         enough = asyncio.Event()
 
@@ -348,6 +356,7 @@ class EventBus:
             check_name("event type", event_type)
         except ValueError as exc:
             raise ConfigurationError(str(exc)) from None
+        context = maybe_context()  # published by a handler: say which message caused it
         return encode_event(
             self._topology,
             event_type,
@@ -356,6 +365,7 @@ class EventBus:
             correlation_id=correlation_id,
             reply_to=reply_to,
             max_bytes=self._max_bytes,
+            causation_id=None if context is None else context.message_id or None,
         )
 
     async def _reply_queue(self) -> ReplyQueue:
@@ -580,7 +590,8 @@ class EventBus:
             log.warning("no handler on %s matches event %r", queue.queue, envelope.routing_key)
             await self._settle(delivery, envelope, failed=True, group=queue.group)
             return
-        responses = [await self._call(subscription, event) for subscription in subscriptions]
+        with event_scope(envelope, event.type):  # the handlers' message context
+            responses = [await self._call(subscription, event) for subscription in subscriptions]
         await self._answer(envelope, [r for r in responses if r is not None])
         failed = any(r is not None and not r.ok for r in responses)
         await self._settle(delivery, envelope, failed=failed, group=queue.group)

@@ -3,7 +3,9 @@
 ``amqp-agents demo`` runs it on the in-process broker (``memory://``, no RabbitMQ
 needed) or on a real one (``--url amqp://...``). It shows a backlog of low-priority
 requests overtaken by a high-priority one, RPC replies, events seen by a listener
-and recorded by the audit agent, deliberate errors, and a graceful stop.
+and recorded by the audit agent, deliberate errors, an orchestrator calling the other
+agents (and what happens when its caller's deadline runs out half-way), and a graceful
+stop.
 """
 
 from __future__ import annotations
@@ -13,9 +15,11 @@ import json
 from typing import TYPE_CHECKING, Any, TextIO
 
 from amqp_agents.events.bus import EventBus
+from amqp_agents.examples.planner import Planner
 from amqp_agents.examples.tasks import AuditAgent, TaskManager
-from amqp_agents.models.messages import AgentResponse, Event, Priority
+from amqp_agents.models.messages import AgentResponse, ErrorCode, Event, Priority
 from amqp_agents.rpc.client import RpcClient
+from amqp_agents.runtime.agent import on_event
 from amqp_agents.runtime.worker import Worker, WorkerStats
 
 if TYPE_CHECKING:
@@ -47,7 +51,7 @@ async def run_demo(
 async def _demo(
     settings: Settings, worker_transport: Transport, client_transport: Transport, say: _Printer
 ) -> bool:
-    tasks, audit = TaskManager(), AuditAgent()
+    tasks, audit = TaskManager(), _SlowDiskAudit()
     # Serve one request at a time so the priority queue visibly reorders the backlog.
     worker_settings = settings.worker.model_copy(update={"concurrency": 1})
 
@@ -90,6 +94,7 @@ async def _demo(
 
     say.heading("3. the worker starts (concurrency 1): the HIGH request is served first")
     worker = new_worker()
+    planner_worker = Worker(worker_transport, [Planner()], topology=settings.topology)
     await worker.start()
     checks: list[bool] = []
     try:
@@ -128,10 +133,40 @@ async def _demo(
         for entry in log["entries"]:
             say.line(f"   audit: {entry['type']} (task {entry['task_id']})")
         checks.append(bool(any(entry["type"] == "task.created" for entry in log["entries"])))
+
+        say.heading("7. an orchestrator: planner creates tasks through task_manager")
+        say.line("   (its own worker; it calls two task_add at a time, then reads audit_log)")
+        await planner_worker.start()
+        plan = {"titles": ["plan: book a room", "plan: invite", "plan: agenda"], "concurrency": 2}
+        summary = await say.call(client, "planner", "plan_create", plan)
+        checks.append(summary.ok and len(summary.data["task_ids"]) == 3)
+
+        say.heading("8. a deadline that runs out half-way: the work nobody waits for is dropped")
+        say.line("   the audit agent turns slow (0.4 s per record: a slow disk), and it shares")
+        say.line("   its worker's one slot with task_manager; planner gets 0.3 s for six tasks")
+        audit.record_delay_s = 0.4
+        before = len((await client.call("task_manager", "task_list"))["tasks"])
+        six = {"titles": [f"rush: step {n}" for n in range(1, 7)], "concurrency": 2}
+        late = await say.call(client, "planner", "plan_create", six, timeout_s=0.3)
+
+        async def expired() -> int:
+            # The task_add that reached the worker too late waits behind the slow
+            # record; when it gets the slot it is dropped, and counted.
+            return worker.stats.expired
+
+        await _until(expired, lambda count: count >= 1)
+        audit.record_delay_s = 0.0
+        made = len((await client.call("task_manager", "task_list"))["tasks"]) - before
+        say.line(f"   task_manager created {made} of the 6 tasks; the rest was not done: the")
+        say.line("   planner's calls in flight ended with it, the others were never sent, and")
+        say.line("   a task_add that reached task_manager's worker after the deadline was")
+        say.line(f"   dropped unstarted: worker.stats.expired = {worker.stats.expired}")
+        checks += [late.code == ErrorCode.TIMEOUT, made < 6, worker.stats.expired >= 1]
     finally:
-        say.heading("7. graceful stop: stop consuming, finish in-flight work, close")
+        say.heading("9. graceful stop: stop consuming, finish in-flight work, close")
         await bus.aclose()
         await client.aclose()
+        await planner_worker.stop()
         await worker.stop()
         say.stats(worker.stats)
     return all(checks)
@@ -149,6 +184,18 @@ async def _until(
             await asyncio.sleep(0.02)
 
 
+class _SlowDiskAudit(AuditAgent):
+    """The audit agent, with a disk that step 8 makes slow."""
+
+    record_delay_s = 0.0
+
+    @on_event("task.*", group="audit")
+    async def record(self, event: Event) -> None:
+        """Record the event, after the disk's delay."""
+        await asyncio.sleep(self.record_delay_s)
+        await super().record(event)
+
+
 class _Printer:
     def __init__(self, out: TextIO) -> None:
         self._out = out
@@ -161,10 +208,17 @@ class _Printer:
         self.line(text)
 
     async def call(
-        self, client: RpcClient, agent: str, action: str, payload: dict[str, Any]
+        self,
+        client: RpcClient,
+        agent: str,
+        action: str,
+        payload: dict[str, Any],
+        *,
+        timeout_s: float = _STEP_TIMEOUT_S,
     ) -> AgentResponse:
-        self.line(f"   -> {agent}.{action} {json.dumps(payload)}")
-        reply = await client.send(agent, action, payload, timeout_s=_STEP_TIMEOUT_S)
+        within = "" if timeout_s == _STEP_TIMEOUT_S else f" (timeout {timeout_s:g} s)"
+        self.line(f"   -> {agent}.{action} {json.dumps(payload)}{within}")
+        reply = await client.send(agent, action, payload, timeout_s=timeout_s)
         if reply.error is None:
             self.line(f"   <- ok {json.dumps(reply.data)}")
             return reply

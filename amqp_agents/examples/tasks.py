@@ -1,7 +1,10 @@
-"""The example app: a task manager agent over a storage protocol, and an audit agent.
+"""The example app: a task manager agent over a storage protocol, an audit agent, and an
+orchestrator.
 
 ``task_manager`` emits ``task.created`` and ``task.completed``; ``audit`` records every
-``task.*`` event (group ``audit``: one replica handles each) and answers ``audit_log``.
+``task.*`` event (group ``audit``: one replica handles each) and answers ``audit_log``;
+``planner`` (:mod:`amqp_agents.examples.planner`) creates the tasks of a plan through
+``task_manager``, a few at a time, and summarises them with ``audit``'s log.
 
 Run it with ``amqp-agents run amqp_agents.examples.tasks:app`` and call it with
 ``amqp-agents call task_manager task_add '{"title": "write docs"}'``.
@@ -23,6 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from amqp_agents.errors import ConfigurationError, NotFoundError
+from amqp_agents.examples.planner import Planner
 from amqp_agents.models.messages import Event
 from amqp_agents.runtime.agent import Agent, action, on_event
 
@@ -290,5 +294,6 @@ class AuditAgent(Agent):
 
 def app() -> list[Agent]:
     """The agents ``amqp-agents run amqp_agents.examples.tasks:app`` hosts, on the store
-    the ``TASKS_*`` environment variables name (in memory by default)."""
-    return [TaskManager(open_store(TaskStoreSettings())), AuditAgent()]
+    the ``TASKS_*`` environment variables name (in memory by default), and the
+    planner that calls them."""
+    return [TaskManager(open_store(TaskStoreSettings())), AuditAgent(), Planner()]

@@ -36,6 +36,7 @@ if TYPE_CHECKING:
 __all__ = [
     "ACTION_DESCRIBE",
     "HEADER_ATTEMPT",
+    "HEADER_CAUSATION_ID",
     "HEADER_DEADLINE",
     "MAX_PRIORITY",
     "RESERVED_ACTIONS",
@@ -49,6 +50,8 @@ HEADER_DEADLINE: Final = "x-deadline"
 """Header: the caller's deadline, integer milliseconds since the Unix epoch."""
 HEADER_ATTEMPT: Final = "x-attempt"
 """Header: which delivery attempt this is (1 when absent); set by retries, not x-death."""
+HEADER_CAUSATION_ID: Final = "x-causation-id"
+"""Header: the ``message_id`` of the message whose handler sent this request or event."""
 HEADER_ERROR_CODE: Final = "x-error-code"
 """Dead letters: the error code of the last failure."""
 HEADER_ERROR_MESSAGE: Final = "x-error-message"

@@ -20,7 +20,12 @@ from pydantic import ValidationError
 from amqp_agents.errors import ErrorCode, InvalidPayloadError, MessageTooLargeError
 from amqp_agents.models.envelope import Envelope
 from amqp_agents.models.messages import MAX_ACTION_LENGTH, AgentMessage, AgentResponse, Event
-from amqp_agents.models.topology import CONTENT_TYPE_JSON, HEADER_DEADLINE, MAX_PRIORITY
+from amqp_agents.models.topology import (
+    CONTENT_TYPE_JSON,
+    HEADER_CAUSATION_ID,
+    HEADER_DEADLINE,
+    MAX_PRIORITY,
+)
 
 if TYPE_CHECKING:
     from amqp_agents.models.topology import Topology
@@ -82,8 +87,15 @@ def encode_request(
     priority: int,
     timeout_s: float | None,
     max_bytes: int,
+    deadline_ms: int | None = None,
+    causation_id: str | None = None,
 ) -> Envelope:
-    """The AMQP message for a request; ``timeout_s`` sets both deadline header and TTL."""
+    """The AMQP message for a request; ``timeout_s`` sets both deadline header and TTL.
+
+    ``deadline_ms`` (a parent request's ``x-deadline``, when that is what bounds this
+    one) is written as it is, so the deadline travels unchanged across hops;
+    ``causation_id`` becomes the ``x-causation-id`` header.
+    """
     if len(body) > max_bytes:
         raise MessageTooLargeError(
             f"request body is {len(body)} bytes, over the {max_bytes}-byte limit"
@@ -93,7 +105,11 @@ def encode_request(
     expiration_ms: int | None = None
     if timeout_s is not None:
         expiration_ms = max(1, int(timeout_s * 1000))
-        headers = {HEADER_DEADLINE: int((now + timeout_s) * 1000)}
+        if deadline_ms is None:
+            deadline_ms = int((now + timeout_s) * 1000)
+        headers = {HEADER_DEADLINE: deadline_ms}
+    if causation_id is not None:
+        headers = {**(headers or {}), HEADER_CAUSATION_ID: causation_id}
     return Envelope(
         body=body,
         exchange=topology.requests_exchange,
@@ -207,8 +223,10 @@ def encode_event(
     correlation_id: str | None = None,
     reply_to: str | None = None,
     max_bytes: int,
+    causation_id: str | None = None,
 ) -> Envelope:
-    """The AMQP message for an event: topic exchange, routing key = type, persistent."""
+    """The AMQP message for an event: topic exchange, routing key = type, persistent;
+    ``causation_id`` becomes the ``x-causation-id`` header."""
     if len(body) > max_bytes:
         raise MessageTooLargeError(
             f"event body is {len(body)} bytes, over the {max_bytes}-byte limit"
@@ -223,6 +241,7 @@ def encode_event(
         correlation_id=correlation_id,
         reply_to=reply_to,
         timestamp=int(time.time()),
+        headers=None if causation_id is None else {HEADER_CAUSATION_ID: causation_id},
         persistent=True,
     )
 

@@ -26,6 +26,14 @@ Guarantees:
   see it twice: only mark calls that are safe to repeat).
 * A request carries its deadline (header and AMQP ``expiration``), so the broker
   drops requests whose caller has stopped waiting.
+* Called inside a handler (a :class:`~amqp_agents.models.context.MessageContext` is
+  set), a call follows the request it serves: it ends by the handler's deadline at the
+  latest (a larger ``timeout_s`` is cut to the time left, and the parent's
+  ``x-deadline`` is sent unchanged), takes the handler's priority unless given one, and
+  carries ``x-causation-id`` = the handler's message id. With no time left it is not
+  published: ``send`` answers ``TIMEOUT`` at once, ``call`` and ``notify`` raise
+  ``ActionTimeoutError``. It runs in the handler's task, so when the handler is
+  cancelled (its time limit, a stopping worker) the call ends with it.
 
 Caller bugs raise instead: a bad agent/action name or priority, a payload that is not
 JSON-serialisable or too large, a client that is not started.
@@ -37,6 +45,7 @@ deadline, its re-send); one :class:`~amqp_agents.bounds.Deadlines` heap times th
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import Awaitable, Mapping, Sequence
@@ -46,9 +55,10 @@ from typing import TYPE_CHECKING, Any, Final, Self
 
 from pydantic import BaseModel
 
-from amqp_agents.bounds import Deadlines
+from amqp_agents.bounds import Deadlines, gather_limited
 from amqp_agents.config import RpcSettings
 from amqp_agents.errors import (
+    ActionTimeoutError,
     AgentError,
     BrokerUnavailableError,
     ConfigurationError,
@@ -60,6 +70,7 @@ from amqp_agents.errors import (
     UnroutableError,
 )
 from amqp_agents.metrics import Metrics, code_label
+from amqp_agents.models.context import maybe_context
 from amqp_agents.models.messages import AgentResponse, ErrorCode, IdSource, Priority
 from amqp_agents.models.topology import MAX_PRIORITY, Topology, check_name
 from amqp_agents.models.wire import dump_json, encode_request
@@ -96,7 +107,8 @@ class Request:
     agent: str
     action: str
     payload: Payload = None
-    priority: int = Priority.NORMAL
+    priority: int | _Default = DEFAULT
+    """DEFAULT: the handler's priority inside a handler, else ``Priority.NORMAL``."""
     timeout_s: float | None = None
     idempotent: bool = False
 
@@ -210,7 +222,7 @@ class RpcClient:
         action: str,
         payload: Payload = None,
         *,
-        priority: int = Priority.NORMAL,
+        priority: int | _Default = DEFAULT,
         timeout_s: float | _Default = DEFAULT,
         idempotent: bool = False,
     ) -> AgentResponse:
@@ -218,6 +230,8 @@ class RpcClient:
 
         ``idempotent=True``: if the connection dies before the reply, send the request
         again once it is back (within the deadline) instead of failing the call.
+        ``priority`` and ``timeout_s`` default to the configured ones, or inside a
+        handler to its priority and time left (see the module docstring).
 
         Raises:
             LifecycleError: the client is not started, or closed.
@@ -259,15 +273,17 @@ class RpcClient:
         agent: str,
         action: str,
         payload: Payload,
-        priority: int,
+        priority: int | _Default,
         timeout_s: float | _Default,
         idempotent: bool,
     ) -> AgentResponse:
-        timeout = self._timeout(timeout_s)
         correlation_id = self._ids.next()
-        envelope = self._request(
-            agent, action, payload, priority, timeout, correlation_id, self._replies.name
-        )
+        try:
+            envelope, timeout = self._request(
+                agent, action, payload, priority, timeout_s, correlation_id, self._replies.name
+            )
+        except ActionTimeoutError as exc:
+            return failure(ErrorCode.TIMEOUT, exc.message, correlation_id)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         if not self._replies.live.is_set():
@@ -356,7 +372,7 @@ class RpcClient:
         action: str,
         payload: Payload = None,
         *,
-        priority: int = Priority.NORMAL,
+        priority: int | _Default = DEFAULT,
         timeout_s: float | _Default = DEFAULT,
         idempotent: bool = False,
     ) -> Any:
@@ -364,7 +380,8 @@ class RpcClient:
 
         Raises:
             AgentError: the matching subclass for the reply's error code
-                (``NotFoundError``, ``ActionTimeoutError``, ``NoRouteError``...).
+                (``NotFoundError``, ``ActionTimeoutError``, ``NoRouteError``...), and
+                as :meth:`send`.
         """
         response = await self.send(
             agent, action, payload, priority=priority, timeout_s=timeout_s, idempotent=idempotent
@@ -379,7 +396,7 @@ class RpcClient:
         action: str,
         payload: Payload = None,
         *,
-        priority: int = Priority.NORMAL,
+        priority: int | _Default = DEFAULT,
         timeout_s: float | _Default = DEFAULT,
     ) -> None:
         """Fire-and-forget: enqueue a request with no ``reply_to``.
@@ -388,11 +405,12 @@ class RpcClient:
         TTL: the broker drops it if no worker took it by then.
 
         Raises:
+            ActionTimeoutError: called in a handler whose deadline has passed (nothing
+                is published).
             NoRouteError: nobody serves the agent.
             TransportError: the publish was not confirmed (timeout, refusal, link loss).
         """
-        timeout = self._timeout(timeout_s)
-        envelope = self._request(agent, action, payload, priority, timeout, None, None)
+        envelope, _timeout = self._request(agent, action, payload, priority, timeout_s, None, None)
         try:
             await self._transport.publish(
                 envelope, mandatory=True, timeout_s=self._publish_timeout_s
@@ -403,25 +421,25 @@ class RpcClient:
     async def send_many(
         self, requests: Sequence[Request], *, concurrency: int | None = None
     ) -> list[AgentResponse]:
-        """Send a batch concurrently, at most ``concurrency`` at a time; replies in order."""
+        """Send a batch concurrently, at most ``concurrency`` at a time; replies in order.
+
+        Inside a handler every request follows it, as :meth:`send` does.
+        """
         if concurrency is not None and concurrency < 1:
             raise ConfigurationError("concurrency must be at least 1")
-        limit = asyncio.Semaphore(concurrency or max(1, len(requests)))
-
-        async def one(request: Request) -> AgentResponse:
-            async with limit:
-                return await self.send(
-                    request.agent,
-                    request.action,
-                    request.payload,
-                    priority=request.priority,
-                    timeout_s=DEFAULT if request.timeout_s is None else request.timeout_s,
-                    idempotent=request.idempotent,
-                )
-
-        async with asyncio.TaskGroup() as group:
-            tasks = [group.create_task(one(request)) for request in requests]
-        return [task.result() for task in tasks]
+        calls = [
+            functools.partial(
+                self.send,
+                request.agent,
+                request.action,
+                request.payload,
+                priority=request.priority,
+                timeout_s=DEFAULT if request.timeout_s is None else request.timeout_s,
+                idempotent=request.idempotent,
+            )
+            for request in requests
+        ]
+        return await gather_limited(calls, limit=concurrency or max(1, len(requests)))
 
     # -- internals -------------------------------------------------------------------
 
@@ -444,13 +462,21 @@ class RpcClient:
         agent: str,
         action: str,
         payload: Payload,
-        priority: int,
-        timeout: float,
+        priority: int | _Default,
+        timeout_s: float | _Default,
         correlation_id: str | None,
         reply_to: str | None,
-    ) -> Envelope:
+    ) -> tuple[Envelope, float]:
+        """The request to publish and its timeout (see :func:`_follow`).
+
+        Raises:
+            ActionTimeoutError: the deadline of the handler making the call has passed.
+        """
         if self._state is not _State.STARTED:
             raise LifecycleError(f"RPC client is {self._state.value}; call start() first")
+        priority, timeout, deadline_ms, causation_id = _follow(
+            priority, self._timeout(timeout_s), agent
+        )
         if (agent, action) not in self._valid_names:
             try:
                 check_name("agent", agent)
@@ -474,7 +500,9 @@ class RpcClient:
             priority=int(priority),
             timeout_s=timeout,
             max_bytes=self._max_bytes,
-        )
+            deadline_ms=deadline_ms,
+            causation_id=causation_id,
+        ), timeout
 
     def _on_replies_lost(self, end: ConsumerEnd) -> None:
         # Replies sent to the old queue are gone: nobody may wait for them.
@@ -491,6 +519,34 @@ class RpcClient:
                     waiter.lose(message)
                 else:
                     waiter.fail(code, message)
+
+
+def _follow(
+    priority: int | _Default, timeout: float, agent: str
+) -> tuple[int, float, int | None, str | None]:
+    """A call's priority, timeout, ``x-deadline`` (``None``: from the timeout) and
+    causation id: the running handler's, where it has one and the caller gave none.
+
+    The timeout never outlasts the handler's deadline; when that deadline is the bound,
+    it is sent unchanged, so every hop of a request agrees on it to the millisecond.
+
+    Raises:
+        ActionTimeoutError: the handler's deadline has passed (nothing to send).
+    """
+    context = maybe_context()
+    if context is None:
+        return (Priority.NORMAL if priority is DEFAULT else priority), timeout, None, None
+    if priority is DEFAULT:
+        priority = Priority.NORMAL if context.priority is None else context.priority
+    deadline_ms = None
+    left = context.time_left_s()
+    if left is not None and context.deadline is not None and left < timeout:
+        if left <= 0:
+            raise ActionTimeoutError(
+                f"not sent to {agent!r}: the deadline of the request being handled has passed"
+            )
+        timeout, deadline_ms = left, round(context.deadline * 1000)
+    return priority, timeout, deadline_ms, context.message_id or None
 
 
 def _expire(call: PendingCall, _now: float) -> None:

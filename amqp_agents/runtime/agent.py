@@ -12,6 +12,12 @@ attaches metadata, so a unit test calls the method directly with a payload model
     await Tasks().add(TaskAdd(title="x"))          # a plain call in a unit test
     await Tasks().handle(message)                   # the full request path
 
+A handler that needs more than its payload asks :attr:`Agent.context` (the message id
+to deduplicate on, the attempt, the deadline...); an agent with ``calls_agents = True``
+calls other agents through :attr:`Agent.rpc`, and those calls follow the request it
+handles (its deadline, priority and causation id: see
+:mod:`~amqp_agents.models.context`).
+
 :meth:`Agent.handle` turns a request into a reply and owns the error mapping: schema
 failures become ``INVALID_PAYLOAD`` with the field errors, an unknown action
 ``UNKNOWN_ACTION``, an :class:`~amqp_agents.errors.AgentError` its own code, and any
@@ -53,6 +59,7 @@ from amqp_agents.errors import (
     UnknownActionError,
 )
 from amqp_agents.events.publisher import EventPublisher, RecordingPublisher
+from amqp_agents.models.context import MessageContext, current_context, use_context
 from amqp_agents.models.messages import AgentMessage, AgentResponse, ErrorCode
 from amqp_agents.models.schema import (
     adapter_for,
@@ -68,6 +75,7 @@ if TYPE_CHECKING:
     from pydantic import BaseModel, TypeAdapter
 
     from amqp_agents.models.wire import RequestParts
+    from amqp_agents.rpc.client import RpcClient
 
 __all__ = ["ActionSpec", "Agent", "EventHandlerSpec", "Outcome", "action", "on_event"]
 
@@ -257,6 +265,9 @@ class Agent:
     """The events this agent publishes, for its contract (``$describe``, AsyncAPI):
     event type -> payload type, e.g. ``{"task.created": TaskEvent}``. Checked when the
     class is defined; :meth:`emit` does not enforce it."""
+    calls_agents: ClassVar[bool] = False
+    """Set it to have the worker give this agent :attr:`rpc` (one reply queue per
+    worker, made only when a hosted agent asks for it)."""
     _actions: ClassVar[dict[str, ActionSpec]] = {}
     _action_names: ClassVar[frozenset[str]] = frozenset()
     _event_specs: ClassVar[tuple[EventHandlerSpec, ...]] = ()
@@ -315,6 +326,37 @@ class Agent:
         self._running = False
         self._limits = TimeLimits()
         self.events = RecordingPublisher()
+        self._rpc: RpcClient | None = None
+
+    @property
+    def context(self) -> MessageContext:
+        """The context of the message being handled (see
+        :func:`~amqp_agents.models.context.current_context`).
+
+        Raises:
+            LifecycleError: read outside a handler.
+        """
+        return current_context()
+
+    @property
+    def rpc(self) -> RpcClient:
+        """The client this agent calls other agents with, inside its handlers.
+
+        Raises:
+            LifecycleError: none was given: set ``calls_agents = True`` on the class so
+                that its worker gives one, or assign one (a test).
+        """
+        if self._rpc is None:
+            raise LifecycleError(
+                f"agent {self.name!r} has no RPC client: set calls_agents = True on"
+                f" {type(self).__qualname__} so that its worker gives it one, or assign"
+                " agent.rpc"
+            )
+        return self._rpc
+
+    @rpc.setter
+    def rpc(self, client: RpcClient) -> None:
+        self._rpc = client
 
     @property
     def is_running(self) -> bool:
@@ -370,10 +412,21 @@ class Agent:
 
         ``timeout_s`` bounds the handler (the action's own ``timeout_s`` wins when
         smaller); a handler that overruns is cancelled and answered ``TIMEOUT``. The
-        action's retry policy applies in process; redeliveries are the worker's.
+        action's retry policy applies in process; redeliveries are the worker's. The
+        handler's :attr:`context` is the message's (attempt 1).
         """
+        context = MessageContext(
+            message_id=message.id,
+            correlation_id=message.correlation_id,
+            deadline=None if message.deadline is None else message.deadline.timestamp(),
+            priority=message.priority,
+            redelivered=message.redelivered,
+            agent=self.name,
+            action=message.action,
+        )
         policy = self.retry_policy(message.action, NO_RETRY)
-        outcome = await self.run(message, timeout_s=timeout_s, policy=policy)
+        with use_context(context):
+            outcome = await self.run(message, timeout_s=timeout_s, policy=policy)
         return outcome.response
 
     async def run(

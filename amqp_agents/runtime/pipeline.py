@@ -3,7 +3,8 @@
 In order: a request whose caller's deadline has passed is acked unanswered (counted);
 a redelivery is counted as an attempt first (it may have crashed a worker); an
 oversized or undecodable request is answered and dead-lettered; otherwise the agent
-runs it (tries, time limits, in-process retries) and the outcome is settled: replied
+runs it (tries, time limits, in-process retries; its message context set, see
+:mod:`~amqp_agents.models.context`) and the outcome is settled: replied
 and acked, redelivered later through a retry tier, or failed (and dead-lettered when it
 crashed or ran out of attempts). Every settlement goes through
 :class:`~amqp_agents.runtime.settle.Settlement`, which owns what happens when the
@@ -19,6 +20,7 @@ from typing import TYPE_CHECKING, Final
 
 from amqp_agents.errors import ErrorCode, InvalidPayloadError, MessageTooLargeError
 from amqp_agents.metrics import DeliveryOutcome
+from amqp_agents.models.context import request_scope
 from amqp_agents.models.messages import AgentResponse
 from amqp_agents.models.rewrites import attempt_from
 from amqp_agents.models.wire import deadline_from, read_request
@@ -118,7 +120,11 @@ class RequestPipeline:
         metrics = self._metrics
         started = 0.0 if metrics is None else time.perf_counter()
         policy = agent.retry_policy(message.action, self._settings.retry)  # once per request
-        outcome = await agent.run(message, timeout_s=timeout_s, policy=policy, deadline=work_until)
+        # The handler's context (and that of the calls it makes) is this delivery's.
+        with request_scope(envelope, agent.name):
+            outcome = await agent.run(
+                message, timeout_s=timeout_s, policy=policy, deadline=work_until
+            )
         if metrics is not None:
             action = action_label(agent, message.action)
             metrics.child(metrics.handler_duration, agent.name, action).observe(

@@ -14,6 +14,11 @@ settlement table of :mod:`~amqp_agents.runtime.settle`; the pipeline itself is
 :mod:`~amqp_agents.runtime.pipeline`, admission (slots, the handler watchdog, giving
 back) :mod:`~amqp_agents.runtime.admission`. This module owns the lifecycle.
 
+Agents that call other agents (``calls_agents = True``) get the worker's
+:class:`~amqp_agents.rpc.client.RpcClient` as ``agent.rpc``: one reply queue per
+worker, a :class:`~amqp_agents.transport.recovery.Recovery` attachment like the others,
+made only when a hosted agent asks for it.
+
 Event handlers of the agents (``@on_event``) run on the worker's
 :class:`~amqp_agents.events.bus.EventBus` under the same concurrency bound, timeout and
 shutdown as requests.
@@ -33,7 +38,8 @@ Shutdown order, enforced by :meth:`Worker.stop`:
    published again as they came and acked, so they are not counted as attempts;
 3. wait up to ``grace_period_s`` for in-flight handlers, which reply and ack;
 4. cancel the ones still running: their deliveries are requeued, not answered;
-5. shut the agents down. The transport belongs to the caller, who closes it last.
+5. shut the agents down, then close their RPC client and the event bus (a shutdown
+   hook may still call or emit). The transport belongs to the caller, who closes it last.
 """
 
 from __future__ import annotations
@@ -56,6 +62,7 @@ from amqp_agents.errors import (
 )
 from amqp_agents.events.bus import EventBus
 from amqp_agents.models.topology import Topology
+from amqp_agents.rpc.client import RpcClient
 from amqp_agents.runtime.admission import Admission, StuckTries
 from amqp_agents.runtime.monitor import QueueMonitor
 from amqp_agents.runtime.pipeline import RequestPipeline
@@ -110,6 +117,7 @@ class Worker:
         depth_interval_s: float = 5.0,
         tracing: Tracing | None = None,
     ) -> None:
+        untraced = transport
         if tracing is not None:  # tracing: everything below uses the traced transport
             transport = tracing.wrap(transport)
         if not agents:
@@ -184,6 +192,18 @@ class Worker:
             recovery=self._recovery,
         )
         """The worker's event bus: agents emit through it, their handlers run on it."""
+        self.rpc: RpcClient | None = None
+        """The client of the agents that call other agents (``None`` if none does)."""
+        if any(agent.calls_agents for agent in self._agents):
+            self.rpc = RpcClient(
+                untraced,  # it wraps the transport itself, and makes the call spans
+                topology=self._topology,
+                publish_timeout_s=publish_timeout_s,
+                max_message_bytes=max_message_bytes,
+                metrics=metrics,
+                recovery=self._recovery,
+                tracing=tracing,
+            )
 
     @property
     def agents(self) -> list[Agent]:
@@ -277,8 +297,12 @@ class Worker:
             self._metrics.connection_blocked.set_function(lambda: float(transport.is_blocked))
         try:
             await self.events.start()
+            if self.rpc is not None:
+                await self.rpc.start()
             for agent in self._agents:
                 agent.events = self.events
+                if self.rpc is not None and agent.calls_agents:
+                    agent.rpc = self.rpc
                 try:
                     async with asyncio.timeout(agent.start_timeout_s):
                         await agent.start()
@@ -423,6 +447,8 @@ class Worker:
         if not done:
             hooks.cancel()
             log.error("the agents' shutdown hooks did not finish within %gs", _SHUTDOWN_HOOKS_S)
+        if self.rpc is not None:
+            await self.rpc.aclose()
         await self.events.aclose()
         await self._recovery.aclose()
         for unregister in self._unregister:

@@ -4,6 +4,7 @@ The pytest fixtures live in :mod:`amqp_agents.testing.pytest_plugin` (imported o
 when you enable it, so this package does not need pytest).
 """
 
+from amqp_agents.models.context import MessageContext, use_context
 from amqp_agents.testing.broker import (
     BrokerAdmin,
     BrokerAdminError,
@@ -17,7 +18,9 @@ __all__ = [
     "AgentHarness",
     "BrokerAdmin",
     "BrokerAdminError",
+    "MessageContext",
     "QueueRow",
     "broker_reachable",
     "url_for_vhost",
+    "use_context",
 ]

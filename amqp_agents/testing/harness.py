@@ -7,6 +7,11 @@
         event = await harness.wait_for_event("task.created")
         await harness.settle()          # every queue drained, nothing in flight
 
+A handler called directly (a plain unit test) can be given the context of a message::
+
+    with AgentHarness.message_context(message_id="m1", attempt=2):
+        await TaskManager().add(TaskAdd(title="x"))   # current_context() sees them
+
 Everything is real (queues, priorities, acks, timeouts), only in-process: tests run in
 milliseconds and need no broker. Every wait is bounded by ``timeout_s`` and raises
 ``TimeoutError`` naming what it waited for.
@@ -18,6 +23,7 @@ import asyncio
 from typing import TYPE_CHECKING, Any, Self
 
 from amqp_agents.events.bus import EventBus
+from amqp_agents.models.context import MessageContext, use_context
 from amqp_agents.models.messages import AgentResponse, Event, Priority
 from amqp_agents.models.topic import topic_matches
 from amqp_agents.rpc.client import RpcClient
@@ -61,6 +67,14 @@ class AgentHarness:
         self.events: list[Event] = []
         """Every event published while the harness runs, in arrival order."""
         self._new_event = asyncio.Condition()
+
+    @staticmethod
+    def message_context(**fields: Any) -> use_context:
+        """A ``with`` block in which handlers called directly see a message context
+        built from ``fields`` (as :class:`~amqp_agents.models.context.MessageContext`;
+        the rest keep their defaults). Calls they make through an RPC client follow it:
+        ``deadline=time.time() + 1`` bounds them, ``priority=7`` is inherited."""
+        return use_context(MessageContext(**fields))
 
     async def __aenter__(self) -> Self:
         await self._worker_transport.connect()

@@ -22,6 +22,7 @@ def test_demo_on_rabbitmq_exits_zero(
     out = capsys.readouterr().out
     assert "amqp-agents demo on amqp://guest:***@" in out
     assert "   1. HIGH: the server is down" in out
+    assert "   dropped unstarted: worker.stats.expired = 1" in out
     assert "every reply was as expected" in out
 
 

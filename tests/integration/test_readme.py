@@ -217,4 +217,4 @@ def test_readme_code_runs_against_the_broker(
         workdir,
         env,
     )
-    assert re.search(r"^1 passed", report, re.M), report
+    assert re.search(r"^2 passed", report, re.M), report

@@ -14,6 +14,7 @@ from amqp_agents.cli.app import _loop_factory
 from amqp_agents.cli.app import settings_from as _settings
 from amqp_agents.cli.parser import build_parser as _parser
 from amqp_agents.errors import ConfigurationError
+from amqp_agents.examples.planner import Planner
 from amqp_agents.examples.tasks import AuditAgent, TaskManager
 from amqp_agents.runtime.agent import Agent, action
 
@@ -113,7 +114,7 @@ def test_load_agents_example_app() -> None:
     """The documented example target loads the example agents."""
     agents = load_agents("amqp_agents.examples.tasks:app")
 
-    assert [type(agent) for agent in agents] == [TaskManager, AuditAgent]
+    assert [type(agent) for agent in agents] == [TaskManager, AuditAgent, Planner]
 
 
 @pytest.mark.parametrize(

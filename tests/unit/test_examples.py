@@ -1,4 +1,5 @@
-"""The example agents (TaskManager, AuditAgent), called directly and through handle()."""
+"""The example agents (TaskManager, AuditAgent, Planner), called directly, through handle()
+and through a harness."""
 
 import uuid
 from datetime import UTC, datetime
@@ -7,6 +8,7 @@ import pytest
 
 from amqp_agents.errors import ConfigurationError, NotFoundError
 from amqp_agents.events.publisher import RecordingPublisher
+from amqp_agents.examples.planner import Plan, Planner
 from amqp_agents.examples.redis_store import RedisTaskStore
 from amqp_agents.examples.tasks import (
     AuditAgent,
@@ -22,6 +24,7 @@ from amqp_agents.examples.tasks import (
     open_store,
 )
 from amqp_agents.models.messages import AgentMessage, ErrorCode, Event
+from amqp_agents.testing import AgentHarness
 
 
 @pytest.fixture
@@ -184,13 +187,15 @@ def test_audit_subscribes_to_task_events_in_its_group() -> None:
 
 
 def test_app_hosts_the_example_agents() -> None:
-    """app() returns a TaskManager and an AuditAgent serving their actions."""
+    """app() returns a TaskManager, an AuditAgent and a Planner serving their actions."""
     agents = app()
 
-    assert [type(agent) for agent in agents] == [TaskManager, AuditAgent]
-    assert [agent.name for agent in agents] == ["task_manager", "audit"]
+    assert [type(agent) for agent in agents] == [TaskManager, AuditAgent, Planner]
+    assert [agent.name for agent in agents] == ["task_manager", "audit", "planner"]
     assert set(agents[0].actions()) == {"task_add", "task_get", "task_list", "task_complete"}
     assert set(agents[1].actions()) == {"audit_log"}
+    assert set(agents[2].actions()) == {"plan_create"}
+    assert [agent.calls_agents for agent in agents] == [False, False, True]
 
 
 def test_stores_are_not_shared() -> None:
@@ -214,3 +219,29 @@ def test_unknown_store_scheme_is_a_configuration_error() -> None:
     """A store URL of another kind fails at start, naming the variable."""
     with pytest.raises(ConfigurationError, match="TASKS_STORE_URL must start with"):
         open_store(TaskStoreSettings(store_url="postgres://db/tasks"))
+
+
+async def test_planner_creates_the_tasks_and_summarises_them() -> None:
+    """plan_create makes one task per title through task_manager, in the plan's order."""
+    titles = [f"step {n}" for n in range(5)]
+    async with AgentHarness(TaskManager(), AuditAgent(), Planner()) as harness:
+        summary = await harness.call("planner", "plan_create", {"titles": titles})
+        listing = await harness.call("task_manager", "task_list")
+    assert [task["title"] for task in listing["tasks"]] == titles  # concurrency 3: all made
+    by_title = {task["title"]: task["id"] for task in listing["tasks"]}
+    assert summary["task_ids"] == [by_title[title] for title in titles]
+    assert 0 <= summary["audited"] <= 5
+    assert summary["audit_entries"] >= summary["audited"]
+
+
+async def test_planner_called_directly_in_a_unit_test() -> None:
+    """The handler is a plain method: give it a client and a context, and call it."""
+    planner = Planner()
+    async with AgentHarness(TaskManager(), AuditAgent()) as harness:
+        planner.rpc = harness.client
+        with AgentHarness.message_context(message_id="plan-1"):
+            summary = await planner.create(Plan(titles=["a", "b"], concurrency=1))
+        assert len(summary.task_ids) == 2
+        await harness.settle()
+        log = await harness.call("audit", "audit_log")
+    assert summary.audit_entries <= len(log["entries"]) == 2

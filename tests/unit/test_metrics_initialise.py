@@ -125,6 +125,8 @@ def test_the_cli_initialises_the_example_apps_labels() -> None:
         "agents.task_manager.dead",
         "agents.audit",
         "agents.audit.dead",
+        "agents.planner",
+        "agents.planner.dead",
         "events.audit",
         "events.audit.dead",
     }
