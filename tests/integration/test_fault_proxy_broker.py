@@ -12,13 +12,13 @@ import ssl
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import aio_pika
 import aiormq
 import pytest
 
 from tests.agents_for_tests import await_until
+from tests.broker_env import broker_address
 from tests.faults import FaultProxy, make_tls_material
 
 pytestmark = pytest.mark.integration
@@ -27,8 +27,7 @@ Unique = Callable[[str], str]
 
 
 def _upstream(broker_url: str) -> tuple[str, int]:
-    parts = urlsplit(broker_url)
-    return parts.hostname or "127.0.0.1", parts.port or 5672
+    return broker_address(broker_url)
 
 
 @pytest.fixture
