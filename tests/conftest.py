@@ -34,6 +34,17 @@ pytest_plugins = ["amqp_agents.testing.pytest_plugin"]
 DEFAULT_TEST_REDIS_URL = "redis://127.0.0.1:6379/0"
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked ``cluster`` run only when ``-m`` names them (``-m cluster``): they need
+    the three-node cluster of ``scripts/rabbitmq4``, which the plain suite does not start."""
+    if "cluster" in (config.getoption("markexpr") or ""):
+        return
+    deselected = [item for item in items if item.get_closest_marker("cluster") is not None]
+    if deselected:
+        config.hook.pytest_deselected(items=deselected)
+        items[:] = [item for item in items if item.get_closest_marker("cluster") is None]
+
+
 @pytest.fixture(scope="session")
 def broker_url() -> Iterator[str]:
     """The root URL of the broker under test (default vhost)."""
