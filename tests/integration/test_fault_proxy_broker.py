@@ -39,7 +39,7 @@ def proxy(broker_url: str) -> Iterator[FaultProxy]:
 async def _roundtrip(connection: aio_pika.abc.AbstractConnection, queue_name: str) -> None:
     """Declare a queue, publish to it, get the message back."""
     channel = await connection.channel()
-    queue = await channel.declare_queue(queue_name, auto_delete=True)
+    queue = await channel.declare_queue(queue_name, durable=True, auto_delete=True)
     body = queue_name.encode()
     await channel.default_exchange.publish(aio_pika.Message(body), routing_key=queue_name)
     message = await queue.get(timeout=5)
