@@ -2,7 +2,8 @@
 
 The broker is never optional: if it cannot be reached, every test that needs it
 *fails* (it is not skipped), so CI cannot go green without integration tests.
-``AMQP_AGENTS_TEST_URL`` points the suite at another broker; with
+``AMQP_AGENTS_TEST_URL`` points the suite at another broker and
+``AMQP_AGENTS_TEST_RABBITMQCTL`` at its CLI (see :mod:`tests.broker_env`); with
 ``AMQP_AGENTS_TESTCONTAINERS=1`` a RabbitMQ container is started instead (needs Docker).
 Redis (the example app's shared task store) is never optional either:
 ``AMQP_AGENTS_TEST_REDIS_URL``, else ``redis://127.0.0.1:6379/0``; each test uses keys
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shlex
 import socket
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -24,12 +26,23 @@ from redis.asyncio import Redis
 from amqp_agents.config import ConnectionSettings
 from amqp_agents.testing import BrokerAdmin, broker_reachable, url_for_vhost
 from amqp_agents.transport.rabbitmq import RabbitTransport
+from tests.broker_env import rabbitmqctl_command, root_url
 
 # Our own users' plugin: the suite uses it, which also keeps it working.
 pytest_plugins = ["amqp_agents.testing.pytest_plugin"]
 
-DEFAULT_TEST_URL = "amqp://guest:guest@127.0.0.1:5672/"
 DEFAULT_TEST_REDIS_URL = "redis://127.0.0.1:6379/0"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked ``cluster`` run only when ``-m`` names them (``-m cluster``): they need
+    the three-node cluster of ``scripts/rabbitmq4``, which the plain suite does not start."""
+    if "cluster" in (config.getoption("markexpr") or ""):
+        return
+    deselected = [item for item in items if item.get_closest_marker("cluster") is not None]
+    if deselected:
+        config.hook.pytest_deselected(items=deselected)
+        items[:] = [item for item in items if item.get_closest_marker("cluster") is None]
 
 
 @pytest.fixture(scope="session")
@@ -42,7 +55,7 @@ def broker_url() -> Iterator[str]:
             params = container.get_connection_params()
             yield f"amqp://guest:guest@{params.host}:{params.port}/"
         return
-    url = os.environ.get("AMQP_AGENTS_TEST_URL", DEFAULT_TEST_URL)
+    url = root_url()
     if not broker_reachable(url):
         pytest.fail(
             f"RabbitMQ is not reachable at {url.split('@')[-1]}: start it with "
@@ -84,9 +97,20 @@ async def redis_prefix(redis_url: str) -> AsyncIterator[str]:
 
 
 @pytest.fixture(scope="session")
-def broker_admin(broker_url: str) -> BrokerAdmin:
-    """rabbitmqctl for the local node."""
-    return BrokerAdmin()
+def broker_admin(broker_url: str, tmp_path_factory: pytest.TempPathFactory) -> BrokerAdmin:
+    """rabbitmqctl for the broker under test (``AMQP_AGENTS_TEST_RABBITMQCTL``)."""
+    try:
+        command = rabbitmqctl_command()
+    except FileNotFoundError as exc:
+        pytest.fail(str(exc), pytrace=False)
+    if len(command) == 1:
+        return BrokerAdmin(command[0])
+    # BrokerAdmin runs one program: a command line with arguments (such as
+    # `scripts/rabbitmq4 ctl NODE`) gets a one-line script of this session.
+    script = tmp_path_factory.mktemp("rabbitmqctl") / "rabbitmqctl"
+    script.write_text(f'#!/bin/sh\nexec {shlex.join(command)} "$@"\n')
+    script.chmod(0o755)
+    return BrokerAdmin(str(script))
 
 
 @pytest.fixture(scope="module")

@@ -51,6 +51,8 @@ from urllib.parse import quote
 
 import trustme
 
+from tests.broker_env import broker_address
+
 _T = TypeVar("_T")
 
 _CHUNK = 64 * 1024
@@ -130,20 +132,22 @@ class _Link:
 class FaultProxy:
     """A TCP proxy to ``upstream_host:upstream_port`` that a test can break on demand.
 
-    Listens on ``127.0.0.1:`` :attr:`port` (a free port picked by the kernel). Use it as
-    a context manager, or call :meth:`start` and :meth:`stop`. Control calls are
-    thread-safe and return once applied; see the module docstring for each fault.
+    The upstream is the broker under test (:func:`tests.broker_env.broker_address`)
+    unless given. Listens on ``127.0.0.1:`` :attr:`port` (a free port picked by the
+    kernel). Use it as a context manager, or call :meth:`start` and :meth:`stop`. Control
+    calls are thread-safe and return once applied; see the module docstring for each fault.
     """
 
     def __init__(
         self,
-        upstream_host: str = "127.0.0.1",
-        upstream_port: int = 5672,
+        upstream_host: str | None = None,
+        upstream_port: int | None = None,
         *,
         server_ssl: ssl.SSLContext | None = None,
     ) -> None:
-        self.upstream_host = upstream_host
-        self.upstream_port = upstream_port
+        broker_host, broker_port = broker_address()
+        self.upstream_host = upstream_host or broker_host
+        self.upstream_port = upstream_port or broker_port
         self.server_ssl = server_ssl
         self._thread: threading.Thread | None = None
         self._ready = threading.Event()

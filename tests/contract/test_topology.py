@@ -135,7 +135,7 @@ async def test_auto_delete_queue_is_deleted_when_its_last_consumer_goes(
     backend: Backend, transport: Transport, how: str
 ) -> None:
     """An auto-delete queue outlives its first consumer only while another remains."""
-    name = await backend.queue(transport, auto_delete=True, durable=False)
+    name = await backend.queue(transport, auto_delete=True)  # durable: 4.3 refuses transient ones
     first = await backend.consume(transport, name)
     second = await backend.consume(transport, name)
     assert first.consumer is not None
@@ -150,7 +150,7 @@ async def test_auto_delete_queue_never_consumed_stays(
     backend: Backend, transport: Transport
 ) -> None:
     """Auto-delete only triggers once a consumer has come and gone."""
-    name = await backend.queue(transport, auto_delete=True, durable=False)
+    name = await backend.queue(transport, auto_delete=True)  # durable: 4.3 refuses transient ones
     await backend.publish(transport, b"x", routing_key=name)
     assert await backend.ready(transport, name) == 1
 

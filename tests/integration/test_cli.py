@@ -12,6 +12,7 @@ import pytest
 
 from amqp_agents.testing import BrokerAdmin, url_for_vhost
 from tests.agents_for_tests import CliProcess, cli_env, run_cli
+from tests.broker_env import broker_address
 from tests.support import wait_until_sync
 
 TASKS_QUEUE = "agents.task_manager"
@@ -197,7 +198,9 @@ def test_password_never_printed_with_valid_credentials(
 
 def test_malformed_url_is_a_configuration_error(vhost_url: str) -> None:
     """A URL with a non-numeric port exits 2 with a configuration error, not a traceback."""
-    url = with_credentials(vhost_url, "guest", "S3cretPa55").replace(":5672/", ":notaport/")
+    _, port = broker_address(vhost_url)
+    url = with_credentials(vhost_url, "guest", "S3cretPa55").replace(f":{port}/", ":notaport/")
+    assert ":notaport/" in url
     done = run_cli("--url", url, "call", "task_manager", "task_list", env=cli_env())
     assert "S3cretPa55" not in done.stdout + done.stderr
     assert "Traceback" not in done.stderr

@@ -12,12 +12,12 @@ import ssl
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import aio_pika
 import aiormq
 import pytest
 
+from tests.broker_env import broker_address
 from tests.faults import FaultProxy, make_tls_material
 from tests.support import wait_until
 
@@ -25,8 +25,7 @@ Unique = Callable[[str], str]
 
 
 def _upstream(broker_url: str) -> tuple[str, int]:
-    parts = urlsplit(broker_url)
-    return parts.hostname or "127.0.0.1", parts.port or 5672
+    return broker_address(broker_url)
 
 
 @pytest.fixture
@@ -38,7 +37,7 @@ def proxy(broker_url: str) -> Iterator[FaultProxy]:
 async def _roundtrip(connection: aio_pika.abc.AbstractConnection, queue_name: str) -> None:
     """Declare a queue, publish to it, get the message back."""
     channel = await connection.channel()
-    queue = await channel.declare_queue(queue_name, auto_delete=True)
+    queue = await channel.declare_queue(queue_name, durable=True, auto_delete=True)
     body = queue_name.encode()
     await channel.default_exchange.publish(aio_pika.Message(body), routing_key=queue_name)
     message = await queue.get(timeout=5)

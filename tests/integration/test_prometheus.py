@@ -46,12 +46,13 @@ from amqp_agents.runtime.health import HealthServer, ProbeResult
 from amqp_agents.testing import BrokerAdmin, url_for_vhost
 from amqp_agents.transport.rabbitmq import RabbitTransport
 from tests.agents_for_tests import CliProcess, cli_env, free_port
+from tests.broker_env import rabbitmq_metrics_port
 from tests.support import wait_until, wait_until_sync
 
 ROOT = Path(__file__).resolve().parents[2]
 DASHBOARD = ROOT / "deploy" / "grafana" / "amqp-agents.json"
 ALERTS = ROOT / "deploy" / "prometheus" / "alerts.yml"
-RABBITMQ_METRICS_PORT = 15692
+RABBITMQ_METRICS_PORT = rabbitmq_metrics_port()
 WORKER_JOB = "amqp-agents-worker"
 SCRAPE_S = 1
 # Grafana's variables as the dashboard's defaults ("All") and a short scrape give them.
