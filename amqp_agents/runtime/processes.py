@@ -17,7 +17,7 @@ The parent of ``amqp-agents run --processes N`` (see :mod:`amqp_agents.cli.paren
   forwards the signal to every child: the first one stops a worker gracefully (in-flight
   work finishes within its grace period), the second at once (the broker requeues what
   was unacked). A child started while stopping gets the signal too. A child still running
-  ``grace_period_s`` + :data:`STOP_MARGIN_S` after the first signal is killed (SIGKILL).
+  ``grace_period_s`` + ``stop_margin_s`` after the first signal is killed (SIGKILL).
   Children run in sessions of their own, so a terminal's Ctrl-C reaches the parent only
   and each child gets each signal exactly once.
 * **Result.** :meth:`ProcessGroup.run` returns 0 after a graceful stop, 128 + signal
@@ -85,6 +85,7 @@ class ProcessGroup:
         stable_s: float = 30.0,
         backoff_initial_s: float = 0.5,
         backoff_max_s: float = 30.0,
+        stop_margin_s: float = STOP_MARGIN_S,
     ) -> None:
         if not 1 <= unhealthy_after <= crash_limit:
             raise ValueError("need 1 <= unhealthy_after <= crash_limit")
@@ -98,6 +99,7 @@ class ProcessGroup:
         self._stable_s = stable_s
         self._backoff_initial_s = backoff_initial_s
         self._backoff_max_s = backoff_max_s
+        self._stop_margin_s = stop_margin_s
         self._stopping = asyncio.Event()
         self._forwarded: int | None = None
         """The signal every child gets on stop (late starters too)."""
@@ -161,19 +163,19 @@ class ProcessGroup:
             for keeper in keepers:
                 if keeper.done() and (error := keeper.exception()) is not None:
                     raise error
-            _done, late = await asyncio.wait(keepers, timeout=self._grace_period_s + STOP_MARGIN_S)
+            _done, late = await asyncio.wait(keepers, timeout=self._grace_period_s + self._stop_margin_s)
             if late:
                 alive = [child.index for child in self.children if child.pid is not None]
                 log.error("process(es) %s still running after the grace period: killed", alive)
                 self._killed = len(alive)
                 self._kill_all()
-                await asyncio.wait(keepers, timeout=STOP_MARGIN_S)
+                await asyncio.wait(keepers, timeout=self._stop_margin_s)
         finally:
             # Whatever ended the run (cancelled included): no child outlives it, and each
             # one is reaped by its keeper, which no longer restarts it.
             self._stopping.set()
             self._kill_all()
-            await asyncio.wait(keepers, timeout=STOP_MARGIN_S)
+            await asyncio.wait(keepers, timeout=self._stop_margin_s)
             for task in (stopping, *keepers):
                 task.cancel()
         if len(self._signals) > 1:
