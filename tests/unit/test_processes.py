@@ -16,6 +16,9 @@ from typing import Any
 
 import pytest
 
+from amqp_agents.cli import main
+from amqp_agents.cli.parent import child_command
+from amqp_agents.cli.parser import build_parser
 from amqp_agents.runtime.processes import Child, ProcessGroup
 from tests.support import wait_until
 
@@ -183,3 +186,52 @@ def test_limits_are_checked() -> None:
             crash_limit=2,
             unhealthy_after=3,
         )
+
+
+# -- the command line ------------------------------------------------------------------
+
+
+@pytest.fixture
+def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in list(os.environ):
+        if name.startswith("AMQP_"):
+            monkeypatch.delenv(name)
+
+
+def test_a_child_reruns_the_command_line_as_one_process_on_its_loopback_port() -> None:
+    argv = ["--url", "amqp://h/", "run", "app:agents", "--processes", "4", "--metrics-port", "9"]
+    command = child_command(argv, Child(2, port=40123))
+    assert command[:3] == [sys.executable, "-m", "amqp_agents"]
+    args = build_parser().parse_args(command[3:])  # the later options win
+    assert (args.processes, args.metrics_port, args.metrics_host) == (1, 40123, "127.0.0.1")
+    assert (args.url, args.target) == ("amqp://h/", "app:agents")
+    assert child_command(["run", "app:agents"], Child(0))[3:] == [
+        "run",
+        "app:agents",
+        "--processes",
+        "1",
+    ]
+
+
+@pytest.mark.usefixtures("clean_env")
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (["--processes", "0"], "worker.processes"),
+        (["--processes", "65"], "worker.processes"),
+        (["--url", "memory://", "--processes", "2"], "memory:// lives in one process"),
+    ],
+)
+def test_processes_that_cannot_work_fail_at_start_with_exit_2(
+    options: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["run", "amqp_agents.examples.tasks:app", *options]) == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.usefixtures("clean_env")
+def test_a_bad_target_fails_in_the_parent_before_any_child_starts(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert main(["run", "no_such_module_here:app", "--processes", "2"]) == 2
+    assert "cannot import 'no_such_module_here'" in capsys.readouterr().err
