@@ -163,7 +163,9 @@ class ProcessGroup:
             for keeper in keepers:
                 if keeper.done() and (error := keeper.exception()) is not None:
                     raise error
-            _done, late = await asyncio.wait(keepers, timeout=self._grace_period_s + self._stop_margin_s)
+            _done, late = await asyncio.wait(
+                keepers, timeout=self._grace_period_s + self._stop_margin_s
+            )
             if late:
                 alive = [child.index for child in self.children if child.pid is not None]
                 log.error("process(es) %s still running after the grace period: killed", alive)

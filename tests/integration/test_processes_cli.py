@@ -23,7 +23,7 @@ from amqp_agents.models.topology import Topology
 from amqp_agents.rpc.client import RpcClient
 from amqp_agents.testing import BrokerAdmin, url_for_vhost
 from amqp_agents.transport.rabbitmq import RabbitTransport
-from tests.agents_for_tests import CliProcess, cli_env, free_port, read_ids
+from tests.agents_for_tests import CliProcess, alive, cli_env, free_port, read_ids
 from tests.support import wait_until
 
 Connect = Callable[..., Awaitable[RabbitTransport]]
@@ -35,14 +35,6 @@ def children_of(pid: int) -> list[int]:
     with contextlib.suppress(FileNotFoundError):
         return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
     return []
-
-
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
 
 
 async def handled_by_process(port: int, agent: str) -> dict[str, float]:

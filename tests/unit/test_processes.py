@@ -20,6 +20,7 @@ from amqp_agents.cli import main
 from amqp_agents.cli.parent import child_command
 from amqp_agents.cli.parser import build_parser
 from amqp_agents.runtime.processes import Child, ProcessGroup
+from tests.agents_for_tests import alive
 from tests.support import wait_until
 
 CHILD = r"""
@@ -64,14 +65,6 @@ def started(tmp_path: Path) -> list[int]:
     """Pids of the children that installed their handler, in order."""
     path = tmp_path / "ready"
     return [int(line) for line in path.read_text().split()] if path.exists() else []
-
-
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
 
 
 async def wait_started(tmp_path: Path, count: int) -> list[int]:
