@@ -88,9 +88,15 @@ async def test_get_gives_none_when_nothing_listens() -> None:
 
 
 async def test_get_gives_none_within_its_bound_when_the_child_does_not_answer() -> None:
+    done = asyncio.Event()
+
     async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await reader.read(1)  # takes the connection, never answers
-        await asyncio.sleep(30)
+        try:
+            await reader.read(1)  # takes the connection, never answers
+            async with asyncio.timeout(30):
+                await done.wait()
+        finally:
+            writer.close()
 
     mute = await asyncio.start_server(silent, "127.0.0.1", 0)
     port = int(mute.sockets[0].getsockname()[1])
@@ -99,5 +105,6 @@ async def test_get_gives_none_within_its_bound_when_the_child_does_not_answer() 
         assert await get(port, "/readyz", timeout_s=0.3) is None
         assert time.monotonic() - began < 5
     finally:
+        done.set()
         mute.close()
         await mute.wait_closed()
