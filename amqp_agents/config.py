@@ -282,6 +282,9 @@ class WorkerSettings(BaseModel):
 
     concurrency: int = Field(default=16, ge=1, le=10_000)
     """Handlers running at once across the worker; also each queue's prefetch."""
+    processes: int = Field(default=1, ge=1, le=64)
+    """Worker processes of ``amqp-agents run`` (``--processes``): more than 1 starts a
+    parent that supervises that many, one core each (see :mod:`amqp_agents.cli.parent`)."""
     grace_period_s: float = Field(default=25.0, ge=0)
     """On stop, how long in-flight handlers may finish before they are cancelled."""
     action_timeout_s: float = Field(default=60.0, gt=0, lt=BROKER_ACK_TIMEOUT_S)
