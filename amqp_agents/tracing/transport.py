@@ -54,7 +54,7 @@ class TracedDelivery:
         await self._settle("reject", self._delivery.reject())
 
     async def _settle(self, operation: str, settling: Awaitable[None]) -> None:
-        span = self._scope.tracing.settle(self._scope, operation)
+        span = self._scope.settle(operation)
         try:
             await settling
         except BaseException as exc:
