@@ -72,7 +72,7 @@ _DESCRIBED_MAX: Final = 256
 """Destinations whose span name and shared attributes are kept (then forgotten at once)."""
 
 # Envelope's fields in __init__ order: a copy by one C call and a positional __init__,
-# four times cheaper than dataclasses.replace (tests/unit/test_tracing_speed.py checks
+# four times cheaper than dataclasses.replace (tests/unit/test_tracing_fast_paths.py checks
 # that it copies every field).
 _ENVELOPE_FIELDS: Final = operator.attrgetter(*(f.name for f in dataclasses.fields(Envelope)))
 
