@@ -35,14 +35,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import operator
-from collections.abc import Awaitable, Mapping
+from collections.abc import Awaitable, Coroutine, Mapping
 from typing import TYPE_CHECKING, Any, Final, TypeAlias
 
 from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
 from opentelemetry.context import Context
 from opentelemetry.propagators.textmap import Getter, Setter
-from opentelemetry.trace import NoOpTracer, ProxyTracerProvider, SpanKind
+from opentelemetry.trace import NoOpTracer, ProxyTracer, ProxyTracerProvider, SpanKind
 
 from amqp_agents.models.envelope import Envelope
 from amqp_agents.models.topology import HEADER_ERROR_CODE
@@ -118,7 +118,8 @@ class Tracing:
     ) -> None:
         self._provider = tracer_provider
         self._tracer: Tracer | None = None
-        self._unset = False
+        self._unset: ProxyTracerProvider | None = None
+        """The global provider while it is the API's proxy (no SDK set yet)."""
         self._server: dict[str, AttributeValue] = {}
         if server_address:
             self._server["server.address"] = server_address
@@ -136,14 +137,18 @@ class Tracing:
             return transport
         return TracedTransport(transport, self)
 
-    async def call(
+    def call(
         self, agent: str, action: str, sending: Awaitable[AgentResponse]
-    ) -> AgentResponse:
-        """Await ``sending`` (one RPC call, publish to reply) in a CLIENT span."""
+    ) -> Awaitable[AgentResponse]:
+        """``sending`` (one RPC call, publish to reply) in a CLIENT span, to be awaited."""
         tracer = self._active()
         if tracer is None:
-            return await sending
-        method = f"{agent}/{action}"
+            return sending  # not even a frame of ours around it
+        return self._call(tracer, f"{agent}/{action}", sending)
+
+    async def _call(
+        self, tracer: Tracer, method: str, sending: Awaitable[AgentResponse]
+    ) -> AgentResponse:
         attributes: dict[str, AttributeValue] = {
             "rpc.system.name": "amqp_agents",
             "rpc.method": method,
@@ -168,30 +173,43 @@ class Tracing:
 
     # -- the transport's side ----------------------------------------------------------
 
-    async def publish(
+    def publish(
         self,
         transport: Transport,
         envelope: Envelope,
         mandatory: bool,
         confirm: bool,
         timeout_s: float,
-    ) -> None:
-        """Publish ``envelope`` on ``transport`` in a send span, its context in the headers."""
+    ) -> Coroutine[Any, Any, None]:
+        """Publishing ``envelope`` on ``transport`` in a send span, its context in the
+        headers, to be awaited."""
         current = otel_context.get_current()
         processing = current.get(_PROCESSING)
         if isinstance(processing, Processing):
             processing.saw(envelope)
         tracer = self._active()
-        if tracer is None:
-            if current:  # a context passed through (see the module docstring)
-                envelope = _carrying(envelope, current)
-            await transport.publish(
-                envelope, mandatory=mandatory, confirm=confirm, timeout_s=timeout_s
+        if tracer is not None:
+            return self._publish(
+                tracer, current, transport, envelope, mandatory, confirm, timeout_s
             )
-            return
+        if current:  # a context passed through (see the module docstring)
+            envelope = _carrying(envelope, current)
+        return transport.publish(
+            envelope, mandatory=mandatory, confirm=confirm, timeout_s=timeout_s
+        )
+
+    async def _publish(
+        self,
+        tracer: Tracer,
+        current: Context,
+        transport: Transport,
+        envelope: Envelope,
+        mandatory: bool,
+        confirm: bool,
+        timeout_s: float,
+    ) -> None:
         name, shared = self._describe("send", envelope.exchange, envelope.routing_key, None)
-        attributes = _attributes(shared, envelope)
-        span = tracer.start_span(name, current, SpanKind.PRODUCER, attributes)
+        span = tracer.start_span(name, current, SpanKind.PRODUCER, _attributes(shared, envelope))
         sending = trace.set_span_in_context(span, current)
         token = otel_context.attach(sending)
         try:
@@ -211,70 +229,76 @@ class Tracing:
     def processing(self, queue: str, handler: DeliveryHandler) -> DeliveryHandler:
         """``handler`` run in a process span per delivery, its settlements traced."""
 
-        async def on_delivery(delivery: Delivery) -> None:
-            envelope = delivery.envelope
-            headers = envelope.headers
+        def on_delivery(delivery: Delivery) -> Awaitable[None]:
             tracer = self._active()
-            # The message's context, never the ambient one (a delivery task may have
-            # been started from the publisher's own context, in process).
-            if tracer is None:
-                if headers and not self._propagated_fields().isdisjoint(headers):
-                    parent = propagate.extract(headers, context=Context(), getter=_HEADERS)
-                elif otel_context.get_current():
-                    parent = Context()
-                else:
-                    await handler(delivery)
-                    return
-                token = otel_context.attach(parent)
-                try:
-                    await handler(delivery)
-                finally:
-                    otel_context.detach(token)
-                return
-            parent = (
-                propagate.extract(headers, context=Context(), getter=_HEADERS)
-                if headers
-                else Context()
-            )
-            name, shared = self._describe("process", envelope.exchange, envelope.routing_key, queue)
-            attributes = _attributes(shared, envelope)
-            span = tracer.start_span(name, parent, SpanKind.CONSUMER, attributes)
-            current = trace.set_span_in_context(span, parent)
-            scope: Processing | None = None
-            if span.is_recording():
-                scope = Processing(tracer, span, name, current, attributes, envelope.reply_to)
-                current = otel_context.set_value(_PROCESSING, scope, current)
-                delivery = TracedDelivery(delivery, scope)
-            token = otel_context.attach(current)
-            try:
-                await handler(delivery)
-            except BaseException as exc:
-                if scope is not None:
-                    scope.fail(type(exc).__qualname__, str(exc))
-                raise
-            finally:
-                otel_context.detach(token)
-                span.end()
+            if tracer is not None:
+                return self._process(tracer, queue, handler, delivery)
+            # No SDK. The message's context, never the ambient one (a delivery task may
+            # have been started from the publisher's own context, in process).
+            headers = delivery.envelope.headers
+            if headers and not self._propagated_fields().isdisjoint(headers):
+                parent = propagate.extract(headers, context=Context(), getter=_HEADERS)
+            elif otel_context.get_current():
+                parent = Context()
+            else:
+                return handler(delivery)  # nothing to carry: the handler as it is
+            return _in_context(parent, handler, delivery)
 
         return on_delivery
 
+    async def _process(
+        self, tracer: Tracer, queue: str, handler: DeliveryHandler, delivery: Delivery
+    ) -> None:
+        envelope = delivery.envelope
+        headers = envelope.headers
+        parent = (
+            propagate.extract(headers, context=Context(), getter=_HEADERS) if headers else Context()
+        )
+        name, shared = self._describe("process", envelope.exchange, envelope.routing_key, queue)
+        attributes = _attributes(shared, envelope)
+        span = tracer.start_span(name, parent, SpanKind.CONSUMER, attributes)
+        current = trace.set_span_in_context(span, parent)
+        scope: Processing | None = None
+        if span.is_recording():
+            scope = Processing(tracer, span, name, current, attributes, envelope.reply_to)
+            current = otel_context.set_value(_PROCESSING, scope, current)
+            delivery = TracedDelivery(delivery, scope)
+        token = otel_context.attach(current)
+        try:
+            await handler(delivery)
+        except BaseException as exc:
+            if scope is not None:
+                scope.fail(type(exc).__qualname__, str(exc))
+            raise
+        finally:
+            otel_context.detach(token)
+            span.end()
+
     def _active(self) -> Tracer | None:
         """The tracer to start spans with, ``None`` while no SDK is configured."""
-        if self._unset:
-            return self._resolve()
-        return self._tracer
-
-    def _resolve(self) -> Tracer | None:
-        provider = self._provider
-        if provider is None or isinstance(provider, ProxyTracerProvider):
-            # The API's global provider: a proxy until an SDK's is set (once, for good).
-            provider = trace.get_tracer_provider()
-            self._unset = isinstance(provider, ProxyTracerProvider)
-            if self._unset:
-                return None
-        tracer = provider.get_tracer(SCOPE)
+        if self._unset is None:
+            return self._tracer
+        # The global provider is still the API's proxy: has an SDK's been set since?
+        # (Its get_tracer says so for a third of what get_tracer_provider costs, which
+        # looks the environment up each time.)
+        tracer = self._unset.get_tracer(SCOPE)
+        if isinstance(tracer, ProxyTracer):
+            return None
+        self._unset = None
         self._tracer = None if isinstance(tracer, NoOpTracer) else tracer
         return self._tracer
+
+    def _resolve(self) -> None:
+        provider = self._provider
+        if provider is None or isinstance(provider, ProxyTracerProvider):
+            # The API's global provider (set from the environment, if it says so, by
+            # get_tracer_provider): a proxy until an SDK's is set, once and for good.
+            provider = trace.get_tracer_provider()
+            if isinstance(provider, ProxyTracerProvider):
+                self._unset = provider
+                return
+        tracer = provider.get_tracer(SCOPE)
+        self._tracer = None if isinstance(tracer, NoOpTracer) else tracer
 
     def _propagated_fields(self) -> frozenset[str]:
         """The header names the global propagator injects (kept while it stays the same)."""
@@ -370,6 +394,15 @@ def _attributes(shared: dict[str, AttributeValue], envelope: Envelope) -> dict[s
     if envelope.correlation_id:
         attributes["messaging.message.conversation_id"] = envelope.correlation_id
     return attributes
+
+
+async def _in_context(context: Context, handler: DeliveryHandler, delivery: Delivery) -> None:
+    """``handler(delivery)`` with ``context`` current."""
+    token = otel_context.attach(context)
+    try:
+        await handler(delivery)
+    finally:
+        otel_context.detach(token)
 
 
 def _carrying(envelope: Envelope, context: Context) -> Envelope:

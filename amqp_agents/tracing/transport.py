@@ -3,12 +3,12 @@ one, whose publishes, deliveries and settlements go through a :class:`Tracing`."
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from opentelemetry.trace import Status, StatusCode
 
 if TYPE_CHECKING:
-    from collections.abc import Awaitable, Callable
+    from collections.abc import Awaitable, Callable, Coroutine
 
     from opentelemetry.trace import Span
 
@@ -123,15 +123,16 @@ class TracedTransport:
     async def delete_queue(self, queue: str) -> int:
         return await self.inner.delete_queue(queue)
 
-    async def publish(
+    def publish(
         self,
         envelope: Envelope,
         *,
         mandatory: bool = False,
         confirm: bool = True,
         timeout_s: float,
-    ) -> None:
-        await self.tracing.publish(self.inner, envelope, mandatory, confirm, timeout_s)
+    ) -> Coroutine[Any, Any, None]:
+        # Not a coroutine of its own: without an SDK the inner publish is all there is.
+        return self.tracing.publish(self.inner, envelope, mandatory, confirm, timeout_s)
 
     async def consume(
         self,
