@@ -21,12 +21,12 @@ from __future__ import annotations
 
 import time
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from amqp_agents import RpcClient, Worker, WorkerSettings
 from amqp_agents.transport.memory import InMemoryBroker, InMemoryTransport
 from benchmarks.agents import EchoAgent, EchoPayload
-from benchmarks.cases import Case, Metric, RunContext, Target
+from benchmarks.cases import Case, Metric, RunContext, Side, Target
 from benchmarks.cases.rpc import profiled
 from benchmarks.common import BenchError, drive, echo_payload, process_cpu_s
 
@@ -167,38 +167,43 @@ _FLOOR_METRICS = (
     Metric("cpu_us", "CPU us/call (the SDK's part)", higher_is_better=False),
 )
 
-CASES = (
-    Case(
-        id="inmemory",
-        title="in-memory transport RPC, concurrency 100",
+
+def _case(
+    case_id: str, title: str, side: Side, metrics: tuple[Metric, ...] = _METRICS, **more: Any
+) -> Case:
+    """An in-memory case: 20,000 calls (2,000 with --quick), our side only."""
+    return Case(
+        id=case_id,
+        title=title,
         n=20_000,
         quick_n=2000,
-        metrics=_METRICS,
-        sides={"ours": ours},
+        metrics=metrics,
+        sides={"ours": side},
+        **more,
+    )
+
+
+CASES = (
+    _case(
+        "inmemory",
+        "in-memory transport RPC, concurrency 100",
+        ours,
         targets=(Target("calls_per_s", ">=", 50_000, "absolute", " calls/s"),),
     ),
-    Case(
-        id="inmemory.otel-api",
-        title="in-memory RPC, tracing on, no OpenTelemetry SDK configured",
-        n=20_000,
-        quick_n=2000,
-        metrics=_METRICS,
-        sides={"ours": traced(_api_only)},
+    _case(
+        "inmemory.otel-api",
+        "in-memory RPC, tracing on, no OpenTelemetry SDK configured",
+        traced(_api_only),
     ),
-    Case(
-        id="inmemory.otel-sdk",
-        title="in-memory RPC, tracing on, SDK recording every span (no export)",
-        n=20_000,
-        quick_n=2000,
-        metrics=_METRICS,
-        sides={"ours": traced(_sdk)},
+    _case(
+        "inmemory.otel-sdk",
+        "in-memory RPC, tracing on, SDK recording every span (no export)",
+        traced(_sdk),
     ),
-    Case(
-        id="inmemory.otel-floor",
-        title="no RPC: the OpenTelemetry SDK's own work for one traced call's spans",
-        n=20_000,
-        quick_n=2000,
-        metrics=_FLOOR_METRICS,
-        sides={"ours": sdk_floor},
+    _case(
+        "inmemory.otel-floor",
+        "no RPC: the OpenTelemetry SDK's own work for one traced call's spans",
+        sdk_floor,
+        _FLOOR_METRICS,
     ),
 )
