@@ -40,6 +40,9 @@ JSON-serialisable or too large, a client that is not started.
 
 A call in flight is a :class:`~amqp_agents.rpc.pending.PendingCall` (its result, its
 deadline, its re-send); one :class:`~amqp_agents.bounds.Deadlines` heap times them all.
+The module is about 560 lines because the five ways to call (``send``, ``call``,
+``notify``, ``send_many``, a handler's nested calls) share one request path and its
+documented guarantees, above; the per-call state is already out, in ``pending.py``.
 """
 
 from __future__ import annotations

@@ -23,9 +23,10 @@ failures become ``INVALID_PAYLOAD`` with the field errors, an unknown action
 ``UNKNOWN_ACTION``, an :class:`~amqp_agents.errors.AgentError` its own code, and any
 other exception ``INTERNAL_ERROR`` (traceback to the log, never to the wire).
 
-It is over 450 lines because the decorators, the handler checks done at definition
-time and the retry loop of one request all describe what an action is; the retry loop
-is the seam to split along (issue 19).
+It is about 600 lines because the decorators, the handler checks done at definition
+time, the declared contract (``emits``, ``$describe``) and the tries of one request all
+describe what an action is; the tries (time limits, in-process retries) are the seam to
+split along next.
 """
 
 from __future__ import annotations
