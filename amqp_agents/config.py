@@ -49,6 +49,7 @@ __all__ = [
     "WorkerSettings",
     "load_settings",
     "redact_url",
+    "split_urls",
     "url_from_environment",
 ]
 
@@ -65,8 +66,17 @@ BROKER_ACK_TIMEOUT_S = 1800.0
 MAX_TIMEOUT_S = 86_400.0
 
 
+def split_urls(url: str) -> list[str]:
+    """The broker URLs of a setting: one, or several separated by commas (the nodes of a
+    cluster, tried in turn)."""
+    return [part.strip() for part in url.split(",") if part.strip()]
+
+
 def redact_url(url: str) -> str:
-    """The URL with its password replaced by ``***``, safe for logs and output."""
+    """The URL (or comma-separated URLs) with passwords replaced by ``***``, safe for
+    logs and output."""
+    if "," in url:
+        return ",".join(redact_url(part) for part in split_urls(url))
     parts = urlsplit(url)
     if parts.password is None:
         return url
@@ -121,7 +131,9 @@ class ConnectionSettings(BaseModel):
 
     Without ``url``, the URL is the one :class:`Settings` would read (``AMQP_URL``, else
     ``AMQP_AGENTS_URL``, else the local default), so a script and a worker given the
-    same environment reach the same broker and vhost.
+    same environment reach the same broker and vhost. Several comma-separated URLs name
+    the nodes of a cluster: a connect goes to the first reachable one, a reconnect to
+    the next one after the node it lost (see :mod:`amqp_agents.transport.rabbit.link`).
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid", hide_input_in_errors=True)
@@ -143,26 +155,43 @@ class ConnectionSettings(BaseModel):
     tls: TlsSettings = TlsSettings()
     """Used for ``amqps://`` URLs."""
 
+    @property
+    def urls(self) -> list[str]:
+        """The broker URLs: one, or the nodes of a cluster in the order they are tried."""
+        return split_urls(self.url.get_secret_value())
+
     @field_validator("url")
     @classmethod
     def _amqp_url(cls, value: SecretStr) -> SecretStr:
-        parts = urlsplit(value.get_secret_value())
-        if parts.scheme == "memory":
+        urls = split_urls(value.get_secret_value())
+        if not urls:
+            raise ValueError("the broker URL is empty")
+        schemes = {urlsplit(url).scheme for url in urls}
+        if "memory" in schemes:
+            if len(urls) > 1:
+                raise ValueError("memory:// is one in-process broker: it takes no other URL")
             return value  # the in-process broker: no host, no port
-        if parts.scheme not in ("amqp", "amqps"):
-            raise ValueError(
-                "the broker URL must start with amqp://, amqps:// or memory://,"
-                f" not {parts.scheme}://"
-            )
-        try:
-            port = parts.port
-        except ValueError:
-            raise ValueError("the broker URL has an invalid port") from None
-        if not parts.hostname:
-            raise ValueError("the broker URL has no host")
-        if port == 0:
-            raise ValueError("the broker URL has an invalid port")
+        if len(schemes) > 1:
+            raise ValueError("the broker URLs must all use amqp:// or all amqps://")
+        for url in urls:
+            _check_amqp_url(url)
         return value
+
+
+def _check_amqp_url(url: str) -> None:
+    parts = urlsplit(url)
+    if parts.scheme not in ("amqp", "amqps"):
+        raise ValueError(
+            f"the broker URL must start with amqp://, amqps:// or memory://, not {parts.scheme}://"
+        )
+    try:
+        port = parts.port
+    except ValueError:
+        raise ValueError("the broker URL has an invalid port") from None
+    if not parts.hostname:
+        raise ValueError("the broker URL has no host")
+    if port == 0:
+        raise ValueError("the broker URL has an invalid port")
 
 
 class RetryPolicy(BaseModel):
@@ -253,6 +282,9 @@ class WorkerSettings(BaseModel):
 
     concurrency: int = Field(default=16, ge=1, le=10_000)
     """Handlers running at once across the worker; also each queue's prefetch."""
+    processes: int = Field(default=1, ge=1, le=64)
+    """Worker processes of ``amqp-agents run`` (``--processes``): more than 1 starts a
+    parent that supervises that many, one core each (see :mod:`amqp_agents.cli.parent`)."""
     grace_period_s: float = Field(default=25.0, ge=0)
     """On stop, how long in-flight handlers may finish before they are cancelled."""
     action_timeout_s: float = Field(default=60.0, gt=0, lt=BROKER_ACK_TIMEOUT_S)
@@ -344,7 +376,9 @@ class Settings(BaseSettings):
         default=SecretStr(DEFAULT_URL),
         validation_alias=AliasChoices("AMQP_URL", "AMQP_AGENTS_URL", "url"),
     )
-    connection: ConnectionSettings = ConnectionSettings()
+    connection: ConnectionSettings = Field(default_factory=ConnectionSettings.model_construct)
+    """Validated in :meth:`_one_url`, with the URL read above (a default built at import
+    time would read ``AMQP_URL`` then, and a bad one would crash the import)."""
     worker: WorkerSettings = WorkerSettings()
     rpc: RpcSettings = RpcSettings()
     metrics: MetricsSettings = MetricsSettings()

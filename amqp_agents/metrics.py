@@ -199,6 +199,12 @@ class Metrics:
             "1 while the broker blocks publishing (memory or disk alarm)",
             registry=r,
         )
+        self.broker_connected = Gauge(
+            name("broker_connected"),
+            "1 for the broker node (host:port) this process is connected to",
+            ["broker"],
+            registry=r,
+        )
         self.reconnects = Counter(
             name("reconnects"), "Workers restarted on a new connection after a loss", registry=r
         )

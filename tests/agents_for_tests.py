@@ -202,6 +202,15 @@ class CliProcess:
                 file.close()
 
 
+def alive(pid: int) -> bool:
+    """Whether a process with this pid exists (a child not yet reaped counts)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
 def free_port() -> int:
     """A port nothing listens on right now (for a probe server)."""
     with socket.socket() as sock:

@@ -5,6 +5,7 @@ reply or a failed run, 2 bad usage or configuration)."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import sys
 from typing import TYPE_CHECKING, Any
@@ -13,6 +14,7 @@ from pydantic import SecretStr, ValidationError
 from pydantic_settings import SettingsError
 
 from amqp_agents.cli import tools
+from amqp_agents.cli.parent import run_processes
 from amqp_agents.cli.parser import build_parser
 from amqp_agents.cli.worker import run
 from amqp_agents.config import Settings, load_settings
@@ -55,6 +57,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             "exporter": tools.exporter,
             "asyncapi": tools.asyncapi,
         }
+        if args.command == "run" and settings.worker.processes > 1:
+            raw = list(sys.argv[1:] if argv is None else argv)
+            command["run"] = functools.partial(run_processes, argv=raw)
         with asyncio.Runner(loop_factory=_loop_factory(settings.event_loop)) as runner:
             return runner.run(command[args.command](args, settings))
     except ValidationError as exc:
@@ -85,6 +90,8 @@ def settings_from(args: argparse.Namespace) -> Settings:
     worker: dict[str, Any] = {}
     if getattr(args, "concurrency", None) is not None:
         worker["concurrency"] = args.concurrency
+    if getattr(args, "processes", None) is not None:
+        worker["processes"] = args.processes
     if getattr(args, "grace_period", None) is not None:
         worker["grace_period_s"] = args.grace_period
     if worker:

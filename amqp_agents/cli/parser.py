@@ -180,6 +180,14 @@ def build_parser() -> argparse.ArgumentParser:
         f" (default: $AMQP_AGENTS_WORKER__CONCURRENCY, else {worker.concurrency})",
     )
     run.add_argument(
+        "--processes",
+        type=int,
+        metavar="N",
+        help="worker processes, supervised by a parent that restarts them; the parent"
+        " serves the probes and one /metrics for all (for VMs; in Kubernetes prefer pods)"
+        f" (default: $AMQP_AGENTS_WORKER__PROCESSES, else {worker.processes})",
+    )
+    run.add_argument(
         "--grace-period",
         type=float,
         metavar="SECONDS",

@@ -1,16 +1,19 @@
-"""A tiny HTTP server for probes (``/healthz``, ``/readyz``) and, later, ``/metrics``.
+"""A tiny HTTP server for probes (``/healthz``, ``/readyz``) and ``/metrics``.
 
 Built on ``asyncio.start_server`` so a worker needs no web framework. It answers
 ``GET`` only, one request per connection, and every read is bounded in size and time
-so a slow or hostile client cannot pin it.
+so a slow or hostile client cannot pin it. A probe is a plain function, or a coroutine
+function when its answer needs I/O (the parent of ``--processes`` asks its children);
+such a probe must bound its own waits.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 
 from amqp_agents.errors import ConfigurationError
@@ -32,7 +35,7 @@ class ProbeResult:
     content_type: str = "text/plain; charset=utf-8"
 
 
-Probe = Callable[[], ProbeResult]
+Probe = Callable[[], ProbeResult | Awaitable[ProbeResult]]
 
 
 class LoopWatch:
@@ -133,7 +136,8 @@ class HealthServer:
             elif probe is None:
                 result = ProbeResult(404, b"not found\n")
             else:
-                result = probe()
+                answer = probe()
+                result = await answer if inspect.isawaitable(answer) else answer
             reason = _REASONS.get(result.status, "")
             head = (
                 f"HTTP/1.1 {result.status} {reason}\r\n"

@@ -52,6 +52,7 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from enum import Enum
 from typing import TYPE_CHECKING
+from urllib.parse import urlsplit
 
 from amqp_agents.config import WorkerSettings
 from amqp_agents.errors import (
@@ -328,6 +329,7 @@ class Worker:
                         f"group {spec.group}" if spec.group else "broadcast",
                     )
             self._started = self._admission.started = True
+            self._note_broker()
             self._watchdog = asyncio.get_running_loop().create_task(
                 self._admission.watch(self._stuck_tries), name="amqp-agents-handler-watchdog"
             )
@@ -359,7 +361,21 @@ class Worker:
         # Registered after the recovery's own callback: every consumer is back.
         if self._metrics is not None:
             self._metrics.reconnects.inc()
-        log.info("reconnected to the broker; %d consumer(s) attached", len(self._consumers))
+        log.info(
+            "reconnected to the broker (%s); %d consumer(s) attached",
+            self._transport.connected_to,
+            len(self._consumers),
+        )
+        self._note_broker()
+
+    def _note_broker(self) -> None:
+        """Show which broker node the worker is on: the ``broker_connected`` gauge."""
+        where = self._transport.connected_to
+        if self._metrics is None or where is None:
+            return
+        gauge = self._metrics.broker_connected
+        gauge.clear()
+        gauge.labels(urlsplit(where).netloc.rpartition("@")[2] or where).set(1)
 
     def _escalate(self, why: str) -> None:
         self._escalation = why

@@ -85,6 +85,10 @@ class TracedTransport:
     def will_reconnect(self) -> bool:
         return self.inner.will_reconnect
 
+    @property
+    def connected_to(self) -> str | None:
+        return self.inner.connected_to
+
     async def connect(self) -> None:
         await self.inner.connect()
 

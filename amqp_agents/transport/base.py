@@ -280,6 +280,12 @@ class Transport(Protocol):
         awaits the restored callbacks); false if a lost connection stays lost."""
         ...
 
+    @property
+    def connected_to(self) -> str | None:
+        """Which broker the connection is open to (a URL, password redacted; with
+        several broker URLs, the node in use), ``None`` while not connected."""
+        ...
+
     async def connect(self) -> None:
         """Open the connection; raises ``BrokerUnavailableError`` within the timeout."""
         ...

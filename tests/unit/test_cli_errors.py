@@ -96,6 +96,21 @@ def test_invalid_setting_is_one_line_without_pydantic_links() -> None:
 
 
 @pytest.mark.parametrize(
+    ("url", "needle"),
+    [
+        ("amqp://h:1/,amqps://h:2/", "all use amqp:// or all amqps://"),
+        ("amqp://h:99999/", "invalid port"),
+        ("amqp://h:1/,memory://", "memory:// is one in-process broker"),
+    ],
+)
+def test_a_bad_amqp_url_in_the_environment_is_one_line(url: str, needle: str) -> None:
+    """AMQP_URL is read when the settings are, not when the package is imported: a bad
+    one (or a bad list of cluster nodes) is a configuration error, not a traceback."""
+    result = run_cli("call", "a", "b", env=cli_env(AMQP_URL=url))
+    assert_one_clear_line(result, "configuration error: url:", needle)
+
+
+@pytest.mark.parametrize(
     ("source", "target", "needles"),
     [
         (BAD_AGENTS, "bad_agents:BARE", ['write @action("...") above Bare.ping']),

@@ -243,3 +243,27 @@ def test_connection_settings_validate_the_url_from_the_environment(
     monkeypatch.setenv("AMQP_URL", "http://broker/")
     with pytest.raises(ValidationError, match="must start with amqp://"):
         ConnectionSettings()
+
+
+def test_several_broker_urls_are_the_nodes_of_a_cluster() -> None:
+    """A comma-separated url lists nodes in the order they are tried; each is checked,
+    and redact_url hides every password."""
+    settings = ConnectionSettings(url=SecretStr("amqp://u:p1@a:5681/v, amqp://u:p2@b:5682/v"))
+    assert settings.urls == ["amqp://u:p1@a:5681/v", "amqp://u:p2@b:5682/v"]
+    assert redact_url(settings.url.get_secret_value()) == (
+        "amqp://u:***@a:5681/v,amqp://u:***@b:5682/v"
+    )
+
+
+@pytest.mark.parametrize(
+    ("url", "problem"),
+    [
+        ("amqp://a/,memory://", "memory:// is one in-process broker"),
+        ("amqp://a/,amqps://b/", "all use amqp:// or all amqps://"),
+        ("amqp://a/,amqp://:5672/", "has no host"),
+        (" , ", "is empty"),
+    ],
+)
+def test_a_bad_list_of_broker_urls_is_refused(url: str, problem: str) -> None:
+    with pytest.raises(ValidationError, match=problem):
+        ConnectionSettings(url=SecretStr(url))

@@ -92,6 +92,12 @@ def test_every_exception_below_is_mapped_by_every_mapper(kind: type[BaseExceptio
         (aiormq.exceptions.ChannelNotFoundEntity("no queue"), QueueNotFoundError),
         (TimeoutError(), BrokerUnavailableError),
         (aiormq.exceptions.ConnectionClosed(320, "forced"), BrokerUnavailableError),
+        (
+            aiormq.exceptions.ConnectionInternalError(
+                541, "INTERNAL_ERROR - Feature 'transient_nonexcl_queues' is deprecated."
+            ),
+            AccessRefusedError,
+        ),
     ],
 )
 def test_topology_errors_by_kind(exc: BaseException, expected: type[Exception]) -> None:

@@ -70,6 +70,11 @@ class InMemoryTransport:
         return self._state is _State.CONNECTED
 
     @property
+    def connected_to(self) -> str | None:
+        """``memory://`` while connected."""
+        return "memory://" if self._state is _State.CONNECTED else None
+
+    @property
     def is_blocked(self) -> bool:
         return self._blocked
 

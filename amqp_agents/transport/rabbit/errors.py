@@ -163,6 +163,14 @@ def topology_error(what: str, exc: BaseException) -> TransportError:
         return AccessRefusedError(f"{what}: the broker refused it ({reason})")
     if isinstance(exc, aiormq.exceptions.ChannelNotFoundEntity):
         return QueueNotFoundError(f"{what} does not exist ({reason})")
+    if isinstance(exc, aiormq.exceptions.AMQPConnectionError) and "deprecated" in reason:
+        # RabbitMQ 4.x refuses a deprecated feature (a transient non-exclusive queue,
+        # global qos...) by closing the whole connection (541): a permanent refusal,
+        # not a lost link to retry at once.
+        return AccessRefusedError(
+            f"{what}: the broker refuses a deprecated feature ({reason}); see the"
+            " deprecated features of your RabbitMQ version"
+        )
     if isinstance(exc, TimeoutError):
         return BrokerUnavailableError(f"{what}: the broker did not answer in time")
     return BrokerUnavailableError(f"{what}: {reason}")

@@ -9,6 +9,13 @@ pending calls). Then, with ``reconnect`` on, both connections are re-opened in t
 background with exponential backoff and full jitter, the ``restored`` callbacks
 re-declare and re-consume, and only then is the link :attr:`usable` again (publishes
 flow). A worker's supervisor turns ``reconnect`` off and rebuilds the worker instead.
+
+**Failover**: with several broker URLs (the nodes of a cluster), both connections go to
+the first node that answers, trying them in order from the one after the node last
+used: a first connect starts with the first URL, a reconnect moves on from the node it
+lost (which may be the one that went down). A round in which no node answers is one
+failed attempt: the backoff applies between rounds, not between nodes.
+:attr:`Link.connected_to` names the node in use (password redacted).
 """
 
 from __future__ import annotations
@@ -23,7 +30,12 @@ from typing import TYPE_CHECKING, Any
 import aio_pika
 
 from amqp_agents.config import redact_url
-from amqp_agents.errors import AccessRefusedError, BrokerUnavailableError, LifecycleError
+from amqp_agents.errors import (
+    AccessRefusedError,
+    AmqpAgentsError,
+    BrokerUnavailableError,
+    LifecycleError,
+)
 from amqp_agents.transport.base import ConnectionCallbacks
 from amqp_agents.transport.rabbit.consumer import CLOSE_TIMEOUT_S, close_within, underlay_of
 from amqp_agents.transport.rabbit.errors import MAPPED_ERRORS, connect_error, stray
@@ -94,6 +106,10 @@ class Link:
         """Connections re-established after a loss."""
         self._reconnect_streak = 0
         self._restored_at = float("-inf")
+        self._next_url = 0
+        """Where the next round of connection attempts starts (see failover)."""
+        self.connected_to: str | None = None
+        """The broker URL (password redacted) both connections are open to."""
 
     # -- state -------------------------------------------------------------------------
 
@@ -218,13 +234,56 @@ class Link:
         self.usable.set()
 
     async def _open_both(self) -> None:
-        self.consuming = await self._open("consume")
-        self.publishing = await self._open("publish")
-        self._unblocked = _unblocked_event(self.publishing)
+        """Open both connections on one node: the first that answers (see failover).
 
-    async def _open(self, role: str) -> AbstractConnection:
+        Raises:
+            BrokerUnavailableError, AccessRefusedError: no node could be used (with one
+                URL, its own error; with several, every node's, in one message).
+        """
+        urls = self.settings.urls
+        failures: list[AmqpAgentsError] = []
+        for turn in range(len(urls)):
+            index = (self._next_url + turn) % len(urls)
+            try:
+                consuming, publishing = await self._open_pair(urls[index])
+            except (BrokerUnavailableError, AccessRefusedError) as exc:
+                if len(urls) == 1:
+                    raise
+                log.warning("broker %d of %d not usable: %s", index + 1, len(urls), exc)
+                failures.append(exc)
+                continue
+            self.consuming, self.publishing = consuming, publishing
+            self._unblocked = _unblocked_event(publishing)
+            self._next_url = (index + 1) % len(urls)
+            self.connected_to = redact_url(urls[index])
+            if len(urls) > 1:
+                log.info(
+                    "connected to broker %d of %d: %s", index + 1, len(urls), self.connected_to
+                )
+            return
+        kind = (
+            AccessRefusedError
+            if all(isinstance(exc, AccessRefusedError) for exc in failures)
+            else BrokerUnavailableError
+        )
+        raise kind(
+            f"none of the {len(urls)} brokers could be used: "
+            + "; ".join(str(exc) for exc in failures)
+        )
+
+    async def _open_pair(self, url: str) -> tuple[AbstractConnection, AbstractConnection]:
+        """The consume and publish connections to ``url``; neither is left open if the
+        other fails."""
+        consuming = await self._open(url, "consume")
+        try:
+            publishing = await self._open(url, "publish")
+        except BaseException:
+            await close_within(consuming.close(), CLOSE_TIMEOUT_S)
+            raise
+        return consuming, publishing
+
+    async def _open(self, url: str, role: str) -> AbstractConnection:
         s = self.settings
-        url = s.url.get_secret_value()
         kwargs: dict[str, Any] = {
             "timeout": s.connect_timeout_s,
             "heartbeat": s.heartbeat_s,
@@ -296,6 +355,7 @@ class Link:
     async def _close_connections(self) -> None:
         connections = (self.consuming, self.publishing)
         self.consuming = self.publishing = None
+        self.connected_to = None
         self._replaced()
         for connection in connections:
             if connection is not None and not connection.is_closed:

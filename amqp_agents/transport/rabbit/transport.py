@@ -80,7 +80,7 @@ class RabbitTransport:
     ) -> None:
         settings = settings or ConnectionSettings()
         frames.install()  # one peer's bad property must not kill the connection
-        if ssl_context is None and settings.url.get_secret_value().lower().startswith("amqps://"):
+        if ssl_context is None and settings.urls[0].lower().startswith("amqps://"):
             ssl_context = client_context(settings.tls)
         self._link = Link(settings, ssl_context, replaced=self._forget_channels)
         self._control: AbstractChannel | None = None
@@ -109,6 +109,11 @@ class RabbitTransport:
     def is_blocked(self) -> bool:
         """The broker has blocked publishing (a memory or disk alarm)."""
         return self._link.is_blocked
+
+    @property
+    def connected_to(self) -> str | None:
+        """The broker URL in use (password redacted; one of several with failover)."""
+        return self._link.connected_to
 
     @property
     def reconnects(self) -> int:
