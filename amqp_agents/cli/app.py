@@ -26,7 +26,7 @@ from amqp_agents.logs import configure as configure_logging
 
 if TYPE_CHECKING:
     import argparse
-    from collections.abc import Callable, Sequence
+    from collections.abc import Callable, Coroutine, Sequence
 
 
 __all__ = ["main", "settings_from"]
@@ -60,8 +60,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "run" and settings.worker.processes > 1:
             raw = list(sys.argv[1:] if argv is None else argv)
             command["run"] = functools.partial(run_processes, argv=raw)
-        with asyncio.Runner(loop_factory=_loop_factory(settings.event_loop)) as runner:
-            return runner.run(command[args.command](args, settings))
+        return _run_bounded(
+            _loop_factory(settings.event_loop), command[args.command](args, settings)
+        )
     except ValidationError as exc:
         print(f"amqp-agents: configuration error: {_describe(exc)}", file=sys.stderr)
         return 2
@@ -128,3 +129,35 @@ def _loop_factory(choice: str) -> Callable[[], asyncio.AbstractEventLoop] | None
         return None
     factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
     return factory
+
+
+_EXIT_GRACE_S = 5.0
+"""How long tasks left over when a command returns may take to end once cancelled."""
+
+
+def _run_bounded(
+    factory: Callable[[], asyncio.AbstractEventLoop] | None, main: Coroutine[Any, Any, int]
+) -> int:
+    """Run ``main`` on a new loop, then close the loop within a bound.
+
+    ``asyncio.Runner`` cancels the tasks left over and waits for them without a bound:
+    a library's close that swallows its cancellation (seen: aio-pika's connection close
+    after the broker closed the connection with a channel error) would keep the
+    process from ever exiting. Here they get :data:`_EXIT_GRACE_S`, then are left
+    behind with a warning and the loop is closed anyway.
+    """
+    loop = factory() if factory is not None else asyncio.new_event_loop()
+    try:
+        return loop.run_until_complete(main)
+    finally:
+        try:
+            left = [task for task in asyncio.all_tasks(loop) if not task.done()]
+            for task in left:
+                task.cancel()
+            if left:
+                _done, stuck = loop.run_until_complete(asyncio.wait(left, timeout=_EXIT_GRACE_S))
+                if stuck:
+                    log.warning("%d task(s) did not end at exit; left behind", len(stuck))
+            loop.run_until_complete(loop.shutdown_asyncgens())
+        finally:
+            loop.close()

@@ -130,10 +130,10 @@ async def listen(args: argparse.Namespace, settings: Settings) -> int:
 
     async def until_stopped(delivery: Delivery, process: Process) -> None:
         # Events fetched ahead (prefetch) after the last one we print go back to the
-        # queue: with --group they belong to the group, not to this listener.
-        if stop.is_set():
-            await delivery.nack(requeue=True)
-        else:
+        # queue (with --group they belong to the group, not to this listener): left
+        # unsettled, the close of our channel requeues them. A nack would send each
+        # straight back to this consumer, still open until the close: a hot loop.
+        if not stop.is_set():
             await process(delivery)
 
     lost = asyncio.Event()

@@ -37,56 +37,55 @@ Context: a handler may read its event's :class:`~amqp_agents.models.context.Mess
 (event id and type, attempt, headers...); an event published while a handler runs (of an
 agent's action or of an event) carries ``x-causation-id``, the id of that message.
 
-It is over 450 lines because publishing, subscribing (groups, private queues,
-recovery of their consumers) and delivery (dispatch, handler limits, settlement,
-redelivery counting) still share it; delivery is the seam to split along (issue 19).
+What happens to each delivery (dispatch, handler limits, settlement, redelivery
+counting) is :mod:`amqp_agents.events.delivery`; this module owns publishing and the
+subscriptions (groups, private queues, the recovery of their consumers). It is about
+520 lines, a third of them this docstring, because both share the bus's lifecycle and
+its reply queue (scatter-gather asks with :meth:`EventBus.publish_and_wait`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
 from enum import Enum
 from typing import TYPE_CHECKING, Any
 
-from pydantic import BaseModel, TypeAdapter
+from pydantic import BaseModel
 
-from amqp_agents.bounds import TimeLimits
 from amqp_agents.errors import (
-    AgentError,
     ConfigurationError,
-    InvalidPayloadError,
     LifecycleError,
     QueueNotFoundError,
     TransportError,
     UnroutableError,
 )
-from amqp_agents.metrics import DeliveryOutcome
-from amqp_agents.models.context import event_scope, maybe_context
-from amqp_agents.models.messages import AgentResponse, ErrorCode, Event, IdSource
-from amqp_agents.models.rewrites import attempt_from
-from amqp_agents.models.schema import adapter_for, handler_argument, validate_payload
-from amqp_agents.models.topic import topic_matches, validate_pattern
-from amqp_agents.models.topology import HEADER_ATTEMPT, HEADER_DEADLINE, Topology, check_name
+from amqp_agents.events.delivery import (
+    ConsumedQueue,
+    EventDelivery,
+    EventHandler,
+    QueueAttachment,
+    Subscription,
+)
+from amqp_agents.models.context import maybe_context
+from amqp_agents.models.messages import AgentResponse, Event, IdSource
+from amqp_agents.models.schema import adapter_for, handler_argument
+from amqp_agents.models.topic import validate_pattern
+from amqp_agents.models.topology import HEADER_DEADLINE, Topology, check_name
 from amqp_agents.models.wire import (
-    deadline_from,
-    decode_event,
     decode_reply,
     dump_json,
     encode_event,
-    encode_reply,
 )
 from amqp_agents.transport.base import (
     Delivery,
     ExchangeKind,
     Transport,
 )
-from amqp_agents.transport.recovery import Attachment, Recovery
+from amqp_agents.transport.recovery import Recovery
 from amqp_agents.transport.replies import ReplyQueue
 
 if TYPE_CHECKING:
@@ -97,9 +96,6 @@ if TYPE_CHECKING:
 __all__ = ["DeliveryGuard", "EventBus", "EventHandler", "Process", "Subscription"]
 
 log = logging.getLogger(__name__)
-
-EventHandler = Callable[..., Awaitable[Any]]
-"""``async def handler(payload: Model | Event | dict) -> Any``; or no argument."""
 
 Process = Callable[[Delivery], Awaitable[None]]
 DeliveryGuard = Callable[[Delivery, Process], Awaitable[None]]
@@ -116,43 +112,6 @@ class _State(Enum):
     NEW = "new"
     STARTED = "started"
     CLOSED = "closed"
-
-
-@dataclass(eq=False, slots=True)
-class Subscription:
-    """A handler subscribed to a pattern; pass it to :meth:`EventBus.unsubscribe`."""
-
-    pattern: str
-    group: str | None
-    handler: EventHandler
-    _adapter: TypeAdapter[Any] | None
-    _wants_event: bool
-    _takes_argument: bool
-
-
-@dataclass(eq=False, slots=True)
-class _Attachment:
-    """One subscription of a queue: its recovered consumer and the deliveries still
-    being handled.
-
-    Once cancelled, its channel is closed as soon as no delivery of it is in flight
-    (closing earlier would requeue them unsettled; never closing leaks channels).
-    """
-
-    handle: Attachment | None = None
-    in_flight: int = 0
-    cancelled: bool = False
-    closed: bool = False
-
-
-@dataclass(eq=False, slots=True)
-class _QueueConsumer:
-    """One consumed queue (a group's, or this bus's private one) and its handlers."""
-
-    queue: str
-    group: str | None
-    subscriptions: list[Subscription] = field(default_factory=list)
-    attachment: _Attachment | None = None
 
 
 class EventBus:
@@ -190,14 +149,19 @@ class EventBus:
         self._publish_timeout_s = publish_timeout_s
         self._max_bytes = max_message_bytes
         self._prefetch = prefetch
-        self._handler_timeout_s = handler_timeout_s
-        self._limits = TimeLimits()
-        self._max_deliveries = max_deliveries
+        self._delivery = EventDelivery(
+            transport,
+            topology=self._topology,
+            metrics=metrics,
+            publish_timeout_s=publish_timeout_s,
+            handler_timeout_s=handler_timeout_s,
+            max_deliveries=max_deliveries,
+        )
         self._guard = guard or _run
         self._ids = IdSource()
         self._state = _State.NEW
-        self._groups: dict[str, _QueueConsumer] = {}
-        self._private: _QueueConsumer | None = None
+        self._groups: dict[str, ConsumedQueue] = {}
+        self._private: ConsumedQueue | None = None
         self._replies: ReplyQueue | None = None
         self._closing: set[asyncio.Task[None]] = set()
         self._lock = asyncio.Lock()
@@ -238,7 +202,7 @@ class EventBus:
             self._topology.events_dead_letter_exchange, ExchangeKind.DIRECT
         )
 
-    def _queues(self) -> list[_QueueConsumer]:
+    def _queues(self) -> list[ConsumedQueue]:
         return [*self._groups.values(), *([self._private] if self._private else [])]
 
     async def stop_consuming(self) -> None:
@@ -431,8 +395,8 @@ class EventBus:
                 raise
         return subscription
 
-    async def _attach(self, queue: _QueueConsumer) -> None:
-        attachment = _Attachment()
+    async def _attach(self, queue: ConsumedQueue) -> None:
+        attachment = QueueAttachment()
 
         async def declare() -> str:
             # Everything the queue needs, again after it was lost: the exchanges, the
@@ -483,19 +447,19 @@ class EventBus:
                 await self._cancel(queue)
                 self._drop(queue)
 
-    def _queue_for(self, group: str | None) -> _QueueConsumer:
+    def _queue_for(self, group: str | None) -> ConsumedQueue:
         """The queue of a group (or the private one); declared when first attached."""
         if group is None:
             if self._private is None:
-                self._private = _QueueConsumer(queue="", group=None)
+                self._private = ConsumedQueue(queue="", group=None)
             return self._private
         queue = self._groups.get(group)
         if queue is None:
-            queue = _QueueConsumer(queue=self._topology.group_queue(group), group=group)
+            queue = ConsumedQueue(queue=self._topology.group_queue(group), group=group)
             self._groups[group] = queue
         return queue
 
-    def _drop(self, queue: _QueueConsumer) -> None:
+    def _drop(self, queue: ConsumedQueue) -> None:
         if queue.group is None:
             self._private = None
         else:
@@ -511,7 +475,7 @@ class EventBus:
         await self._transport.bind_queue(dead, dlx, group)
         return await self._transport.declare_queue(topology.group_queue_spec(group))
 
-    async def _cancel(self, queue: _QueueConsumer) -> None:
+    async def _cancel(self, queue: ConsumedQueue) -> None:
         attachment, queue.attachment = queue.attachment, None
         if attachment is None or attachment.handle is None:
             return
@@ -522,7 +486,7 @@ class EventBus:
         if attachment.in_flight == 0:
             await self._close(attachment)
 
-    async def _close(self, attachment: _Attachment) -> None:
+    async def _close(self, attachment: QueueAttachment) -> None:
         if attachment.closed or attachment.handle is None:
             return
         attachment.closed = True
@@ -531,10 +495,10 @@ class EventBus:
     # -- delivering ------------------------------------------------------------------
 
     def _handler_for(
-        self, queue: _QueueConsumer, attachment: _Attachment
+        self, queue: ConsumedQueue, attachment: QueueAttachment
     ) -> Callable[[Delivery], Awaitable[None]]:
         async def process(delivery: Delivery) -> None:
-            await self._dispatch(queue, attachment, delivery)
+            await self._delivery.dispatch(queue, attachment, delivery)
 
         async def on_delivery(delivery: Delivery) -> None:
             attachment.in_flight += 1
@@ -551,157 +515,7 @@ class EventBus:
 
         return on_delivery
 
-    async def _dispatch(
-        self, queue: _QueueConsumer, attachment: _Attachment, delivery: Delivery
-    ) -> None:
-        envelope = delivery.envelope
-        if attachment.cancelled:
-            # Arrived after unsubscribe/stop: give it back for the group's next consumer.
-            await delivery.nack(requeue=True)
-            return
-        if envelope.redelivered and queue.group is not None and not envelope.reply_to:
-            await self._count_redelivery(queue, delivery)
-            return
-        if envelope.reply_to:
-            deadline = deadline_from(envelope)
-            if deadline is not None and deadline < time.time():
-                log.info("skipping question %r: its asker stopped waiting", envelope.routing_key)
-                await delivery.ack()
-                return
-        try:
-            event = decode_event(envelope)
-        except InvalidPayloadError as exc:
-            log.warning(
-                "undecodable event %r on %s: %s", envelope.routing_key, queue.queue, exc.message
-            )
-            await self._answer(envelope, [AgentResponse.from_error(exc)])
-            await self._settle(delivery, envelope, failed=True, group=queue.group)
-            return
-        # Match on the routing key as published to the events exchange; a message that
-        # arrives another way (a dead letter moved back by a shovel or the management UI
-        # keeps its type but not its routing key) is matched on its type.
-        key = (
-            envelope.routing_key
-            if envelope.exchange == self._topology.events_exchange
-            else event.type
-        )
-        subscriptions = [s for s in queue.subscriptions if topic_matches(s.pattern, key)]
-        if not subscriptions:
-            log.warning("no handler on %s matches event %r", queue.queue, envelope.routing_key)
-            await self._settle(delivery, envelope, failed=True, group=queue.group)
-            return
-        with event_scope(envelope, event.type):  # the handlers' message context
-            responses = [await self._call(subscription, event) for subscription in subscriptions]
-        await self._answer(envelope, [r for r in responses if r is not None])
-        failed = any(r is not None and not r.ok for r in responses)
-        await self._settle(delivery, envelope, failed=failed, group=queue.group)
-
-    async def _count_redelivery(self, queue: _QueueConsumer, delivery: Delivery) -> None:
-        """A group event delivered before and never settled may have crashed its
-        handler's process: count it in the message (a copy with ``x-attempt`` + 1, then
-        ack) or, past ``max_deliveries``, dead-letter it. Without this an event that
-        kills its subscriber would loop forever on the group queue."""
-        envelope = delivery.envelope
-        attempt = attempt_from(envelope) + 1
-        if attempt > self._max_deliveries:
-            log.error(
-                "event %r on %s was delivered %d times without being settled (it may crash"
-                " its handler); dead-lettered",
-                envelope.routing_key,
-                queue.queue,
-                attempt - 1,
-            )
-            await delivery.reject()
-            self._count(queue.group, DeliveryOutcome.DEAD_LETTERED)
-            return
-        copy = dataclasses.replace(
-            envelope,
-            exchange="",
-            routing_key=queue.queue,
-            headers={**(envelope.headers or {}), HEADER_ATTEMPT: attempt},
-            redelivered=False,
-        )
-        try:
-            await self._transport.publish(copy, mandatory=True, timeout_s=self._publish_timeout_s)
-        except TransportError as exc:
-            log.warning("could not count a redelivered event on %s (%s)", queue.queue, exc)
-            await delivery.nack(requeue=True)
-            return
-        await delivery.ack()
-
-    def _count(self, group: str | None, outcome: DeliveryOutcome) -> None:
-        if self._metrics is not None:
-            self._metrics.child(
-                self._metrics.events_consumed, group or "private", outcome.value
-            ).inc()
-
-    async def _call(self, subscription: Subscription, event: Event) -> AgentResponse | None:
-        """Run one handler; its answer, an error response, or None (no answer).
-
-        Its time limit is a :class:`~amqp_agents.bounds.TimeLimits` entry, so that
-        :meth:`stuck_tries` lets a worker's watchdog find a handler that ignores the
-        cancellation.
-        """
-        guard = self._limits.arm(self._handler_timeout_s)
-        try:
-            if subscription._wants_event:
-                call = subscription.handler(event)
-            elif subscription._adapter is not None:
-                call = subscription.handler(validate_payload(subscription._adapter, event.payload))
-            elif subscription._takes_argument:
-                call = subscription.handler(event.payload)
-            else:
-                call = subscription.handler()
-            result = await call
-        except BaseException as exc:
-            if guard.end(exc):
-                log.warning(
-                    "event handler for %r took longer than %gs",
-                    event.type,
-                    self._handler_timeout_s,
-                )
-                return AgentResponse.failure(
-                    ErrorCode.TIMEOUT, f"handler took longer than {self._handler_timeout_s:g}s"
-                )
-            if isinstance(exc, AgentError):
-                log.warning(
-                    "event handler for %r failed: %s: %s", event.type, exc.code, exc.message
-                )
-                return AgentResponse.from_error(exc)
-            if not isinstance(exc, Exception):
-                raise  # a cancellation from elsewhere (a stop), or an exit
-            log.exception("event handler for %r failed (event id %s)", event.type, event.id)
-            return AgentResponse.failure(
-                ErrorCode.INTERNAL_ERROR, "the event handler failed; see the subscriber's log"
-            )
-        guard.end(None)
-        return None if result is None else AgentResponse.success(result)
-
     def stuck_tries(self, grace_s: float) -> list[asyncio.Task[object]]:
         """Tasks of handlers cut off by their time limit more than ``grace_s`` ago that
         still run (they ignore cancellation): a worker's watchdog lets them go."""
-        return [limit.task for limit in self._limits.overdue(grace_s)]
-
-    async def _answer(self, envelope: Envelope, responses: list[AgentResponse]) -> None:
-        reply_to = envelope.reply_to
-        if not reply_to:
-            return
-        for response in responses:
-            reply = encode_reply(response, reply_to, envelope.correlation_id)
-            try:
-                await self._transport.publish(reply, timeout_s=self._publish_timeout_s)
-            except TransportError as exc:
-                log.warning("answer to %s not sent: %s", reply_to, exc)
-
-    async def _settle(
-        self, delivery: Delivery, envelope: Envelope, *, failed: bool, group: str | None
-    ) -> None:
-        # A question (reply_to) was answered, errors included: done. A failed plain
-        # event goes to the dead-letter queue rather than back into the queue.
-        if failed and not envelope.reply_to:
-            await delivery.reject()
-            outcome = DeliveryOutcome.DEAD_LETTERED
-        else:
-            await delivery.ack()
-            outcome = DeliveryOutcome.ERROR if failed else DeliveryOutcome.OK
-        self._count(group, outcome)
+        return self._delivery.stuck_tries(grace_s)

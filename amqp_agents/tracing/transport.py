@@ -3,12 +3,12 @@ one, whose publishes, deliveries and settlements go through a :class:`Tracing`."
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from opentelemetry.trace import Status, StatusCode
 
 if TYPE_CHECKING:
-    from collections.abc import Awaitable, Callable
+    from collections.abc import Awaitable, Callable, Coroutine
 
     from opentelemetry.trace import Span
 
@@ -54,7 +54,7 @@ class TracedDelivery:
         await self._settle("reject", self._delivery.reject())
 
     async def _settle(self, operation: str, settling: Awaitable[None]) -> None:
-        span = self._scope.tracing.settle(self._scope, operation)
+        span = self._scope.settle(operation)
         try:
             await settling
         except BaseException as exc:
@@ -123,15 +123,16 @@ class TracedTransport:
     async def delete_queue(self, queue: str) -> int:
         return await self.inner.delete_queue(queue)
 
-    async def publish(
+    def publish(
         self,
         envelope: Envelope,
         *,
         mandatory: bool = False,
         confirm: bool = True,
         timeout_s: float,
-    ) -> None:
-        await self.tracing.publish(self.inner, envelope, mandatory, confirm, timeout_s)
+    ) -> Coroutine[Any, Any, None]:
+        # Not a coroutine of its own: without an SDK the inner publish is all there is.
+        return self.tracing.publish(self.inner, envelope, mandatory, confirm, timeout_s)
 
     async def consume(
         self,

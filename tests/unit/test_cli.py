@@ -1,5 +1,6 @@
 """CLI helpers that need no broker: loading agents, building settings, early exits."""
 
+import asyncio
 import logging
 import os
 import sys
@@ -9,8 +10,8 @@ from collections.abc import Iterator
 import pytest
 from pydantic import ValidationError
 
-from amqp_agents.cli import load_agents, main
-from amqp_agents.cli.app import _loop_factory
+from amqp_agents.cli import app, load_agents, main
+from amqp_agents.cli.app import _loop_factory, _run_bounded
 from amqp_agents.cli.app import settings_from as _settings
 from amqp_agents.cli.parser import build_parser as _parser
 from amqp_agents.errors import ConfigurationError
@@ -263,3 +264,30 @@ def test_event_loop_setting_is_validated(
     monkeypatch.setenv("AMQP_AGENTS_EVENT_LOOP", "tokio")
     assert main(["--url", UNREACHABLE_URL, "call", "a", "b"]) == 2
     assert "event_loop: Input should be 'auto', 'uvloop' or 'asyncio'" in capsys.readouterr().err
+
+
+def test_a_task_that_swallows_its_cancellation_does_not_hang_the_exit(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A command returns while a task it left behind ignores cancellation (as a
+    library's close can): the command's exit code comes back after the grace, with a
+    warning, instead of the process never exiting (asyncio.Runner waits forever)."""
+    monkeypatch.setattr(app, "_EXIT_GRACE_S", 0.2)
+    cancelled = 0
+
+    async def stubborn() -> None:
+        nonlocal cancelled
+        while cancelled < 1000:
+            try:
+                await asyncio.sleep(10)
+            except asyncio.CancelledError:
+                cancelled += 1
+
+    async def command() -> int:
+        asyncio.get_running_loop().create_task(stubborn())
+        await asyncio.sleep(0)
+        return 7
+
+    assert _run_bounded(None, command()) == 7
+    assert cancelled == 1
+    assert "1 task(s) did not end at exit" in caplog.text
