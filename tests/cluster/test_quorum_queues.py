@@ -12,11 +12,11 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 
 import pytest
 
-from amqp_agents.config import ConnectionSettings, RetryPolicy, WorkerSettings
+from amqp_agents.config import RetryPolicy, WorkerSettings
 from amqp_agents.models.topology import QueueType, Topology
 from amqp_agents.rpc.client import RpcClient
 from amqp_agents.runtime.worker import Worker
@@ -35,24 +35,13 @@ HIGH = 30
 FIRST = 30
 """The deliveries the share is measured on."""
 
-Connect = Callable[[], Awaitable[RabbitTransport]]
+Connect = Callable[..., Awaitable[RabbitTransport]]
 
 
 @pytest.fixture
-async def connect(cluster: Cluster, cluster_vhost: str) -> AsyncIterator[Connect]:
-    """``await connect()``: a transport on the first node, in the test's vhost."""
-    opened: list[RabbitTransport] = []
-    url = cluster.nodes[0].vhost_url(cluster_vhost)
-
-    async def open_transport() -> RabbitTransport:
-        transport = RabbitTransport(ConnectionSettings(url=url))
-        await transport.connect()
-        opened.append(transport)
-        return transport
-
-    yield open_transport
-    for transport in opened:
-        await transport.aclose()
+def amqp_url(cluster: Cluster, cluster_vhost: str) -> str:
+    """The first node, in the test's vhost: where ``connect()`` (tests/conftest.py) goes."""
+    return cluster.nodes[0].vhost_url(cluster_vhost)
 
 
 async def test_high_priority_overtakes_a_normal_backlog(connect: Connect) -> None:
