@@ -7,7 +7,8 @@ They run only when asked for (``scripts/test-rabbitmq4 -m cluster``; see
 that cannot be started fails the test; it is never skipped.
 
 A test that stops a node starts it again, whatever happens, with :meth:`Cluster.stopped`
-(or :meth:`Cluster.astopped` in a test whose event loop must keep running)::
+(or :meth:`Cluster.astopped` in a test whose event loop must keep running, and
+:meth:`Cluster.adown` to choose between a graceful stop and a SIGKILL)::
 
     async with cluster.astopped(leader):
         ...  # the two other nodes serve
@@ -18,12 +19,14 @@ from __future__ import annotations
 import asyncio
 import json
 import subprocess
+import uuid
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 
 import pytest
 
+from amqp_agents.testing import url_for_vhost
 from tests.broker_env import ROOT
 
 RABBITMQ4 = ROOT / "scripts" / "rabbitmq4"
@@ -67,6 +70,10 @@ class ClusterNode:
         """The node's root URL (default vhost, guest)."""
         return f"amqp://guest:guest@127.0.0.1:{self.port}/"
 
+    def vhost_url(self, vhost: str) -> str:
+        """The node's URL for ``vhost``."""
+        return url_for_vhost(self.url, vhost)
+
 
 class Cluster:
     """The three 4.0 nodes: their URLs, their CLI, and stopping and starting one."""
@@ -93,6 +100,10 @@ class Cluster:
         """Stop ``node`` (returns once it no longer answers)."""
         rabbitmq4("stop", node.name, timeout_s=NODE_TIMEOUT_S)
 
+    def kill(self, node: ClusterNode) -> None:
+        """Kill ``node``'s VM (SIGKILL: a crash; no goodbye to clients or peers)."""
+        rabbitmq4("kill", node.name, timeout_s=NODE_TIMEOUT_S)
+
     def start(self, node: ClusterNode) -> None:
         """Start ``node`` again (returns once it has booted and rejoined)."""
         rabbitmq4("start", node.name, timeout_s=NODE_TIMEOUT_S)
@@ -110,6 +121,39 @@ class Cluster:
     async def astopped(self, node: ClusterNode) -> AsyncIterator[ClusterNode]:
         """:meth:`stopped` with the stop and start off the event loop."""
         await asyncio.to_thread(self.stop, node)
+        try:
+            yield node
+        finally:
+            await asyncio.to_thread(self.start, node)
+
+    def ctl_any(self, *args: str) -> str:
+        """:meth:`ctl` on the first node that answers (one may be stopped)."""
+        failures = []
+        for node in self.nodes:
+            try:
+                return self.ctl(node, *args)
+            except AssertionError as exc:
+                failures.append(str(exc))
+        raise AssertionError("no node of the cluster answers:\n" + "\n".join(failures))
+
+    @contextmanager
+    def vhost(self) -> Iterator[str]:
+        """A vhost of its own for the block (guest may use it); deleted after."""
+        name = f"cluster-{uuid.uuid4().hex[:10]}"
+        self.ctl_any("add_vhost", name)
+        try:
+            self.ctl_any("set_permissions", "-p", name, "guest", ".*", ".*", ".*")
+            yield name
+        finally:
+            self.ctl_any("delete_vhost", name)
+
+    @asynccontextmanager
+    async def adown(self, node: ClusterNode, *, how: str) -> AsyncIterator[ClusterNode]:
+        """:meth:`astopped` (``how="stop"``, a graceful stop) or the same with a
+        :meth:`kill` (``how="kill"``); the node is started again whatever happens."""
+        if how not in ("stop", "kill"):
+            raise ValueError(f"how: 'stop' or 'kill', not {how!r}")
+        await asyncio.to_thread(self.kill if how == "kill" else self.stop, node)
         try:
             yield node
         finally:
@@ -135,6 +179,13 @@ class Cluster:
                     return self.node(fields[1])
             raise AssertionError(f"{asked.name} lists no queue {queue!r} in {vhost!r}:\n{out}")
         raise AssertionError("no node of the cluster answers")
+
+
+@pytest.fixture
+def cluster_vhost(cluster: Cluster) -> Iterator[str]:
+    """A fresh vhost on the cluster for one test, deleted after it."""
+    with cluster.vhost() as name:
+        yield name
 
 
 @pytest.fixture(scope="session")

@@ -139,8 +139,14 @@ def test_worker_runs_as_the_deployment_says_answers_and_stops_on_sigterm(
         # The queue KEDA scales on exists and this worker consumes it.
         queue = manifest("ScaledObject")["spec"]["triggers"][0]["metadata"]["queueName"]
         assert queue == Topology().agent_queue("task_manager")
-        rows = broker_admin.list_queues(fresh_vhost)
-        assert rows[queue].consumers == 1, rows
+
+        # (A quorum queue, as the ConfigMap asks: the broker updates its consumer count
+        # on a periodic tick, so the count can lag the consume by a few seconds.)
+        def consumed() -> bool:
+            rows = broker_admin.list_queues(fresh_vhost)
+            return queue in rows and rows[queue].consumers == 1
+
+        wait_until_sync(consumed, timeout_s=15, interval_s=0.5, what=f"one consumer of {queue}")
         # The pod's name (fieldRef) names its connections at the broker.
         assert pod_name in connection_names(broker_admin, fresh_vhost)
 

@@ -34,7 +34,7 @@ from amqp_agents.cli.worker import worker_probes as _worker_probes
 from amqp_agents.config import Settings
 from amqp_agents.examples.tasks import TaskStoreSettings, app
 from amqp_agents.metrics import Metrics
-from amqp_agents.models.topology import Topology
+from amqp_agents.models.topology import QueueType, Topology
 from amqp_agents.runtime.health import LoopWatch
 from tests.agents_for_tests import CliProcess, cli_env, run_cli
 from tests.deploy_kit import (
@@ -542,18 +542,35 @@ def test_pod_disruption_budget_selects_the_workers() -> None:
     assert "minAvailable" not in pdb["spec"]
 
 
-def test_rabbitmq_cluster_is_a_tested_classic_queue_broker() -> None:
-    """RabbitmqCluster: the operator's API, replicas, RabbitMQ 3.10; the classic-queue note."""
+def test_rabbitmq_cluster_is_a_tested_quorum_queue_broker() -> None:
+    """RabbitmqCluster: the operator's API, three replicas of RabbitMQ 4.0 (the cluster
+    tests' version), and the workers' queues quorum queues, replicated on them."""
     cluster = manifest("RabbitmqCluster")
     assert cluster["apiVersion"] == "rabbitmq.com/v1beta1"
-    assert isinstance(cluster["spec"]["replicas"], int)
-    assert cluster["spec"]["replicas"] >= 1
-    assert cluster["spec"]["image"].startswith("rabbitmq:3.10")
+    replicas = cluster["spec"]["replicas"]
+    assert isinstance(replicas, int)
+    assert replicas >= 3, "a quorum queue survives the loss of a minority: three nodes at least"
+    assert replicas % 2 == 1, "an even count survives no more losses than one node fewer"
+    assert cluster["spec"]["image"].startswith("rabbitmq:4.0")
+    # Three replicas: the ConfigMap makes every queue a quorum queue, a valid setting.
+    data = configmap_env()
+    assert data["AMQP_AGENTS_TOPOLOGY__QUEUE_TYPE"] == QueueType.QUORUM.value
+    assert not data.get("AMQP_AGENTS_TOPOLOGY__QUEUE_TYPES"), "no queue left classic"
     note = (K8S / "rabbitmq" / "rabbitmqcluster.yaml").read_text()
-    for fact in ("Classic queues, not quorum queues", "x-max-priority", "3.10"):
+    for fact in ("Quorum queues, not classic queues", "QUEUE_TYPE=quorum", "4.0"):
         assert fact in note
     # The worker's URL (and KEDA's) points at the Service the operator creates.
     assert f"@{cluster['metadata']['name']}." in secret_env()["AMQP_URL"]
+
+
+def test_compose_runs_one_broker_node_with_classic_queues() -> None:
+    """One node (development): classic queues, strict priorities, the default type."""
+    services = compose()["services"]
+    assert "replicas" not in services["rabbitmq"].get("deploy", {})
+    worker = services["worker"]
+    assert "AMQP_AGENTS_TOPOLOGY__QUEUE_TYPE" not in worker["environment"]
+    example = parse_env_file(ENV_EXAMPLE)  # the worker's env_file
+    assert example["AMQP_AGENTS_TOPOLOGY__QUEUE_TYPE"] == QueueType.CLASSIC.value
 
 
 def test_metric_names_in_the_kit_exist() -> None:
