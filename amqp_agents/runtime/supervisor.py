@@ -11,7 +11,9 @@ dead connection were requeued by the broker; their settlements are dropped.
 
 Stops when ``stop`` is set (a graceful stop of the current worker), and gives up only
 on errors no retry can fix: refused credentials or vhost (``AccessRefusedError``), a
-topology mismatch, bad configuration. An unreachable broker is retried, at start too.
+topology mismatch, bad configuration. An unreachable broker is retried, at start too,
+and so is a worker that cannot start because a queue's node is down; the pause between
+fresh workers grows (backoff with jitter) while they keep ending soon after starting.
 """
 
 from __future__ import annotations
@@ -87,6 +89,8 @@ class Supervisor:
     async def run(self, stop: asyncio.Event) -> None:
         """Serve until ``stop`` is set; reconnect after every lost connection."""
         failures = 0
+        restarts = 0  # workers in a row that ended soon after they started
+        loop = asyncio.get_running_loop()
         while not stop.is_set():
             transport = self._open_transport()
             try:
@@ -106,6 +110,7 @@ class Supervisor:
             failures = 0
             worker = self._build_worker(transport)
             self.worker = worker
+            started = loop.time()
             try:
                 await worker.serve(shutdown_trigger=stop.wait)
                 return  # a graceful stop
@@ -121,7 +126,12 @@ class Supervisor:
             finally:
                 self.worker = None
                 await transport.aclose()
-            await _sleep_unless(stop, self._backoff(1))
+            # A worker that cannot even start (its queue's node is down, say) must not be
+            # rebuilt every half second: the pause grows while workers keep ending soon
+            # after they start, and starts small again after one that served a while.
+            settled = loop.time() - started > self._backoff_max_s
+            restarts = 1 if settled else restarts + 1
+            await _sleep_unless(stop, self._backoff(restarts))
 
     def _backoff(self, failures: int) -> float:
         """Full jitter: uniform in [0, min(max, initial * 2**(failures-1))]."""

@@ -305,13 +305,6 @@ async def test_classic_queue_node_lost_under_load(
         assert recovered - restarted < FIRST_REPLY_WITHIN_S, stats
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="library issue: the restarted worker's declare gets 404 'process is stopped by"
-    " supervisor' (its node is down), mapped to QueueNotFoundError ('does not exist'), which"
-    " Worker.start raises and Supervisor.run does not retry: `amqp-agents run` exits"
-    " (transport/rabbit/errors.py topology_error; runtime/supervisor.py run)",
-)
 async def test_classic_queue_node_down_past_the_reattach_limit(
     cluster: Cluster, cluster_vhost: str
 ) -> None:
@@ -358,13 +351,6 @@ async def test_classic_queue_node_down_past_the_reattach_limit(
         assert connections_while_down <= 10, "the supervisor backs off between starts"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="library issue: after a declare times out (a killed node's classic queue),"
-    " RabbitTransport._control_op keeps the control channel that aiormq is closing, so"
-    " every later declare on the transport fails 'Channel closed by RPC timeout' until the"
-    " broker answers the close (amqp_agents/transport/rabbit/transport.py, _control_op)",
-)
 async def test_a_declare_that_timed_out_does_not_break_the_next(
     cluster: Cluster, cluster_vhost: str
 ) -> None:

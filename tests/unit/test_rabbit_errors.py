@@ -147,3 +147,19 @@ def test_connect_errors_never_echo_the_url_text_of_aiormq() -> None:
     assert "amqp://u:***@h/" in text
     auth = connect_error("amqp://h/", aiormq.exceptions.ProbableAuthenticationError())
     assert isinstance(auth, AccessRefusedError)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "NOT_FOUND - home node 'rabbit4a@localhost' of durable queue 'q' in vhost 'v' is"
+        " down or inaccessible",
+        "NOT_FOUND - queue 'q' in vhost 'v' process is stopped by supervisor",
+    ],
+)
+def test_a_queue_on_a_node_that_is_down_is_unavailable_not_missing(text: str) -> None:
+    """A classic queue whose node is down answers 404 too: that is a BrokerUnavailableError
+    (retried, the queue comes back with its node), not QueueNotFoundError."""
+    error = topology_error("queue 'q'", aiormq.exceptions.ChannelNotFoundEntity(text))
+    assert type(error) is BrokerUnavailableError
+    assert "node that is down" in str(error)

@@ -9,6 +9,7 @@ from typing import Any, ClassVar, cast
 
 import pytest
 
+from amqp_agents.errors import BrokerUnavailableError
 from amqp_agents.runtime.agent import Agent, action
 from amqp_agents.runtime.supervisor import Supervisor
 from amqp_agents.runtime.worker import Worker
@@ -59,6 +60,40 @@ async def test_a_stray_cancellation_does_not_end_the_supervisor() -> None:
     assert supervisor.reconnects == 1
     stop.set()
     await asyncio.wait_for(running, 5)
+
+
+class CannotStartWorker(Worker):
+    """Its start fails as when a classic queue's node is down (a 404 'node down')."""
+
+    async def serve(self, shutdown_trigger: Callable[[], Awaitable[object]] | None = None) -> None:
+        raise BrokerUnavailableError("queue 'agents.echo' is on a node that is down")
+
+
+async def test_workers_that_cannot_start_are_rebuilt_with_a_growing_pause(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Each fresh worker fails at once: the supervisor keeps trying (it never gives up
+    on an unavailable queue), and the backoff step grows with every one in a row."""
+    broker = InMemoryBroker()
+    steps: list[int] = []
+    stop = asyncio.Event()
+    supervisor = Supervisor(
+        lambda: InMemoryTransport(broker),
+        lambda t: CannotStartWorker(t, [Echo()]),
+        backoff_initial_s=0.001,
+        backoff_max_s=1.0,  # also the "served a while" bound: these fail at once
+    )
+    original = supervisor._backoff
+
+    def recorded(failures: int) -> float:
+        steps.append(failures)
+        if len(steps) >= 5:
+            stop.set()
+        return original(failures)
+
+    monkeypatch.setattr(supervisor, "_backoff", recorded)
+    await asyncio.wait_for(supervisor.run(stop), 5)
+    assert steps == [1, 2, 3, 4, 5]
 
 
 async def test_cancelling_the_supervisor_still_cancels_it() -> None:

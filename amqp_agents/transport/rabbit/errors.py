@@ -65,6 +65,8 @@ _CLOSE_CODES: Final[dict[type[BaseException], int]] = {
     aiormq.exceptions.ChannelLockedResource: 405,
     aiormq.exceptions.ChannelPreconditionFailed: 406,
 }
+_NODE_DOWN: Final = ("is down or inaccessible", "stopped by supervisor", "not running")
+"""How RabbitMQ's 404 says a queue exists but its node is down (3.x and 4.x texts)."""
 _INEQUIVALENT: Final = re.compile(
     r"inequivalent arg '(?P<arg>[^']+)'.*?received (?:the value )?(?P<new>'[^']*'|none)"
     r".*?current is (?:the value )?(?P<old>'[^']*'|none)"
@@ -162,6 +164,10 @@ def topology_error(what: str, exc: BaseException) -> TransportError:
     if isinstance(exc, aiormq.exceptions.ChannelAccessRefused):
         return AccessRefusedError(f"{what}: the broker refused it ({reason})")
     if isinstance(exc, aiormq.exceptions.ChannelNotFoundEntity):
+        if any(sign in reason for sign in _NODE_DOWN):
+            # It exists, on a cluster node that is down (a classic queue's home node):
+            # unavailable until that node is back, not missing.
+            return BrokerUnavailableError(f"{what} is on a node that is down ({reason})")
         return QueueNotFoundError(f"{what} does not exist ({reason})")
     if isinstance(exc, aiormq.exceptions.AMQPConnectionError) and "deprecated" in reason:
         # RabbitMQ 4.x refuses a deprecated feature (a transient non-exclusive queue,

@@ -199,8 +199,11 @@ class RabbitTransport:
             self._drop_channel(channel)
             raise stray(exc) from None
         except MAPPED_ERRORS as exc:
+            # The broker closes the channel of a refused request (404, 406), and aiormq
+            # closes one whose request timed out, but neither counts as closed until the
+            # close is answered: reusing it meanwhile would fail every later request.
+            self._drop_channel(channel)
             if cancelling() > mark:
-                self._drop_channel(channel)
                 raise asyncio.CancelledError from None
             raise topology_error(what, exc) from None
         if cancelling() > mark:
