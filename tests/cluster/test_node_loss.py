@@ -348,7 +348,8 @@ async def test_classic_queue_node_down_past_the_reattach_limit(
             f" worker connections while down {connections_while_down}, readiness {reason!r}"
         )
         assert reason is not None
-        assert connections_while_down <= 10, "the supervisor backs off between starts"
+        # Without backoff (a fixed 0.05 s mean pause) it would be about 80 in this window.
+        assert connections_while_down <= 20, "the supervisor backs off between starts"
 
 
 async def test_a_declare_that_timed_out_does_not_break_the_next(
