@@ -37,7 +37,7 @@ __all__ = ["RequestPipeline"]
 
 log = logging.getLogger("amqp_agents.runtime.worker")
 
-_ANSWER_RESERVE_S: Final = 0.05
+_ANSWER_RESERVE_S: Final = 0.2
 """Time kept back from a caller's deadline (at most a tenth of it) for the answer."""
 
 
