@@ -362,6 +362,13 @@ class RpcSettings(BaseModel):
     timeout_s: float = Field(default=30.0, gt=0, le=MAX_TIMEOUT_S)
     """Default time a call waits for its reply (at most ``max_timeout_s``)."""
 
+    persistent: bool = True
+    """Publish requests persistent (delivery mode 2): a request waiting in its queue
+    survives a broker restart. ``False`` (delivery mode 1) spares the broker a disk
+    write per request, and a request still queued when the broker restarts is lost
+    (its caller times out, or its ``idempotent`` call is sent again).
+    Replies are always transient. See ``docs/protocol.md`` section 3.1."""
+
 
 class Settings(BaseSettings):
     """Every setting, from ``AMQP_AGENTS_<GROUP>__<NAME>`` environment variables.

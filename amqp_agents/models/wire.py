@@ -89,12 +89,15 @@ def encode_request(
     max_bytes: int,
     deadline_ms: int | None = None,
     causation_id: str | None = None,
+    persistent: bool = True,
 ) -> Envelope:
     """The AMQP message for a request; ``timeout_s`` sets both deadline header and TTL.
 
     ``deadline_ms`` (a parent request's ``x-deadline``, when that is what bounds this
     one) is written as it is, so the deadline travels unchanged across hops;
-    ``causation_id`` becomes the ``x-causation-id`` header.
+    ``causation_id`` becomes the ``x-causation-id`` header. ``persistent=False`` (delivery
+    mode 1) spares the broker a disk write per request, and the request is lost if the
+    broker restarts before a worker takes it (``docs/protocol.md`` section 3.1).
     """
     if len(body) > max_bytes:
         raise MessageTooLargeError(
@@ -123,7 +126,7 @@ def encode_request(
         expiration_ms=expiration_ms,
         timestamp=int(now),
         headers=headers,
-        persistent=True,
+        persistent=persistent,
     )
 
 

@@ -505,6 +505,7 @@ class RpcClient:
             max_bytes=self._max_bytes,
             deadline_ms=deadline_ms,
             causation_id=causation_id,
+            persistent=self._settings.persistent,
         ), timeout
 
     def _on_replies_lost(self, end: ConsumerEnd) -> None:
