@@ -105,8 +105,8 @@ async def test_a_call_from_this_library_carries_traceparent_a_plain_consumer_can
         exchange = await channel.declare_exchange(
             "agents", aio_pika.ExchangeType.DIRECT, durable=True
         )
-        queue = await channel.declare_queue(
-            f"agents.{agent}", auto_delete=True, arguments={"x-max-priority": 9}
+        queue = await channel.declare_queue(  # exclusive: 4.x refuses transient shared ones
+            f"agents.{agent}", exclusive=True, arguments={"x-max-priority": 9}
         )
         await queue.bind(exchange, agent)
         async with RpcClient(
