@@ -58,7 +58,7 @@ def failure(code: ErrorCode, message: str, correlation_id: str) -> AgentResponse
 class PendingCall:
     """A call waiting for its reply. Ended once, by the first of its four writers."""
 
-    __slots__ = ("_future", "correlation_id", "deadline", "request")
+    __slots__ = ("_future", "correlation_id", "deadline", "refusals", "request")
 
     def __init__(self, correlation_id: str, deadline: float, request: Envelope | None) -> None:
         self.correlation_id = correlation_id
@@ -66,6 +66,8 @@ class PendingCall:
         """When it times out, on the running loop's clock."""
         self.request = request
         """The request to send again if the link dies: kept for idempotent calls only."""
+        self.refusals = 0
+        """Publishes of it that failed with the link (the resend backs off by them)."""
         self._future: asyncio.Future[CallOutcome]
         self._future = asyncio.get_running_loop().create_future()
 

@@ -39,7 +39,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import operator
-from collections.abc import Awaitable, Coroutine, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from typing import TYPE_CHECKING, Any, Final, TypeAlias
 
 from opentelemetry import context as otel_context
@@ -142,16 +142,17 @@ class Tracing:
         return TracedTransport(transport, self)
 
     def call(
-        self, agent: str, action: str, sending: Awaitable[AgentResponse]
-    ) -> Awaitable[AgentResponse]:
-        """``sending`` (one RPC call, publish to reply) in a CLIENT span, to be awaited."""
+        self, agent: str, action: str, start: Callable[[], Coroutine[Any, Any, AgentResponse]]
+    ) -> Coroutine[Any, Any, AgentResponse]:
+        """The call ``start()`` makes (one RPC call, publish to reply) in a CLIENT span,
+        to be awaited."""
         tracer = self._active()
         if tracer is None:
-            return sending  # not even a frame of ours around it
-        return self._call(tracer, f"{agent}/{action}", sending)
+            return start()  # not even a frame of ours around it
+        return self._call(tracer, f"{agent}/{action}", start)
 
     async def _call(
-        self, tracer: Tracer, method: str, sending: Awaitable[AgentResponse]
+        self, tracer: Tracer, method: str, start: Callable[[], Coroutine[Any, Any, AgentResponse]]
     ) -> AgentResponse:
         attributes: dict[str, AttributeValue] = {
             "rpc.system.name": "amqp_agents",
@@ -163,7 +164,7 @@ class Tracing:
         span = tracer.start_span(method, current, SpanKind.CLIENT, attributes)
         token = otel_context.attach(trace.set_span_in_context(span, current))
         try:
-            response = await sending
+            response = await start()
         except BaseException as exc:
             fail(span, type(exc).__qualname__, str(exc))
             raise
