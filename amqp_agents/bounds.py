@@ -66,9 +66,14 @@ class Deadlines(Generic[T]):
         """The loop the deadlines run on (``None`` before the first)."""
         return self._loop
 
-    def arm(self, when: float, item: T) -> None:
-        """Expire ``item`` at ``when`` (loop time) unless it has finished by then."""
-        loop = asyncio.get_running_loop()
+    def arm(self, when: float, item: T, loop: asyncio.AbstractEventLoop | None = None) -> None:
+        """Expire ``item`` at ``when`` (loop time) unless it has finished by then.
+
+        ``loop`` is the running loop, when the caller has it at hand (on CPython 3.11
+        asking for it makes a ``getpid`` system call).
+        """
+        if loop is None:
+            loop = asyncio.get_running_loop()
         if loop is not self._loop:  # a new loop: nothing of the old one applies
             self.clear()
             self._loop = loop
@@ -180,7 +185,7 @@ class TimeLimits:
         if loop is not self._deadlines.loop:
             self._fired.clear()
         limit = Limit(self, task)
-        self._deadlines.arm(loop.time() + limit_s, limit)
+        self._deadlines.arm(loop.time() + limit_s, limit, loop)
         return limit
 
     def overdue(self, grace_s: float) -> list[Limit]:

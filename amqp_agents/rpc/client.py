@@ -310,12 +310,11 @@ class RpcClient:
             )
         except ActionTimeoutError as exc:
             return failure(ErrorCode.TIMEOUT, exc.message, correlation_id)
+        loop = asyncio.get_running_loop()
         call = PendingCall(
-            correlation_id,
-            asyncio.get_running_loop().time() + timeout,
-            envelope if idempotent else None,
+            correlation_id, loop.time() + timeout, envelope if idempotent else None, loop
         )
-        self._deadlines.arm(call.deadline, call)
+        self._deadlines.arm(call.deadline, call, loop)
         try:
             if not self._replies.live.is_set():
                 lost = await self._await_restored(call.deadline, correlation_id)
@@ -342,7 +341,8 @@ class RpcClient:
     ) -> AgentResponse | None:
         """Publish the request of ``call``: an error reply if the broker refused it."""
         self._replies.expect(call.correlation_id, call)
-        loop = asyncio.get_running_loop()
+        loop = self._deadlines.loop  # the running loop: the call's deadline is armed
+        assert loop is not None  # noqa: S101
         try:
             await self._transport.publish(
                 envelope,

@@ -60,7 +60,13 @@ class PendingCall:
 
     __slots__ = ("_future", "correlation_id", "deadline", "refusals", "request")
 
-    def __init__(self, correlation_id: str, deadline: float, request: Envelope | None) -> None:
+    def __init__(
+        self,
+        correlation_id: str,
+        deadline: float,
+        request: Envelope | None,
+        loop: asyncio.AbstractEventLoop | None = None,
+    ) -> None:
         self.correlation_id = correlation_id
         self.deadline = deadline
         """When it times out, on the running loop's clock."""
@@ -69,7 +75,7 @@ class PendingCall:
         self.refusals = 0
         """Publishes of it that failed with the link (the resend backs off by them)."""
         self._future: asyncio.Future[CallOutcome]
-        self._future = asyncio.get_running_loop().create_future()
+        self._future = (loop or asyncio.get_running_loop()).create_future()
 
     @property
     def done(self) -> bool:
