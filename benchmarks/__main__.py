@@ -173,7 +173,8 @@ def main(argv: list[str] | None = None) -> int:
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
     print(
-        f"\nmedians of {args.reps} rep(s); load average {meta['loadavg_before'][0]:.2f} before,"
+        f"\nsides: medians of {args.reps} rep(s); ours/...: median of the per-rep ratios;"
+        f" load average {meta['loadavg_before'][0]:.2f} before,"
         f" {meta['loadavg_after'][0]:.2f} after; results: {output}"
     )
     if args.compare:

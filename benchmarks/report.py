@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
+import statistics
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from benchmarks.cases import SIDES, Case
-from benchmarks.runner import SideResult
+from benchmarks.runner import SideResult, all_rep_ratios
 
 __all__ = ["compare_table", "load", "results_json", "results_table"]
 
@@ -33,12 +34,12 @@ def _cell(result: SideResult | None, metric: str) -> str:
     return _number(median)
 
 
-def _ratio(medians: Mapping[str, Mapping[str, float]], metric: str, other: str) -> str:
-    ours = medians.get("ours", {}).get(metric)
-    theirs = medians.get(other, {}).get(metric)
-    if ours is None or theirs is None or theirs == 0:
+def _ratio(ratios: Mapping[str, Mapping[str, Mapping[int, float]]], metric: str, other: str) -> str:
+    """The median of the per-repetition ratios ours/other (see :func:`rep_ratios`)."""
+    per_rep = ratios.get(other, {}).get(metric)
+    if not per_rep:
         return NOT_PART
-    return f"{ours / theirs:.2f}x"
+    return f"{statistics.median(per_rep.values()):.2f}x"
 
 
 def _render(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
@@ -57,7 +58,11 @@ def _render(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 
 
 def results_table(cases: Sequence[Case], results: Mapping[str, Mapping[str, SideResult]]) -> str:
-    """Medians per case and metric, ours/raw and ours/faststream, targets and PASS/FAIL."""
+    """Medians per case and metric, ours/raw and ours/faststream, targets and PASS/FAIL.
+
+    The side columns are each side's median over the repetitions; the ratio columns
+    are the median of the per-repetition ratios, which is what the targets judge.
+    """
     header = [
         "case",
         "metric",
@@ -71,19 +76,20 @@ def results_table(cases: Sequence[Case], results: Mapping[str, Mapping[str, Side
     for case in cases:
         per_side = results.get(case.id, {})
         medians = {side: result.medians() for side, result in per_side.items()}
+        ratios = all_rep_ratios(per_side)
         for metric in case.metrics:
             targets = [target for target in case.targets if target.metric == metric.key]
             verdicts = []
             for target in targets:
-                passed = target.check(medians)
+                passed = target.check(medians, ratios)
                 verdicts.append("n/a" if passed is None else "PASS" if passed else "FAIL")
             rows.append(
                 [
                     case.id,
                     metric.label,
                     *(_cell(per_side.get(side), metric.key) for side in SIDES),
-                    _ratio(medians, metric.key, "raw"),
-                    _ratio(medians, metric.key, "faststream"),
+                    _ratio(ratios, metric.key, "raw"),
+                    _ratio(ratios, metric.key, "faststream"),
                     "; ".join(target.describe() for target in targets),
                     "; ".join(verdicts),
                 ]
@@ -96,11 +102,13 @@ def results_json(
     results: Mapping[str, Mapping[str, SideResult]],
     meta: Mapping[str, Any],
 ) -> dict[str, Any]:
-    """Everything measured (every repetition), the medians and the target verdicts."""
+    """Everything measured (every repetition), the medians, every per-repetition ratio
+    with its median, and the target verdicts."""
     out: dict[str, Any] = {"format": 1, "meta": dict(meta), "cases": {}}
     for case in cases:
         per_side = results.get(case.id, {})
         medians = {side: result.medians() for side, result in per_side.items()}
+        ratios = all_rep_ratios(per_side)
         sides: dict[str, Any] = {}
         for side, result in per_side.items():
             if result.na is not None:
@@ -108,8 +116,17 @@ def results_json(
             else:
                 sides[side] = {
                     "values": result.values,
+                    "reps": {str(rep): run for rep, run in sorted(result.runs.items())},
                     "medians": medians[side],
                     "errors": result.errors,
+                }
+            if side in ratios:
+                sides[side]["ours_over_side"] = {
+                    metric: {
+                        "per_rep": {str(rep): ratio for rep, ratio in sorted(per_rep.items())},
+                        "median": statistics.median(per_rep.values()),
+                    }
+                    for metric, per_rep in ratios[side].items()
                 }
         out["cases"][case.id] = {
             "title": case.title,
@@ -119,7 +136,7 @@ def results_json(
             ],
             "sides": sides,
             "targets": [
-                {"metric": t.metric, "target": t.describe(), "passed": t.check(medians)}
+                {"metric": t.metric, "target": t.describe(), "passed": t.check(medians, ratios)}
                 for t in case.targets
             ],
         }
