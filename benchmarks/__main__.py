@@ -20,7 +20,7 @@ from typing import Any
 
 from amqp_agents.testing import BrokerAdmin, broker_reachable, url_for_vhost
 from benchmarks.cases import SIDES
-from benchmarks.common import progress, run_loop, uvloop_available
+from benchmarks.common import find_broker_pid, progress, run_loop, uvloop_available
 from benchmarks.report import compare_table, load, results_json, results_table
 from benchmarks.runner import ALL_CASES, detect_faststream, run_cases, select_cases
 
@@ -117,6 +117,9 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"no broker at {args.url}: start RabbitMQ first")
     use_uvloop = not args.no_uvloop and uvloop_available()
     faststream, faststream_missing = detect_faststream(args.faststream_python)
+    broker_pid, broker_unmeasured = find_broker_pid(args.url)
+    if broker_pid is None:
+        progress(f"broker CPU is not measured: {broker_unmeasured}")
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     profile_dir = RESULTS / f"profile-{stamp}" if args.profile else None
     if profile_dir is not None:
@@ -135,6 +138,7 @@ def main(argv: list[str] | None = None) -> int:
         "cpus": os.cpu_count(),
         "loadavg_before": os.getloadavg(),
         "faststream_python": None if faststream is None else faststream.python,
+        "broker_pid": broker_pid,
         "versions": {
             name: _version(name)
             for name in ("amqp-agents", "aio-pika", "aiormq", "pydantic", "uvloop", "faststream")
@@ -160,6 +164,7 @@ def main(argv: list[str] | None = None) -> int:
                 faststream=faststream,
                 faststream_missing=faststream_missing,
                 profile_dir=profile_dir,
+                broker_pid=broker_pid,
             ),
             use_uvloop=use_uvloop,
         )

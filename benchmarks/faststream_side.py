@@ -111,6 +111,7 @@ async def rpc_client(
     concurrency: int,
     warmup: int,
     server_pid: int | None = None,
+    broker_pid: int | None = None,
 ) -> dict[str, float]:
     """``broker.request`` against the echo server; see :meth:`DriveResult.metrics`."""
     broker = _broker(url)
@@ -126,7 +127,13 @@ async def rpc_client(
                 raise BenchError(f"FastStream echo returned {reply.body[:200]!r}")
 
         await drive(call, calls=warmup, concurrency=concurrency)
-        measured = await drive(call, calls=calls, concurrency=concurrency, server_pid=server_pid)
+        measured = await drive(
+            call,
+            calls=calls,
+            concurrency=concurrency,
+            server_pid=server_pid,
+            broker_pid=broker_pid,
+        )
         return measured.metrics()
     finally:
         await broker.stop()
@@ -175,6 +182,7 @@ def _client_main() -> None:
     parser.add_argument("--concurrency", type=int, default=1)
     parser.add_argument("--warmup", type=int, default=0)
     parser.add_argument("--server-pid", type=int, default=None)
+    parser.add_argument("--broker-pid", type=int, default=None)
     parser.add_argument("--probe", action="store_true", help="publish latency probes")
     parser.add_argument("--uvloop", action=argparse.BooleanOptionalAction, default=True)
     args = parser.parse_args()
@@ -189,6 +197,7 @@ def _client_main() -> None:
                 concurrency=args.concurrency,
                 warmup=args.warmup,
                 server_pid=args.server_pid,
+                broker_pid=args.broker_pid,
             ),
             use_uvloop=args.uvloop,
         )

@@ -144,6 +144,7 @@ async def run_cases(
     faststream: FastStreamSetup | None,
     faststream_missing: str,
     profile_dir: Path | None,
+    broker_pid: int | None = None,
 ) -> dict[str, dict[str, SideResult]]:
     """Run ``reps`` repetitions of each case, sides interleaved; results by case and side."""
     results: dict[str, dict[str, SideResult]] = {}
@@ -175,6 +176,7 @@ async def run_cases(
                     use_uvloop=use_uvloop,
                     faststream=faststream,
                     profile_dir=profile_dir if side == "ours" else None,
+                    broker_pid=broker_pid,
                 )
                 progress(f"{case.id} rep {rep}/{reps} {side}: n={n} ...")
                 started = time.monotonic()

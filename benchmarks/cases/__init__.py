@@ -61,6 +61,9 @@ class RunContext:
     faststream: FastStreamSetup | None
     profile_dir: Path | None
     """When set, the ``ours`` side profiles its client and server into this folder."""
+    broker_pid: int | None = None
+    """The local broker's ``beam.smp`` process, whose CPU time every RabbitMQ case
+    charges to its measured window; ``None`` when it cannot be read."""
 
     def child_args(self, kind: str, **options: int) -> list[str]:
         """Arguments for a child entry point: ``KIND --url --name [--OPTION N]... --uvloop``."""

@@ -30,6 +30,7 @@ from benchmarks.cases import Case, Metric, RunContext, Side, Target
 from benchmarks.cases.rpc import profiled, server_profile_args
 from benchmarks.common import (
     EVENT_ROUTING_KEY,
+    CpuWindow,
     compact_json,
     drive,
     event_payload,
@@ -49,6 +50,7 @@ METRICS = (
     Metric("p99_ms", "p99 latency ms (probes)", higher_is_better=False),
     Metric("publisher_cpu_us", "publisher CPU us/event", higher_is_better=False),
     Metric("subscriber_cpu_us", "subscriber CPU us/delivery", higher_is_better=False),
+    Metric("broker_cpu_us", "broker CPU us/delivery", higher_is_better=False),
 )
 
 Burst = Callable[[int], Awaitable[tuple[int, float]]]
@@ -68,18 +70,23 @@ async def _phases(
     """The throughput burst, then (once it is all delivered) the latency probes."""
     deliveries = ctx.n * groups
     server_cpu = process_cpu_s(server.pid)
+    broker = CpuWindow(ctx.broker_pid)
     started, publisher_cpu = await burst(ctx.n)
     done = await server.event("done", timeout_s=RUN_TIMEOUT_S)
     server_cpu = process_cpu_s(server.pid) - server_cpu
+    broker_cpu = broker.used_s()
     await probe(_probes(ctx))
     probed = await server.event("probed", timeout_s=RUN_TIMEOUT_S)
-    return {
+    measured = {
         "delivered_per_s": deliveries / ((done["last_ns"] - started) / 1e9),
         "p50_ms": float(probed["p50_ms"]),
         "p99_ms": float(probed["p99_ms"]),
         "publisher_cpu_us": publisher_cpu / ctx.n * 1e6,
         "subscriber_cpu_us": server_cpu / deliveries * 1e6,
     }
+    if broker_cpu is not None:
+        measured["broker_cpu_us"] = broker_cpu / deliveries * 1e6
+    return measured
 
 
 def _publishers(publish: Callable[[bool], Awaitable[None]]) -> tuple[Burst, Probe]:

@@ -35,6 +35,7 @@ METRICS = (
     Metric("p99_ms", "p99 latency ms", higher_is_better=False),
     Metric("client_cpu_us", "client CPU us/call", higher_is_better=False),
     Metric("server_cpu_us", "server CPU us/call", higher_is_better=False),
+    Metric("broker_cpu_us", "broker CPU us/call", higher_is_better=False),
 )
 
 
@@ -76,7 +77,11 @@ def _sides(concurrency: int) -> dict[str, Side]:
                 await drive(call, calls=ctx.warmup, concurrency=concurrency)
                 with profiled(ctx, "client"):
                     result = await drive(
-                        call, calls=ctx.n, concurrency=concurrency, server_pid=server.pid
+                        call,
+                        calls=ctx.n,
+                        concurrency=concurrency,
+                        server_pid=server.pid,
+                        broker_pid=ctx.broker_pid,
                     )
         return result.metrics()
 
@@ -93,7 +98,11 @@ def _sides(concurrency: int) -> dict[str, Side]:
 
                 await drive(call, calls=ctx.warmup, concurrency=concurrency)
                 result = await drive(
-                    call, calls=ctx.n, concurrency=concurrency, server_pid=server.pid
+                    call,
+                    calls=ctx.n,
+                    concurrency=concurrency,
+                    server_pid=server.pid,
+                    broker_pid=ctx.broker_pid,
                 )
             finally:
                 await client.aclose()
@@ -116,6 +125,7 @@ def _sides(concurrency: int) -> dict[str, Side]:
                     concurrency=concurrency,
                     warmup=ctx.warmup,
                     server_pid=server.pid,
+                    broker_pid=ctx.broker_pid,
                 )
             client_args = ctx.child_args(
                 "client-rpc",
@@ -123,6 +133,7 @@ def _sides(concurrency: int) -> dict[str, Side]:
                 concurrency=concurrency,
                 warmup=ctx.warmup,
                 server_pid=server.pid,
+                **({} if ctx.broker_pid is None else {"broker_pid": ctx.broker_pid}),
             )
             async with ServerProcess(
                 f"faststream client {ctx.name}",
