@@ -3,8 +3,9 @@
 Imports only FastStream, the standard library and the stdlib-only bench helpers, so it
 also runs under ``benchmarks/.venv-faststream`` when FastStream cannot share the
 project's virtualenv. FastStream is configured for speed, not for its defaults: no
-per-message access log (``logger=None``), prefetch 100 on every subscriber's channel.
-Its requests are sent persistent to a durable ``x-max-priority`` queue, like ours.
+per-message access log (``logger=None``), prefetch as the case asks on every
+subscriber's channel. Its requests go to a durable ``x-max-priority`` queue, like
+ours, transient (its default) or persistent as the case asks.
 
 Child entry points::
 
@@ -110,6 +111,7 @@ async def rpc_client(
     calls: int,
     concurrency: int,
     warmup: int,
+    persistent: bool,
     server_pid: int | None = None,
     broker_pid: int | None = None,
 ) -> dict[str, float]:
@@ -121,7 +123,7 @@ async def rpc_client(
 
         async def call() -> None:
             reply = await broker.request(
-                payload, queue=name, persist=True, priority=4, timeout=CALL_TIMEOUT_S
+                payload, queue=name, persist=persistent, priority=4, timeout=CALL_TIMEOUT_S
             )
             if await reply.decode() != payload:
                 raise BenchError(f"FastStream echo returned {reply.body[:200]!r}")
@@ -184,6 +186,7 @@ def _client_main() -> None:
     parser.add_argument("--server-pid", type=int, default=None)
     parser.add_argument("--broker-pid", type=int, default=None)
     parser.add_argument("--probe", action="store_true", help="publish latency probes")
+    parser.add_argument("--persistent", action="store_true", help="persistent RPC requests")
     parser.add_argument("--uvloop", action=argparse.BooleanOptionalAction, default=True)
     args = parser.parse_args()
     emit("ready")
@@ -196,6 +199,7 @@ def _client_main() -> None:
                 calls=args.n,
                 concurrency=args.concurrency,
                 warmup=args.warmup,
+                persistent=args.persistent,
                 server_pid=args.server_pid,
                 broker_pid=args.broker_pid,
             ),
