@@ -99,12 +99,25 @@ def results_table(cases: Sequence[Case], results: Mapping[str, Mapping[str, Side
 
 def results_json(
     cases: Sequence[Case],
-    results: Mapping[str, Mapping[str, SideResult]],
+    results: Mapping[str, Mapping[str, Mapping[str, SideResult]]],
     meta: Mapping[str, Any],
 ) -> dict[str, Any]:
-    """Everything measured (every repetition), the medians, every per-repetition ratio
-    with its median, and the target verdicts."""
-    out: dict[str, Any] = {"format": 1, "meta": dict(meta), "cases": {}}
+    """Everything measured, by loop (``asyncio``, ``uvloop``) and case: every
+    repetition, the medians, every per-repetition ratio with its median, and the
+    target verdicts. (Format 1, before ``--loop``, had one ``cases`` for the run.)"""
+    return {
+        "format": 2,
+        "meta": dict(meta),
+        "loops": {
+            loop: {"cases": _cases_json(cases, by_case)} for loop, by_case in results.items()
+        },
+    }
+
+
+def _cases_json(
+    cases: Sequence[Case], results: Mapping[str, Mapping[str, SideResult]]
+) -> dict[str, Any]:
+    out: dict[str, Any] = {}
     for case in cases:
         per_side = results.get(case.id, {})
         medians = {side: result.medians() for side, result in per_side.items()}
@@ -128,7 +141,7 @@ def results_json(
                     }
                     for metric, per_rep in ratios[side].items()
                 }
-        out["cases"][case.id] = {
+        out[case.id] = {
             "title": case.title,
             "metrics": [
                 {"key": m.key, "label": m.label, "higher_is_better": m.higher_is_better}
@@ -143,37 +156,55 @@ def results_json(
     return out
 
 
+def _by_loop(data: Mapping[str, Any]) -> dict[str, Mapping[str, Any]]:
+    """``{loop: {case id: case}}`` of a results file, of either format."""
+    if data.get("format", 1) == 1:
+        loop = "uvloop" if data.get("meta", {}).get("uvloop") else "asyncio"
+        return {loop: data.get("cases", {})}
+    return {loop: run.get("cases", {}) for loop, run in data.get("loops", {}).items()}
+
+
 def compare_table(old: Mapping[str, Any], new: Mapping[str, Any]) -> str:
-    """Old median, new median and change for every case/side/metric both runs have."""
-    header = ["case", "metric", "side", "old", "new", "change"]
+    """Old median, new median and change for every loop/case/side/metric both runs have."""
+    header = ["case", "loop", "metric", "side", "old", "new", "change"]
     rows: list[list[str]] = []
-    for case_id, case in new.get("cases", {}).items():
-        old_case = old.get("cases", {}).get(case_id)
-        if old_case is None:
-            continue
-        for metric in case["metrics"]:
-            key = metric["key"]
-            for side in SIDES:
-                new_median = case["sides"].get(side, {}).get("medians", {}).get(key)
-                old_median = old_case["sides"].get(side, {}).get("medians", {}).get(key)
-                if new_median is None or old_median is None or old_median == 0:
-                    continue
-                change = (new_median - old_median) / old_median * 100
-                better = change > 0 if metric["higher_is_better"] else change < 0
-                verdict = "better" if better else "worse"
-                rows.append(
-                    [
-                        case_id,
-                        metric["label"],
-                        side,
-                        _number(old_median),
-                        _number(new_median),
-                        f"{change:+.1f}% {verdict if abs(change) >= 0.05 else ''}".strip(),
-                    ]
-                )
+    old_loops = _by_loop(old)
+    for loop, new_cases in _by_loop(new).items():
+        for case_id, case in new_cases.items():
+            old_case = old_loops.get(loop, {}).get(case_id)
+            if old_case is not None:
+                rows += _compare_case(case_id, loop, old_case, case)
     if not rows:
-        return "(no case, side and metric in common with the compared run)"
+        return "(no case, loop, side and metric in common with the compared run)"
     return _render(header, rows)
+
+
+def _compare_case(
+    case_id: str, loop: str, old_case: Mapping[str, Any], case: Mapping[str, Any]
+) -> list[list[str]]:
+    rows: list[list[str]] = []
+    for metric in case["metrics"]:
+        key = metric["key"]
+        for side in SIDES:
+            new_median = case["sides"].get(side, {}).get("medians", {}).get(key)
+            old_median = old_case["sides"].get(side, {}).get("medians", {}).get(key)
+            if new_median is None or old_median is None or old_median == 0:
+                continue
+            change = (new_median - old_median) / old_median * 100
+            better = change > 0 if metric["higher_is_better"] else change < 0
+            verdict = "better" if better else "worse"
+            rows.append(
+                [
+                    case_id,
+                    loop,
+                    metric["label"],
+                    side,
+                    _number(old_median),
+                    _number(new_median),
+                    f"{change:+.1f}% {verdict if abs(change) >= 0.05 else ''}".strip(),
+                ]
+            )
+    return rows
 
 
 def load(path: str) -> dict[str, Any]:

@@ -31,6 +31,7 @@ from benchmarks.common import progress
 __all__ = [
     "ALL_CASES",
     "FASTSTREAM_VENV",
+    "LOOPS",
     "SideResult",
     "all_rep_ratios",
     "detect_faststream",
@@ -48,6 +49,9 @@ ALL_CASES: tuple[Case, ...] = (
 )
 
 FASTSTREAM_VENV = Path(__file__).resolve().parent / ".venv-faststream"
+
+LOOPS = ("asyncio", "uvloop", "both")
+"""The choices of ``--loop``."""
 
 
 @dataclass(slots=True)
@@ -140,13 +144,18 @@ async def run_cases(
     reps: int,
     quick: bool,
     sides: Sequence[str],
-    use_uvloop: bool,
+    loop: str,
     faststream: FastStreamSetup | None,
     faststream_missing: str,
     profile_dir: Path | None,
     broker_pid: int | None = None,
 ) -> dict[str, dict[str, SideResult]]:
-    """Run ``reps`` repetitions of each case, sides interleaved; results by case and side."""
+    """Run ``reps`` repetitions of each case, sides interleaved; results by case and side.
+
+    ``loop`` (``asyncio`` or ``uvloop``) is the loop of every child process; the
+    caller runs this coroutine on the same kind of loop, so the clients in this
+    process use it too.
+    """
     results: dict[str, dict[str, SideResult]] = {}
     for case in cases:
         n = case.quick_n if quick else case.n
@@ -169,22 +178,25 @@ async def run_cases(
                     continue
                 ctx = RunContext(
                     url=url,
-                    name=f"{case.id.replace('.', '-')}-{side}-r{rep}",
+                    name=f"{case.id.replace('.', '-')}-{side}-{loop}-r{rep}",
                     n=n,
                     warmup=min(1000, n // 10),
                     rep=rep,
-                    use_uvloop=use_uvloop,
+                    use_uvloop=loop == "uvloop",
                     faststream=faststream,
                     profile_dir=profile_dir if side == "ours" else None,
                     broker_pid=broker_pid,
                 )
-                progress(f"{case.id} rep {rep}/{reps} {side}: n={n} ...")
+                progress(f"{case.id} ({loop}) rep {rep}/{reps} {side}: n={n} ...")
                 started = time.monotonic()
                 try:
                     measured = await runner(ctx)
                 except Exception as exc:
                     result.errors.append(f"rep {rep}: {type(exc).__name__}: {exc}")
-                    progress(f"{case.id} rep {rep}/{reps} {side}: FAILED\n{traceback.format_exc()}")
+                    progress(
+                        f"{case.id} ({loop}) rep {rep}/{reps} {side}: FAILED\n"
+                        + traceback.format_exc()
+                    )
                     continue
                 result.runs[rep] = {
                     metric.key: measured[metric.key]
@@ -197,7 +209,7 @@ async def run_cases(
                     if metric.key in measured
                 )
                 progress(
-                    f"{case.id} rep {rep}/{reps} {side}: {shown}"
+                    f"{case.id} ({loop}) rep {rep}/{reps} {side}: {shown}"
                     f"  ({time.monotonic() - started:.1f}s)"
                 )
     return results
