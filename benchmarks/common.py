@@ -30,6 +30,7 @@ __all__ = [
     "CpuWindow",
     "DeliveryLog",
     "DriveResult",
+    "Published",
     "compact_json",
     "drive",
     "echo_payload",
@@ -106,6 +107,18 @@ def process_cpu_s(pid: int | None = None) -> float:
         fields = stat.read().rsplit(")", 1)[1].split()
     ticks = int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15)
     return ticks / os.sysconf("SC_CLK_TCK")
+
+
+@dataclass(frozen=True, slots=True)
+class Published:
+    """What a burst of publishes measured at the publisher."""
+
+    started_ns: int
+    """``time.monotonic_ns()`` before the first publish."""
+    ended_ns: int
+    """``time.monotonic_ns()`` once the last publish was confirmed."""
+    cpu_s: float
+    """CPU seconds the publishing process spent meanwhile."""
 
 
 class CpuWindow:

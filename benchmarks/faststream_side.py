@@ -16,6 +16,7 @@ Child entry points::
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import time
 from typing import Any
 
@@ -27,6 +28,7 @@ from benchmarks.common import (
     MAX_PRIORITY,
     BenchError,
     DeliveryLog,
+    Published,
     drive,
     echo_payload,
     event_payload,
@@ -143,10 +145,8 @@ async def rpc_client(
 
 async def events_client(
     url: str, exchange: str, *, events: int, concurrency: int, probe: bool = False
-) -> tuple[int, float]:
-    """Publish ``events`` events (confirmed, persistent).
-
-    Returns the first publish's monotonic ns and the CPU seconds spent publishing.
+) -> Published:
+    """Publish ``events`` events (confirmed, persistent) from ``concurrency`` loops.
 
     ``probe`` marks them as latency probes (see :class:`~benchmarks.common.DeliveryLog`).
     """
@@ -170,7 +170,7 @@ async def events_client(
 
         started = time.monotonic_ns()
         result = await drive(publish, calls=events, concurrency=concurrency)
-        return started, result.cpu_s
+        return Published(started, time.monotonic_ns(), result.cpu_s)
     finally:
         await broker.stop()
 
@@ -206,13 +206,13 @@ def _client_main() -> None:
             use_uvloop=args.uvloop,
         )
     else:
-        started, cpu_s = run_loop(
+        published = run_loop(
             events_client(
                 args.url, args.name, events=args.n, concurrency=args.concurrency, probe=args.probe
             ),
             use_uvloop=args.uvloop,
         )
-        result = {"started_ns": started, "cpu_s": cpu_s}
+        result = dataclasses.asdict(published)
     emit("done", **result)
 
 
