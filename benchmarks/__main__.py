@@ -20,9 +20,16 @@ from typing import Any
 
 from amqp_agents.testing import BrokerAdmin, broker_reachable, url_for_vhost
 from benchmarks.cases import SIDES
-from benchmarks.common import progress, run_loop, uvloop_available
+from benchmarks.common import find_broker_pid, progress, run_loop, uvloop_available
 from benchmarks.report import compare_table, load, results_json, results_table
-from benchmarks.runner import ALL_CASES, detect_faststream, run_cases, select_cases
+from benchmarks.runner import (
+    ALL_CASES,
+    LOOPS,
+    SideResult,
+    detect_faststream,
+    run_cases,
+    select_cases,
+)
 
 DEFAULT_URL = "amqp://guest:guest@127.0.0.1:5672/"
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -48,7 +55,17 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--quick", action="store_true", help="10x fewer calls, for iterating")
     parser.add_argument("--url", default=DEFAULT_URL, help=f"broker (default {DEFAULT_URL})")
     parser.add_argument(
-        "--no-uvloop", action="store_true", help="asyncio's loop on every side, even if uvloop"
+        "--loop",
+        choices=LOOPS,
+        help="the event loop of every process of every side: asyncio, uvloop, or both"
+        " (every selected case once per loop, a table each); default uvloop when installed",
+    )
+    parser.add_argument(
+        "--no-uvloop",
+        dest="loop",
+        action="store_const",
+        const="asyncio",
+        help="the same as --loop asyncio",
     )
     parser.add_argument("--compare", metavar="OLD.json", help="also compare with an earlier run")
     parser.add_argument("--output", type=Path, help="results file (default results/<time>.json)")
@@ -100,6 +117,16 @@ def _print_profiles(folder: Path, top: int = 25) -> None:
         stats.sort_stats("tottime").print_stats(top)
 
 
+def _loops(choice: str | None) -> list[str]:
+    """The loops to run, in order: ``--loop`` (``both``: uvloop, then asyncio)."""
+    if choice is None:
+        return ["uvloop" if uvloop_available() else "asyncio"]
+    wanted = ["uvloop", "asyncio"] if choice == "both" else [choice]
+    if "uvloop" in wanted and not uvloop_available():
+        raise SystemExit("--loop uvloop: uvloop is not installed (pip install -e '.[speed]')")
+    return wanted
+
+
 def _interrupt(_signum: int, _frame: object) -> None:
     raise KeyboardInterrupt
 
@@ -115,8 +142,11 @@ def main(argv: list[str] | None = None) -> int:
     cases = select_cases(args.case)
     if not broker_reachable(args.url):
         raise SystemExit(f"no broker at {args.url}: start RabbitMQ first")
-    use_uvloop = not args.no_uvloop and uvloop_available()
+    loops = _loops(args.loop)
     faststream, faststream_missing = detect_faststream(args.faststream_python)
+    broker_pid, broker_unmeasured = find_broker_pid(args.url)
+    if broker_pid is None:
+        progress(f"broker CPU is not measured: {broker_unmeasured}")
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     profile_dir = RESULTS / f"profile-{stamp}" if args.profile else None
     if profile_dir is not None:
@@ -127,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
         "argv": sys.argv[1:] if argv is None else argv,
         "reps": args.reps,
         "quick": args.quick,
-        "uvloop": use_uvloop,
+        "loops": loops,
         "profiled": args.profile,
         "commit": _git_commit(),
         "python": platform.python_version(),
@@ -135,6 +165,7 @@ def main(argv: list[str] | None = None) -> int:
         "cpus": os.cpu_count(),
         "loadavg_before": os.getloadavg(),
         "faststream_python": None if faststream is None else faststream.python,
+        "broker_pid": broker_pid,
         "versions": {
             name: _version(name)
             for name in ("amqp-agents", "aio-pika", "aiormq", "pydantic", "uvloop", "faststream")
@@ -145,35 +176,44 @@ def main(argv: list[str] | None = None) -> int:
     vhost = admin.create_vhost("amqp-agents-bench")
     progress(
         f"vhost {vhost}; {len(cases)} case(s) x {args.reps} rep(s)"
-        f"{' (quick)' if args.quick else ''}; loop: {'uvloop' if use_uvloop else 'asyncio'};"
+        f"{' (quick)' if args.quick else ''}; loop: {', then '.join(loops)};"
         f" faststream: {faststream.python if faststream else faststream_missing}"
     )
+    results: dict[str, dict[str, dict[str, SideResult]]] = {}
     try:
-        results = run_loop(
-            run_cases(
-                cases,
-                url=url_for_vhost(args.url, vhost),
-                reps=args.reps,
-                quick=args.quick,
-                sides=args.side or SIDES,
+        for loop in loops:
+            use_uvloop = loop == "uvloop"
+            if len(loops) > 1:
+                progress(f"== loop: {loop}")
+            results[loop] = run_loop(
+                run_cases(
+                    cases,
+                    url=url_for_vhost(args.url, vhost),
+                    reps=args.reps,
+                    quick=args.quick,
+                    sides=args.side or SIDES,
+                    loop=loop,
+                    faststream=faststream,
+                    faststream_missing=faststream_missing,
+                    profile_dir=profile_dir,
+                    broker_pid=broker_pid,
+                ),
                 use_uvloop=use_uvloop,
-                faststream=faststream,
-                faststream_missing=faststream_missing,
-                profile_dir=profile_dir,
-            ),
-            use_uvloop=use_uvloop,
-        )
+            )
     finally:
         admin.delete_vhost(vhost)
     meta["loadavg_after"] = os.getloadavg()
 
-    print(results_table(cases, results))
+    for loop, by_case in results.items():
+        print(f"\nloop: {loop}")
+        print(results_table(cases, by_case))
     data = results_json(cases, results, meta)
     output: Path = args.output or RESULTS / f"{stamp}.json"
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
     print(
-        f"\nmedians of {args.reps} rep(s); load average {meta['loadavg_before'][0]:.2f} before,"
+        f"\nsides: medians of {args.reps} rep(s); ours/...: median of the per-rep ratios;"
+        f" load average {meta['loadavg_before'][0]:.2f} before,"
         f" {meta['loadavg_after'][0]:.2f} after; results: {output}"
     )
     if args.compare:
@@ -183,8 +223,9 @@ def main(argv: list[str] | None = None) -> int:
         _print_profiles(profile_dir)
         print(f"profiles: {profile_dir} (open with python -m pstats or snakeviz)")
     failed = [
-        f"{case_id} {side}: {error}"
-        for case_id, per_side in results.items()
+        f"{case_id} {side} ({loop}): {error}"
+        for loop, by_case in results.items()
+        for case_id, per_side in by_case.items()
         for side, result in per_side.items()
         for error in result.errors
     ]

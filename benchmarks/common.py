@@ -7,10 +7,13 @@ side can use this module under its own virtualenv.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
+import subprocess
 import sys
 import time
+import urllib.parse
 import uuid
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass
@@ -24,12 +27,15 @@ __all__ = [
     "QUEUE_ARGUMENTS",
     "RAW_REQUESTS_EXCHANGE",
     "BenchError",
+    "CpuWindow",
     "DeliveryLog",
     "DriveResult",
+    "Published",
     "compact_json",
     "drive",
     "echo_payload",
     "event_payload",
+    "find_broker_pid",
     "group_queue",
     "percentile",
     "process_cpu_s",
@@ -104,6 +110,35 @@ def process_cpu_s(pid: int | None = None) -> float:
 
 
 @dataclass(frozen=True, slots=True)
+class Published:
+    """What a burst of publishes measured at the publisher."""
+
+    started_ns: int
+    """``time.monotonic_ns()`` before the first publish."""
+    ended_ns: int
+    """``time.monotonic_ns()`` once the last publish was confirmed."""
+    cpu_s: float
+    """CPU seconds the publishing process spent meanwhile."""
+
+
+class CpuWindow:
+    """The CPU time a process uses from this object's creation to :meth:`used_s`.
+
+    With ``pid=None`` (nothing to measure, e.g. no local broker) it measures nothing.
+    """
+
+    def __init__(self, pid: int | None) -> None:
+        self._pid = pid
+        self._start = None if pid is None else process_cpu_s(pid)
+
+    def used_s(self) -> float | None:
+        """CPU seconds used so far in the window, or ``None`` when not measured."""
+        if self._pid is None or self._start is None:
+            return None
+        return process_cpu_s(self._pid) - self._start
+
+
+@dataclass(frozen=True, slots=True)
 class DriveResult:
     """What :func:`drive` measured."""
 
@@ -114,9 +149,12 @@ class DriveResult:
     """CPU time this process used meanwhile."""
     server_cpu_s: float | None = None
     """CPU time the server process used meanwhile, when its pid was given."""
+    broker_cpu_s: float | None = None
+    """CPU time the broker (``beam.smp``) used meanwhile, when its pid was given."""
 
     def metrics(self) -> dict[str, float]:
-        """calls/s, p50/p99 latency in ms, and CPU microseconds per call."""
+        """calls/s, p50/p99 latency in ms, and CPU microseconds per call (client, server
+        and broker, where measured)."""
         ordered = sorted(self.latencies_s)
         metrics = {
             "calls_per_s": self.calls / self.elapsed_s,
@@ -126,6 +164,8 @@ class DriveResult:
         }
         if self.server_cpu_s is not None:
             metrics["server_cpu_us"] = self.server_cpu_s / self.calls * 1e6
+        if self.broker_cpu_s is not None:
+            metrics["broker_cpu_us"] = self.broker_cpu_s / self.calls * 1e6
         return metrics
 
 
@@ -135,11 +175,13 @@ async def drive(
     calls: int,
     concurrency: int,
     server_pid: int | None = None,
+    broker_pid: int | None = None,
 ) -> DriveResult:
     """Run ``call()`` ``calls`` times from ``concurrency`` loops and time each call.
 
     ``call`` must raise when the call failed, so errors never count as fast answers.
-    With ``server_pid``, the server's CPU time over the same window is measured too.
+    With ``server_pid`` (``broker_pid``), the server's (broker's) CPU time over the
+    same window is measured too.
     """
     latencies = [0.0] * calls
     issued = 0
@@ -154,7 +196,7 @@ async def drive(
             await call()
             latencies[index] = clock() - started
 
-    server_cpu = None if server_pid is None else process_cpu_s(server_pid)
+    server_cpu, broker_cpu = CpuWindow(server_pid), CpuWindow(broker_pid)
     cpu = process_cpu_s()
     started = clock()
     async with asyncio.TaskGroup() as group:
@@ -166,8 +208,45 @@ async def drive(
         elapsed_s=elapsed,
         latencies_s=latencies,
         cpu_s=process_cpu_s() - cpu,
-        server_cpu_s=None if server_cpu is None else process_cpu_s(server_pid) - server_cpu,
+        server_cpu_s=server_cpu.used_s(),
+        broker_cpu_s=broker_cpu.used_s(),
     )
+
+
+def find_broker_pid(url: str) -> tuple[int | None, str]:
+    """The pid of the RabbitMQ node behind ``url`` (its ``beam.smp``), or ``(None, why)``.
+
+    Only a broker on this machine can be measured: the node is asked with
+    ``rabbitmqctl eval 'os:getpid().'``, else the one ``beam.smp`` process is looked
+    up with ``pgrep``; either way its ``/proc/<pid>/stat`` must be readable.
+    """
+    host = urllib.parse.urlsplit(url).hostname or ""
+    if host not in ("localhost", "127.0.0.1", "::1"):
+        return None, f"the broker ({host}) is not on this machine"
+    found: list[str] = []
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        done = subprocess.run(
+            ["rabbitmqctl", "eval", "os:getpid()."],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=True,
+        )
+        found = [done.stdout.strip().strip('"')]
+    if not found or not found[0].isdigit():
+        with contextlib.suppress(OSError, subprocess.SubprocessError):
+            done = subprocess.run(
+                ["pgrep", "-f", "beam.smp"], capture_output=True, text=True, timeout=10
+            )
+            found = done.stdout.split()
+    if len(found) != 1 or not found[0].isdigit():
+        return None, f"no single beam.smp process found ({found or 'none'})"
+    pid = int(found[0])
+    try:
+        process_cpu_s(pid)
+    except (OSError, ValueError, IndexError) as exc:
+        return None, f"cannot read /proc/{pid}/stat: {exc}"
+    return pid, ""
 
 
 def uvloop_available() -> bool:

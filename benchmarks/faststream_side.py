@@ -3,8 +3,9 @@
 Imports only FastStream, the standard library and the stdlib-only bench helpers, so it
 also runs under ``benchmarks/.venv-faststream`` when FastStream cannot share the
 project's virtualenv. FastStream is configured for speed, not for its defaults: no
-per-message access log (``logger=None``), prefetch 100 on every subscriber's channel.
-Its requests are sent persistent to a durable ``x-max-priority`` queue, like ours.
+per-message access log (``logger=None``), prefetch as the case asks on every
+subscriber's channel. Its requests go to a durable ``x-max-priority`` queue, like
+ours, transient (its default) or persistent as the case asks.
 
 Child entry points::
 
@@ -15,6 +16,7 @@ Child entry points::
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import time
 from typing import Any
 
@@ -26,6 +28,7 @@ from benchmarks.common import (
     MAX_PRIORITY,
     BenchError,
     DeliveryLog,
+    Published,
     drive,
     echo_payload,
     event_payload,
@@ -110,7 +113,9 @@ async def rpc_client(
     calls: int,
     concurrency: int,
     warmup: int,
+    persistent: bool,
     server_pid: int | None = None,
+    broker_pid: int | None = None,
 ) -> dict[str, float]:
     """``broker.request`` against the echo server; see :meth:`DriveResult.metrics`."""
     broker = _broker(url)
@@ -120,13 +125,19 @@ async def rpc_client(
 
         async def call() -> None:
             reply = await broker.request(
-                payload, queue=name, persist=True, priority=4, timeout=CALL_TIMEOUT_S
+                payload, queue=name, persist=persistent, priority=4, timeout=CALL_TIMEOUT_S
             )
             if await reply.decode() != payload:
                 raise BenchError(f"FastStream echo returned {reply.body[:200]!r}")
 
         await drive(call, calls=warmup, concurrency=concurrency)
-        measured = await drive(call, calls=calls, concurrency=concurrency, server_pid=server_pid)
+        measured = await drive(
+            call,
+            calls=calls,
+            concurrency=concurrency,
+            server_pid=server_pid,
+            broker_pid=broker_pid,
+        )
         return measured.metrics()
     finally:
         await broker.stop()
@@ -134,10 +145,8 @@ async def rpc_client(
 
 async def events_client(
     url: str, exchange: str, *, events: int, concurrency: int, probe: bool = False
-) -> tuple[int, float]:
-    """Publish ``events`` events (confirmed, persistent).
-
-    Returns the first publish's monotonic ns and the CPU seconds spent publishing.
+) -> Published:
+    """Publish ``events`` events (confirmed, persistent) from ``concurrency`` loops.
 
     ``probe`` marks them as latency probes (see :class:`~benchmarks.common.DeliveryLog`).
     """
@@ -161,7 +170,7 @@ async def events_client(
 
         started = time.monotonic_ns()
         result = await drive(publish, calls=events, concurrency=concurrency)
-        return started, result.cpu_s
+        return Published(started, time.monotonic_ns(), result.cpu_s)
     finally:
         await broker.stop()
 
@@ -175,7 +184,9 @@ def _client_main() -> None:
     parser.add_argument("--concurrency", type=int, default=1)
     parser.add_argument("--warmup", type=int, default=0)
     parser.add_argument("--server-pid", type=int, default=None)
+    parser.add_argument("--broker-pid", type=int, default=None)
     parser.add_argument("--probe", action="store_true", help="publish latency probes")
+    parser.add_argument("--persistent", action="store_true", help="persistent RPC requests")
     parser.add_argument("--uvloop", action=argparse.BooleanOptionalAction, default=True)
     args = parser.parse_args()
     emit("ready")
@@ -188,18 +199,20 @@ def _client_main() -> None:
                 calls=args.n,
                 concurrency=args.concurrency,
                 warmup=args.warmup,
+                persistent=args.persistent,
                 server_pid=args.server_pid,
+                broker_pid=args.broker_pid,
             ),
             use_uvloop=args.uvloop,
         )
     else:
-        started, cpu_s = run_loop(
+        published = run_loop(
             events_client(
                 args.url, args.name, events=args.n, concurrency=args.concurrency, probe=args.probe
             ),
             use_uvloop=args.uvloop,
         )
-        result = {"started_ns": started, "cpu_s": cpu_s}
+        result = dataclasses.asdict(published)
     emit("done", **result)
 
 

@@ -5,7 +5,9 @@ command, so it starts ``amqp-agents run benchmarks.agents:EchoAgent --processes 
 --concurrency 100`` on a throw-away vhost (``rabbitmqctl``), waits for its ``/readyz``,
 drives calls with the harness's :func:`~benchmarks.common.drive`, and stops it with
 SIGTERM. Runs alternate between the process counts so load on a shared machine hits
-each alike. The workers' CPU is read from ``/proc`` of every worker process.
+each alike. The workers' CPU is read from ``/proc`` of every worker process, and the
+broker's from its ``beam.smp`` when the broker runs on this machine. Requests are
+persistent (the library's default) unless ``--transient`` (as in ``rpc.c100``).
 
     python -m benchmarks.processes --processes 1 2 --reps 3 --calls 20000
 """
@@ -22,11 +24,18 @@ from pathlib import Path
 
 from pydantic import SecretStr
 
-from amqp_agents import ConnectionSettings, RabbitTransport, RpcClient
+from amqp_agents import ConnectionSettings, RabbitTransport, RpcClient, RpcSettings
 from amqp_agents.cli.scrape import get
 from amqp_agents.testing import BrokerAdmin, url_for_vhost
 from benchmarks.agents import EchoAgent, EchoPayload
-from benchmarks.common import BenchError, drive, echo_payload, process_cpu_s, run_loop
+from benchmarks.common import (
+    BenchError,
+    drive,
+    echo_payload,
+    find_broker_pid,
+    process_cpu_s,
+    run_loop,
+)
 from benchmarks.proc import REPO_ROOT
 
 CONCURRENCY = 100
@@ -39,7 +48,9 @@ def workers_of(pid: int) -> list[int]:
     return [int(child) for child in path.read_text().split()] or [pid]
 
 
-async def measure(url: str, processes: int, calls: int) -> dict[str, float]:
+async def measure(
+    url: str, processes: int, calls: int, broker_pid: int | None, *, persistent: bool
+) -> dict[str, float]:
     """One run: start the command, warm up, drive ``calls`` calls, stop it."""
     command = [sys.executable, "-m", "amqp_agents", "--url", url, "--log-level", "WARNING"]
     command += ["run", "benchmarks.agents:EchoAgent", "--processes", str(processes)]
@@ -55,7 +66,8 @@ async def measure(url: str, processes: int, calls: int) -> dict[str, float]:
                     raise BenchError(f"the worker exited with {server.returncode}")
                 await asyncio.sleep(0.2)
         transport = RabbitTransport(ConnectionSettings(url=SecretStr(url)))
-        async with transport, RpcClient(transport) as client:
+        settings = RpcSettings(persistent=persistent)
+        async with transport, RpcClient(transport, settings=settings) as client:
             payload = EchoPayload.model_validate(echo_payload())
 
             async def call() -> None:
@@ -64,7 +76,7 @@ async def measure(url: str, processes: int, calls: int) -> dict[str, float]:
             await drive(call, calls=calls // 10, concurrency=CONCURRENCY)
             workers = workers_of(server.pid)
             cpu_before = sum(process_cpu_s(pid) for pid in workers)
-            result = await drive(call, calls=calls, concurrency=CONCURRENCY)
+            result = await drive(call, calls=calls, concurrency=CONCURRENCY, broker_pid=broker_pid)
             workers_cpu_s = sum(process_cpu_s(pid) for pid in workers) - cpu_before
     finally:
         server.send_signal(signal.SIGTERM)
@@ -81,17 +93,25 @@ async def main(args: argparse.Namespace) -> None:
     vhost = await asyncio.to_thread(admin.create_vhost, "bench-processes")
     url = url_for_vhost(args.url, vhost)
     runs: dict[int, list[dict[str, float]]] = {count: [] for count in args.processes}
+    broker_pid, unmeasured = await asyncio.to_thread(find_broker_pid, args.url)
+    if broker_pid is None:
+        print(f"broker CPU is not measured: {unmeasured}")
     try:
         for rep in range(args.reps):
             for count in args.processes:
-                found = await measure(url, count, args.calls)
+                found = await measure(
+                    url, count, args.calls, broker_pid, persistent=not args.transient
+                )
                 runs[count].append(found)
                 print(f"rep {rep + 1}, --processes {count}: {found['calls_per_s']:,.0f} calls/s")
     finally:
         await asyncio.to_thread(admin.delete_vhost, vhost)
     load = os.getloadavg()
     print(f"\n{os.cpu_count()} cores, load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
-    print("processes  calls/s (median)  p50 ms  client CPU us/call  workers CPU us/call")
+    print(
+        "processes  calls/s (median)  p50 ms  client CPU us/call  workers CPU us/call"
+        "  broker CPU us/call"
+    )
     for count, measured in runs.items():
 
         def median(key: str, measured: list[dict[str, float]] = measured) -> float:
@@ -100,6 +120,7 @@ async def main(args: argparse.Namespace) -> None:
         print(
             f"{count:>9}  {median('calls_per_s'):>16,.0f}  {median('p50_ms'):>6.2f}"
             f"  {median('client_cpu_us'):>18.0f}  {median('workers_cpu_us'):>19.0f}"
+            f"  {median('broker_cpu_us') if broker_pid else float('nan'):>18.0f}"
         )
 
 
@@ -108,5 +129,6 @@ if __name__ == "__main__":
     parser.add_argument("--processes", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--calls", type=int, default=20_000)
+    parser.add_argument("--transient", action="store_true", help="requests transient")
     parser.add_argument("--url", default="amqp://guest:guest@127.0.0.1:5672/")
     run_loop(main(parser.parse_args()), use_uvloop=True)

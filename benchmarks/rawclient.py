@@ -7,8 +7,10 @@
 * JSON with the standard library.
 
 Requests carry the same AMQP properties as the library's (``type`` = action,
-``application/json``, persistent, priority 4, TTL and ``x-deadline`` header, message
-id, timestamp), so the broker does the same work for both sides.
+``application/json``, priority 4, TTL and ``x-deadline`` header, message id,
+timestamp), so the broker does the same work for both sides. They are persistent
+(delivery mode 2) or, with ``persistent=False``, transient (delivery mode 1): the
+cases choose the same on every side (``RpcSettings.persistent`` for ours).
 """
 
 from __future__ import annotations
@@ -30,9 +32,12 @@ __all__ = ["RawRpcClient"]
 class RawRpcClient:
     """Calls ``action`` on the raw servers' queues (routing key = queue name)."""
 
-    def __init__(self, url: str, *, action: str = "echo") -> None:
+    def __init__(self, url: str, *, action: str = "echo", persistent: bool = True) -> None:
         self._url = url
         self._action = action
+        self._delivery_mode = (
+            aio_pika.DeliveryMode.PERSISTENT if persistent else aio_pika.DeliveryMode.NOT_PERSISTENT
+        )
         self._pending: dict[str, asyncio.Future[dict[str, Any]]] = {}
         self._connection: aio_pika.abc.AbstractConnection | None = None
         self._exchange: aio_pika.abc.AbstractExchange | None = None
@@ -108,7 +113,7 @@ class RawRpcClient:
             compact_json(payload),
             content_type="application/json",
             type=self._action,
-            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            delivery_mode=self._delivery_mode,
             priority=4,
             correlation_id=correlation_id,
             reply_to=reply_to,

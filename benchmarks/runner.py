@@ -11,7 +11,7 @@ import statistics
 import sys
 import time
 import traceback
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,8 +31,11 @@ from benchmarks.common import progress
 __all__ = [
     "ALL_CASES",
     "FASTSTREAM_VENV",
+    "LOOPS",
     "SideResult",
+    "all_rep_ratios",
     "detect_faststream",
+    "rep_ratios",
     "run_cases",
     "select_cases",
 ]
@@ -47,6 +50,9 @@ ALL_CASES: tuple[Case, ...] = (
 
 FASTSTREAM_VENV = Path(__file__).resolve().parent / ".venv-faststream"
 
+LOOPS = ("asyncio", "uvloop", "both")
+"""The choices of ``--loop``."""
+
 
 @dataclass(slots=True)
 class SideResult:
@@ -54,12 +60,54 @@ class SideResult:
 
     na: str | None = None
     """Why the side did not run (then nothing else is set)."""
-    values: dict[str, list[float]] = field(default_factory=dict)
+    runs: dict[int, dict[str, float]] = field(default_factory=dict)
+    """The metrics of every repetition that succeeded, by repetition number (from 1)."""
     errors: list[str] = field(default_factory=list)
+
+    @property
+    def values(self) -> dict[str, list[float]]:
+        """Each metric's values over the repetitions that succeeded, in order."""
+        values: dict[str, list[float]] = {}
+        for rep in sorted(self.runs):
+            for key, value in self.runs[rep].items():
+                values.setdefault(key, []).append(value)
+        return values
 
     def medians(self) -> dict[str, float]:
         """The median of each metric over the repetitions that succeeded."""
         return {key: statistics.median(vals) for key, vals in self.values.items() if vals}
+
+
+def rep_ratios(ours: SideResult, other: SideResult) -> dict[str, dict[int, float]]:
+    """``ours / other`` for each metric: ``{metric: {repetition: ratio}}``, for every
+    repetition in which both sides measured it.
+
+    A repetition runs the sides back to back, so load that drifts over the run hits
+    both terms of its ratio alike; the median of these ratios is what the table shows
+    and what targets judge, not the ratio of the two sides' medians (which can pair
+    ours' luckiest repetition with the other side's unluckiest).
+    """
+    ratios: dict[str, dict[int, float]] = {}
+    for rep in sorted(ours.runs.keys() & other.runs.keys()):
+        mine, theirs = ours.runs[rep], other.runs[rep]
+        for key in mine.keys() & theirs.keys():
+            if theirs[key]:
+                ratios.setdefault(key, {})[rep] = mine[key] / theirs[key]
+    return ratios
+
+
+def all_rep_ratios(
+    per_side: Mapping[str, SideResult],
+) -> dict[str, dict[str, dict[int, float]]]:
+    """:func:`rep_ratios` of ours against every other side that ran, by side."""
+    ours = per_side.get("ours")
+    if ours is None or ours.na is not None:
+        return {}
+    return {
+        side: rep_ratios(ours, result)
+        for side, result in per_side.items()
+        if side != "ours" and result.na is None
+    }
 
 
 def select_cases(names: Sequence[str] | None) -> list[Case]:
@@ -96,12 +144,18 @@ async def run_cases(
     reps: int,
     quick: bool,
     sides: Sequence[str],
-    use_uvloop: bool,
+    loop: str,
     faststream: FastStreamSetup | None,
     faststream_missing: str,
     profile_dir: Path | None,
+    broker_pid: int | None = None,
 ) -> dict[str, dict[str, SideResult]]:
-    """Run ``reps`` repetitions of each case, sides interleaved; results by case and side."""
+    """Run ``reps`` repetitions of each case, sides interleaved; results by case and side.
+
+    ``loop`` (``asyncio`` or ``uvloop``) is the loop of every child process; the
+    caller runs this coroutine on the same kind of loop, so the clients in this
+    process use it too.
+    """
     results: dict[str, dict[str, SideResult]] = {}
     for case in cases:
         n = case.quick_n if quick else case.n
@@ -124,32 +178,38 @@ async def run_cases(
                     continue
                 ctx = RunContext(
                     url=url,
-                    name=f"{case.id.replace('.', '-')}-{side}-r{rep}",
+                    name=f"{case.id.replace('.', '-')}-{side}-{loop}-r{rep}",
                     n=n,
                     warmup=min(1000, n // 10),
                     rep=rep,
-                    use_uvloop=use_uvloop,
+                    use_uvloop=loop == "uvloop",
                     faststream=faststream,
                     profile_dir=profile_dir if side == "ours" else None,
+                    broker_pid=broker_pid,
                 )
-                progress(f"{case.id} rep {rep}/{reps} {side}: n={n} ...")
+                progress(f"{case.id} ({loop}) rep {rep}/{reps} {side}: n={n} ...")
                 started = time.monotonic()
                 try:
                     measured = await runner(ctx)
                 except Exception as exc:
                     result.errors.append(f"rep {rep}: {type(exc).__name__}: {exc}")
-                    progress(f"{case.id} rep {rep}/{reps} {side}: FAILED\n{traceback.format_exc()}")
+                    progress(
+                        f"{case.id} ({loop}) rep {rep}/{reps} {side}: FAILED\n"
+                        + traceback.format_exc()
+                    )
                     continue
-                for metric in case.metrics:
-                    if metric.key in measured:
-                        result.values.setdefault(metric.key, []).append(measured[metric.key])
+                result.runs[rep] = {
+                    metric.key: measured[metric.key]
+                    for metric in case.metrics
+                    if metric.key in measured
+                }
                 shown = "  ".join(
                     f"{metric.label}={measured[metric.key]:,.2f}"
                     for metric in case.metrics
                     if metric.key in measured
                 )
                 progress(
-                    f"{case.id} rep {rep}/{reps} {side}: {shown}"
+                    f"{case.id} ({loop}) rep {rep}/{reps} {side}: {shown}"
                     f"  ({time.monotonic() - started:.1f}s)"
                 )
     return results

@@ -10,6 +10,7 @@ in :mod:`benchmarks.servers.ours`).
 
 from __future__ import annotations
 
+import statistics
 import sys
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
@@ -60,6 +61,9 @@ class RunContext:
     faststream: FastStreamSetup | None
     profile_dir: Path | None
     """When set, the ``ours`` side profiles its client and server into this folder."""
+    broker_pid: int | None = None
+    """The local broker's ``beam.smp`` process, whose CPU time every RabbitMQ case
+    charges to its measured window; ``None`` when it cannot be read."""
 
     def child_args(self, kind: str, **options: int) -> list[str]:
         """Arguments for a child entry point: ``KIND --url --name [--OPTION N]... --uvloop``."""
@@ -89,19 +93,28 @@ class Target:
             return f"{self.op} {self.value:g}{self.unit}"
         return f"{self.op} {self.value:g}x {self.against}"
 
-    def check(self, medians: Mapping[str, Mapping[str, float]]) -> bool | None:
-        """Pass or fail given ``{side: {metric: median}}``; ``None`` when not measurable."""
-        ours = medians.get("ours", {}).get(self.metric)
-        if ours is None:
-            return None
+    def check(
+        self,
+        medians: Mapping[str, Mapping[str, float]],
+        ratios: Mapping[str, Mapping[str, Mapping[int, float]]],
+    ) -> bool | None:
+        """Pass or fail; ``None`` when not measurable.
+
+        ``medians`` is ``{side: {metric: median}}`` (for absolute targets);
+        ``ratios`` is ``{other side: {metric: {repetition: ours/other}}}``: a
+        relative target judges the *median of the per-repetition ratios*.
+        """
         if self.against == "absolute":
-            bound = self.value
-        else:
-            other = medians.get(self.against, {}).get(self.metric)
-            if other is None:
+            ours = medians.get("ours", {}).get(self.metric)
+            if ours is None:
                 return None
-            bound = self.value * other
-        return ours >= bound if self.op == ">=" else ours <= bound
+            value, bound = ours, self.value
+        else:
+            per_rep = ratios.get(self.against, {}).get(self.metric)
+            if not per_rep:
+                return None
+            value, bound = statistics.median(per_rep.values()), self.value
+        return value >= bound if self.op == ">=" else value <= bound
 
 
 @dataclass(frozen=True, slots=True)

@@ -22,7 +22,7 @@ from pydantic import SecretStr
 from amqp_agents import ConnectionSettings, RabbitTransport, RpcClient
 from benchmarks.agents import EchoPayload, declare_agent_queue
 from benchmarks.cases import Case, Metric, RunContext, Side
-from benchmarks.common import BenchError, drive, echo_payload
+from benchmarks.common import BenchError, CpuWindow, drive, echo_payload
 from benchmarks.proc import ServerProcess
 from benchmarks.rawclient import RawRpcClient
 
@@ -32,16 +32,26 @@ PUBLISHERS = 100
 REQUEST_TTL_S = 3600.0
 RUN_TIMEOUT_S = 900.0
 
-METRICS = (Metric("msgs_per_s", "handled/s", higher_is_better=True),)
+METRICS = (
+    Metric("msgs_per_s", "handled/s", higher_is_better=True),
+    Metric("broker_cpu_us", "broker CPU us/message", higher_is_better=False),
+)
 
 
 async def _drain(ctx: RunContext, kind: str, expected: int) -> dict[str, float]:
     args = ctx.child_args(kind, n=ctx.n, prefetch=100)
+    # The broker's CPU from the server's start to its last message: its connection
+    # set-up is in it, small beside delivering n messages.
+    broker = CpuWindow(ctx.broker_pid)
     async with ServerProcess(f"{kind} {ctx.name}", "benchmarks.servers", args) as server:
         done = await server.event("done", timeout_s=RUN_TIMEOUT_S)
+        broker_cpu = broker.used_s()
     if int(done["count"]) != expected:
         raise BenchError(f"{kind} handled {done['count']}, expected {expected}")
-    return {"msgs_per_s": (ctx.n - 1) / ((done["last_ns"] - done["first_ns"]) / 1e9)}
+    measured = {"msgs_per_s": (ctx.n - 1) / ((done["last_ns"] - done["first_ns"]) / 1e9)}
+    if broker_cpu is not None:
+        measured["broker_cpu_us"] = broker_cpu / ctx.n * 1e6
+    return measured
 
 
 async def _wait_depth(depth: Callable[[], Awaitable[int]], expected: int) -> None:

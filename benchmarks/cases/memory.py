@@ -151,7 +151,7 @@ CASES = (
         quick_n=10_000,
         metrics=METRICS,
         sides={"ours": _side("ours"), "raw": _side("raw")},
-        targets=(Target("bytes_per_call", "<=", 2048, "absolute", " B"),),
+        targets=(Target("bytes_per_call", "<=", 1536, "absolute", " B"),),
     ),
 )
 

@@ -1,8 +1,9 @@
 """Our server sides: a :class:`~amqp_agents.Worker` hosting :class:`EchoAgent`, and
 an :class:`~amqp_agents.events.bus.EventBus` with subscriber groups.
 
-The worker's concurrency (and so its prefetch) is ``--prefetch``, 100 like the raw
-baseline's; so is the event bus's prefetch.
+The worker's concurrency (and so its prefetch) is ``--prefetch``, as is the event
+bus's prefetch: the same value as the other sides' servers get (100 for RPC, 1000
+for events).
 """
 
 from __future__ import annotations
