@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import heapq
 import itertools
+import math
 from collections import deque
 from typing import TYPE_CHECKING, Final, Generic, TypeVar, cast
 
@@ -50,7 +51,16 @@ class Deadlines(Generic[T]):
     new loop (tests) starts afresh.
     """
 
-    __slots__ = ("_expire", "_finished", "_heap", "_live", "_loop", "_order", "_timer")
+    __slots__ = (
+        "_expire",
+        "_finished",
+        "_heap",
+        "_live",
+        "_loop",
+        "_order",
+        "_timer",
+        "_timer_at",
+    )
 
     def __init__(self, expire: Callable[[T, float], None], finished: Callable[[T], bool]) -> None:
         self._expire = expire
@@ -58,6 +68,8 @@ class Deadlines(Generic[T]):
         self._heap: list[tuple[float, int, T]] = []
         self._order = itertools.count()
         self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = math.inf
+        """When the timer fires (``inf`` with no timer)."""
         self._loop: asyncio.AbstractEventLoop | None = None
         self._live = 0
 
@@ -84,26 +96,29 @@ class Deadlines(Generic[T]):
             heapq.heapify(heap)
         heapq.heappush(heap, (when, next(self._order), item))
         self._live += 1
-        timer = self._timer
-        if timer is None or when < timer.when():
-            if timer is not None:
-                timer.cancel()
+        if when < self._timer_at:  # sooner than the timer (inf when there is none)
+            if self._timer is not None:
+                self._timer.cancel()
             self._timer = loop.call_at(when, self._sweep)
+            self._timer_at = when
 
     def release(self) -> None:
         """One armed item has ended (its entry is dropped lazily)."""
-        self._live = max(self._live - 1, 0)
+        if self._live:
+            self._live -= 1
 
     def clear(self) -> None:
         """Forget every deadline and stop the timer."""
         if self._timer is not None:
             self._timer.cancel()
         self._timer = None
+        self._timer_at = math.inf
         self._heap.clear()
         self._live = 0
 
     def _sweep(self) -> None:
         self._timer = None
+        self._timer_at = math.inf
         loop = self._loop
         if loop is None:
             return
@@ -117,7 +132,8 @@ class Deadlines(Generic[T]):
         while heap and finished(heap[0][2]):
             heapq.heappop(heap)
         if heap:
-            self._timer = loop.call_at(heap[0][0], self._sweep)
+            self._timer_at = heap[0][0]
+            self._timer = loop.call_at(self._timer_at, self._sweep)
 
 
 class Limit:

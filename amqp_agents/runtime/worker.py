@@ -485,10 +485,11 @@ class Worker:
         metrics = self._metrics
         received = None if metrics is None else metrics.child(metrics.messages_received, agent.name)
 
-        async def on_delivery(delivery: Delivery) -> None:
+        def on_delivery(delivery: Delivery) -> Awaitable[None]:
+            # A plain function returning the coroutine: one frame fewer per delivery.
             if received is not None:
                 received.inc()
-            await guarded(delivery, process)
+            return guarded(delivery, process)
 
         return on_delivery
 
