@@ -1,6 +1,7 @@
 """The raw aio-pika RPC client: the design amqp-agents was oriented by, written by hand.
 
-* an exclusive, server-named reply queue consumed ``no_ack``;
+* an exclusive, server-named reply queue consumed ``no_ack`` (or, with ``direct=True``,
+  RabbitMQ's direct reply-to: no reply queue at all, for ``benchmarks.reply_queues``);
 * ``{correlation_id: Future}``, the entry removed when the call ends;
 * requests published ``mandatory`` on a channel with publisher confirms, each confirm
   awaited; every call bounded by ``asyncio.timeout``;
@@ -26,14 +27,20 @@ from aio_pika.abc import AbstractIncomingMessage
 
 from benchmarks.common import QUEUE_ARGUMENTS, RAW_REQUESTS_EXCHANGE, BenchError, compact_json
 
-__all__ = ["RawRpcClient"]
+__all__ = ["DIRECT_REPLY_TO", "RawRpcClient"]
+
+DIRECT_REPLY_TO = "amq.rabbitmq.reply-to"
 
 
 class RawRpcClient:
     """Calls ``action`` on the raw servers' queues (routing key = queue name)."""
 
-    def __init__(self, url: str, *, action: str = "echo", persistent: bool = True) -> None:
+    def __init__(
+        self, url: str, *, action: str = "echo", persistent: bool = True, direct: bool = False
+    ) -> None:
         self._url = url
+        self._direct = direct
+        """Replies by direct reply-to (``amq.rabbitmq.reply-to``), no reply queue."""
         self._action = action
         self._delivery_mode = (
             aio_pika.DeliveryMode.PERSISTENT if persistent else aio_pika.DeliveryMode.NOT_PERSISTENT
@@ -58,7 +65,18 @@ class RawRpcClient:
         self._exchange = await self._channel.declare_exchange(
             RAW_REQUESTS_EXCHANGE, aio_pika.ExchangeType.DIRECT, durable=True
         )
-        reply_queue = await self._channel.declare_queue(exclusive=True)
+        reply_queue: aio_pika.abc.AbstractQueue
+        if self._direct:  # consumed no-ack on the channel the requests are published on
+            reply_queue = aio_pika.Queue(
+                self._channel,
+                DIRECT_REPLY_TO,
+                durable=False,
+                exclusive=False,
+                auto_delete=False,
+                arguments=None,
+            )
+        else:
+            reply_queue = await self._channel.declare_queue(exclusive=True)
         self._reply_queue = reply_queue.name
         await reply_queue.consume(self._on_reply, no_ack=True)
 
