@@ -51,7 +51,7 @@ import asyncio
 import functools
 import logging
 import time
-from collections.abc import Coroutine, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass
 from enum import Enum
 from typing import TYPE_CHECKING, Any, Final, Self
@@ -251,35 +251,25 @@ class RpcClient:
             return self._send(agent, action, payload, priority, timeout_s, idempotent)
         # Made once the wrapper runs: a task cancelled before its first step leaves no
         # coroutine that was never awaited.
-        start = functools.partial(
-            self._send if self._metrics is None else self._measured,
-            agent,
-            action,
-            payload,
-            priority,
-            timeout_s,
-            idempotent,
+        start: Callable[[], Coroutine[Any, Any, AgentResponse]] = functools.partial(
+            self._send, agent, action, payload, priority, timeout_s, idempotent
         )
+        if self._metrics is not None:
+            start = functools.partial(self._measured, agent, action, start)
         if self._tracing is None:
             return start()
         return self._tracing.call(agent, action, start)  # tracing: the call's span
 
     async def _measured(
-        self,
-        agent: str,
-        action: str,
-        payload: Payload,
-        priority: int | _Default,
-        timeout_s: float | _Default,
-        idempotent: bool,
+        self, agent: str, action: str, start: Callable[[], Coroutine[Any, Any, AgentResponse]]
     ) -> AgentResponse:
-        """:meth:`_send`, counted: pending calls, outcome, duration."""
+        """The call ``start()`` makes, counted: pending calls, outcome, duration."""
         metrics = self._metrics
         assert metrics is not None  # noqa: S101  # only called with metrics
         started = time.perf_counter()
         metrics.rpc_pending.inc()
         try:
-            response = await self._send(agent, action, payload, priority, timeout_s, idempotent)
+            response = await start()
         finally:
             metrics.rpc_pending.dec()
         outcome = "ok" if response.error is None else code_label(response.error.code)
