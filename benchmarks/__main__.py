@@ -6,6 +6,7 @@ See ``benchmarks/README.md`` for what each case measures and how to read the tab
 from __future__ import annotations
 
 import argparse
+import gc
 import importlib.metadata
 import json
 import os
@@ -180,6 +181,9 @@ def main(argv: list[str] | None = None) -> int:
         f" faststream: {faststream.python if faststream else faststream_missing}"
     )
     results: dict[str, dict[str, dict[str, SideResult]]] = {}
+    # The clients run here: their start-up heap is frozen like every server's (proc.ready).
+    gc.collect()
+    gc.freeze()
     try:
         for loop in loops:
             use_uvloop = loop == "uvloop"

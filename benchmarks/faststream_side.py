@@ -35,7 +35,7 @@ from benchmarks.common import (
     group_queue,
     run_loop,
 )
-from benchmarks.proc import ServerMain, emit, stdin_closed
+from benchmarks.proc import ServerMain, emit, ready, stdin_closed
 
 __all__ = ["SERVERS", "events_client", "rpc_client"]
 
@@ -67,7 +67,7 @@ async def echo_server(args: argparse.Namespace) -> None:
 
     await broker.start()
     try:
-        emit("ready")
+        ready()
         await stdin_closed()
     finally:
         await broker.stop()
@@ -91,7 +91,7 @@ async def events_server(args: argparse.Namespace) -> None:
         subscribe(group)
     await broker.start()
     try:
-        emit("ready")
+        ready()
         await deliveries.report()
         await stdin_closed()
     finally:
@@ -189,7 +189,7 @@ def _client_main() -> None:
     parser.add_argument("--persistent", action="store_true", help="persistent RPC requests")
     parser.add_argument("--uvloop", action=argparse.BooleanOptionalAction, default=True)
     args = parser.parse_args()
-    emit("ready")
+    ready()
     result: dict[str, Any]
     if args.kind == "client-rpc":
         result = run_loop(

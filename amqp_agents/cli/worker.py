@@ -7,6 +7,7 @@ stops it at once (the broker requeues what was in flight; exit code 128 + signal
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import signal
 from typing import TYPE_CHECKING
@@ -98,6 +99,7 @@ async def run(args: argparse.Namespace, settings: Settings) -> int:
             raise
         watch.start()
     _log_start(agents, settings, probes)
+    _freeze_startup_heap()
     try:
         await serving
     except asyncio.CancelledError:
@@ -185,6 +187,21 @@ def _log_start(agents: Sequence[Agent], settings: Settings, probes: HealthServer
         host = settings.metrics.host
         shown = f"[{host}]" if ":" in host else host
         log.info("serving /metrics, /healthz and /readyz on http://%s:%d", shown, probes.port)
+
+
+def _freeze_startup_heap() -> None:
+    """Take what start-up made (modules, pydantic schemas, agents) out of the cyclic
+    garbage collector's reach, once, before serving.
+
+    A full collection walks every tracked object; in a worker most of them are these,
+    alive for the whole process. Walking them (10-40 ms here) stalled the deliveries
+    behind it: the p99 of an event's publish-to-handler latency was 5-38 ms, and 0.7-0.8
+    ms with them frozen (``python -m benchmarks --case events.g1``). Garbage made before
+    is collected first; nothing made afterwards is affected.
+    """
+    gc.collect()
+    gc.freeze()
+    log.debug("froze %d start-up objects out of the garbage collector's way", gc.get_freeze_count())
 
 
 def _loop_name() -> str:

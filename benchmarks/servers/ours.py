@@ -24,7 +24,7 @@ from amqp_agents import (
 )
 from benchmarks.agents import EchoAgent
 from benchmarks.common import EVENT_BINDING, DeliveryLog, group_queue
-from benchmarks.proc import ServerMain, emit, stdin_closed
+from benchmarks.proc import ServerMain, emit, ready, stdin_closed
 
 __all__ = ["SERVERS"]
 
@@ -41,7 +41,7 @@ async def echo(args: argparse.Namespace) -> None:
     async with transport:
         await worker.start()
         try:
-            emit("ready")
+            ready()
             await stdin_closed()
         finally:
             await worker.stop()
@@ -54,7 +54,7 @@ async def drain(args: argparse.Namespace) -> None:
     async with transport:
         await worker.start()
         try:
-            emit("ready")
+            ready()
             await agent.all_handled.wait()
             emit("done", count=agent.handled, first_ns=agent.first_ns, last_ns=agent.last_ns)
             await stdin_closed()
@@ -83,7 +83,7 @@ async def events(args: argparse.Namespace) -> None:
                 await bus.subscribe(
                     EVENT_BINDING, handler(group), group=group_queue(args.name, group)
                 )
-            emit("ready")
+            ready()
             await deliveries.report()
             await stdin_closed()
         finally:

@@ -24,7 +24,7 @@ from benchmarks.common import (
     compact_json,
 )
 from benchmarks.common import group_queue as group_queue_name
-from benchmarks.proc import ServerMain, emit, stdin_closed
+from benchmarks.proc import ServerMain, emit, ready, stdin_closed
 
 __all__ = ["SERVERS"]
 
@@ -64,7 +64,7 @@ async def echo(args: argparse.Namespace) -> None:
             await message.ack()
 
         await queue.consume(on_request)
-        emit("ready")
+        ready()
         await stdin_closed()
 
 
@@ -92,7 +92,7 @@ async def drain(args: argparse.Namespace) -> None:
             await message.ack()
 
         await queue.consume(on_request)
-        emit("ready")
+        ready()
         await done.wait()
         emit("done", count=handled, first_ns=first_ns, last_ns=last_ns)
         await stdin_closed()
@@ -123,7 +123,7 @@ async def events(args: argparse.Namespace) -> None:
             queue = await channel.declare_queue(group_queue_name(args.name, group), durable=True)
             await queue.bind(exchange, routing_key=EVENT_BINDING)
             await queue.consume(subscriber(group))
-        emit("ready")
+        ready()
         await deliveries.report()
         await stdin_closed()
 
