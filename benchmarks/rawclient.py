@@ -1,7 +1,7 @@
 """The raw aio-pika RPC client: the design amqp-agents was oriented by, written by hand.
 
 * an exclusive, server-named reply queue consumed ``no_ack`` (or, with ``direct=True``,
-  RabbitMQ's direct reply-to: no reply queue at all, for ``benchmarks.reply_queues``);
+  RabbitMQ's direct reply-to: no reply queue at all, for ``benchmarks.levers``);
 * ``{correlation_id: Future}``, the entry removed when the call ends;
 * requests published ``mandatory`` on a channel with publisher confirms, each confirm
   awaited; every call bounded by ``asyncio.timeout``;

@@ -68,6 +68,65 @@ async def echo(args: argparse.Namespace) -> None:
         await stdin_closed()
 
 
+async def echo_coalesced_acks(args: argparse.Namespace) -> None:
+    """:func:`echo`, but acks coalesced: once per loop turn, one ``multiple=True`` ack
+    up to the highest delivery tag below which every request has its reply confirmed
+    (a request still in progress is never acked with the others: the same at-least-once
+    order). The lever "acks coalesced per loop turn" of issue 20, for
+    ``python -m benchmarks.levers acks``."""
+    connection = await aio_pika.connect(args.url)
+    async with connection:
+        channel = await connection.channel(publisher_confirms=True)
+        await channel.set_qos(prefetch_count=args.prefetch)
+        queue = await _request_queue(channel, args.name)
+        replies = channel.default_exchange
+        amqp = await channel.get_underlay_channel()
+        loop = asyncio.get_running_loop()
+        done: set[int] = set()
+        acked = 0
+        flushing = False
+        acking: set[asyncio.Task[None]] = set()
+
+        async def ack_up_to(tag: int) -> None:
+            await amqp.basic_ack(tag, multiple=True, wait=False)
+
+        def flush() -> None:
+            nonlocal acked, flushing
+            flushing = False
+            top = acked
+            while top + 1 in done:
+                top += 1
+                done.discard(top)
+            if top > acked:
+                acked = top
+                task = loop.create_task(ack_up_to(top))
+                acking.add(task)
+                task.add_done_callback(acking.discard)
+
+        async def on_request(message: AbstractIncomingMessage) -> None:
+            nonlocal flushing
+            data = json.loads(message.body)
+            if message.reply_to:
+                await replies.publish(
+                    aio_pika.Message(
+                        compact_json({"ok": True, "data": data}),
+                        content_type="application/json",
+                        correlation_id=message.correlation_id,
+                        delivery_mode=aio_pika.DeliveryMode.NOT_PERSISTENT,
+                    ),
+                    routing_key=message.reply_to,
+                )
+            assert message.delivery_tag is not None
+            done.add(message.delivery_tag)
+            if not flushing:
+                flushing = True
+                loop.call_soon(flush)
+
+        await queue.consume(on_request)
+        ready()
+        await stdin_closed()
+
+
 async def drain(args: argparse.Namespace) -> None:
     """Ack a pre-filled queue; report once ``--n`` messages were handled."""
     connection = await aio_pika.connect(args.url)
@@ -128,4 +187,9 @@ async def events(args: argparse.Namespace) -> None:
         await stdin_closed()
 
 
-SERVERS: dict[str, ServerMain] = {"raw-echo": echo, "raw-drain": drain, "raw-events": events}
+SERVERS: dict[str, ServerMain] = {
+    "raw-echo": echo,
+    "raw-echo-coalesced-acks": echo_coalesced_acks,
+    "raw-drain": drain,
+    "raw-events": events,
+}
